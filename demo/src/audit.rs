@@ -1,0 +1,204 @@
+//! The delivery invariants, counted from both services' databases (never from
+//! the services' own counters or answers).
+//!
+//! - **lost**: an order with no shipment.
+//! - **duplicated**: an order with more than one shipment.
+//! - **unacknowledged**: an order not `shipped` although one of its shipments shipped.
+
+use std::collections::HashMap;
+
+use resilience::store::Db;
+use serde::Serialize;
+use sqlx::Row;
+
+/// What the databases say about the orders of one delivery mode.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Invariants {
+    /// The delivery mode (`None`: all orders).
+    pub mode: Option<String>,
+    /// Orders in order-service's database.
+    pub orders: usize,
+    /// Shipments (of those orders) in shipping-service's database.
+    pub shipments: usize,
+    /// Orders with no shipment.
+    pub lost: usize,
+    /// Orders with more than one shipment.
+    pub duplicated: usize,
+    /// Orders not `shipped` although one of their shipments shipped.
+    pub unacknowledged: usize,
+    /// HTTP attempts spent, both directions (plain calls and outbox sends).
+    pub attempts: i64,
+    /// Order created → first shipment created, 50th percentile, ms.
+    pub latency_p50_ms: Option<i64>,
+    /// Order created → first shipment created, 99th percentile, ms.
+    pub latency_p99_ms: Option<i64>,
+}
+
+#[derive(Default)]
+struct OrderRow {
+    mode: String,
+    status: String,
+    created_at: i64,
+    attempts: i64,
+}
+
+#[derive(Default)]
+struct PerOrder {
+    shipments: usize,
+    any_shipped: bool,
+    first_created: Option<i64>,
+    attempts: i64,
+}
+
+/// Counts the invariants of every mode present, plus one row for `None` (all).
+pub async fn audit_all(order_db: &Db, shipping_db: &Db) -> anyhow::Result<Vec<Invariants>> {
+    let orders = load_orders(order_db).await?;
+    let per_order = load_shipments(order_db, shipping_db, &orders).await?;
+    let mut modes: Vec<String> = orders.values().map(|o| o.mode.clone()).collect();
+    modes.sort();
+    modes.dedup();
+    let mut out: Vec<Invariants> = modes
+        .iter()
+        .map(|m| summarize(&orders, &per_order, Some(m)))
+        .collect();
+    out.push(summarize(&orders, &per_order, None));
+    Ok(out)
+}
+
+/// Counts the invariants over the orders of one delivery mode (`None`: all).
+pub async fn audit(
+    order_db: &Db,
+    shipping_db: &Db,
+    mode: Option<&str>,
+) -> anyhow::Result<Invariants> {
+    let orders = load_orders(order_db).await?;
+    let per_order = load_shipments(order_db, shipping_db, &orders).await?;
+    Ok(summarize(&orders, &per_order, mode))
+}
+
+async fn load_orders(order_db: &Db) -> anyhow::Result<HashMap<String, OrderRow>> {
+    let rows =
+        sqlx::query("SELECT id, delivery_mode, status, send_attempts, created_at FROM orders")
+            .fetch_all(order_db.pool())
+            .await?;
+    let mut orders = HashMap::with_capacity(rows.len());
+    for r in rows {
+        orders.insert(
+            r.try_get::<String, _>("id")?,
+            OrderRow {
+                mode: r.try_get("delivery_mode")?,
+                status: r.try_get("status")?,
+                created_at: r.try_get("created_at")?,
+                attempts: r.try_get("send_attempts")?,
+            },
+        );
+    }
+    Ok(orders)
+}
+
+async fn load_shipments(
+    order_db: &Db,
+    shipping_db: &Db,
+    orders: &HashMap<String, OrderRow>,
+) -> anyhow::Result<HashMap<String, PerOrder>> {
+    let mut per_order: HashMap<String, PerOrder> = HashMap::new();
+    // Requests order → shipping sent through the outbox, per order.
+    let rows =
+        sqlx::query("SELECT correlation_id, attempts FROM outbox WHERE kind = 'create-shipment'")
+            .fetch_all(order_db.pool())
+            .await?;
+    for r in rows {
+        if let Some(id) = r.try_get::<Option<String>, _>("correlation_id")? {
+            per_order.entry(id).or_default().attempts += r.try_get::<i64, _>("attempts")?;
+        }
+    }
+    // Shipped reports shipping → order sent through the outbox, per shipment.
+    let rows =
+        sqlx::query("SELECT correlation_id, attempts FROM outbox WHERE kind = 'shipped-report'")
+            .fetch_all(shipping_db.pool())
+            .await?;
+    let mut report_attempts: HashMap<String, i64> = HashMap::new();
+    for r in rows {
+        if let Some(id) = r.try_get::<Option<String>, _>("correlation_id")? {
+            *report_attempts.entry(id).or_default() += r.try_get::<i64, _>("attempts")?;
+        }
+    }
+    let rows =
+        sqlx::query("SELECT id, order_id, status, created_at, report_attempts FROM shipments")
+            .fetch_all(shipping_db.pool())
+            .await?;
+    for r in rows {
+        let order_id: String = r.try_get("order_id")?;
+        if !orders.contains_key(&order_id) {
+            continue;
+        }
+        let id: String = r.try_get("id")?;
+        let status: String = r.try_get("status")?;
+        let created: i64 = r.try_get("created_at")?;
+        let e = per_order.entry(order_id).or_default();
+        e.shipments += 1;
+        e.any_shipped |= status == "shipped";
+        e.first_created = Some(e.first_created.map_or(created, |f| f.min(created)));
+        e.attempts += r.try_get::<i64, _>("report_attempts")?;
+        e.attempts += report_attempts.get(&id).copied().unwrap_or(0);
+    }
+    Ok(per_order)
+}
+
+fn summarize(
+    orders: &HashMap<String, OrderRow>,
+    per_order: &HashMap<String, PerOrder>,
+    mode: Option<&str>,
+) -> Invariants {
+    let mut inv = Invariants {
+        mode: mode.map(str::to_string),
+        ..Default::default()
+    };
+    let mut latencies = Vec::new();
+    let empty = PerOrder::default();
+    for (id, o) in orders
+        .iter()
+        .filter(|(_, o)| mode.is_none_or(|m| o.mode == m))
+    {
+        inv.orders += 1;
+        let p = per_order.get(id).unwrap_or(&empty);
+        inv.shipments += p.shipments;
+        inv.attempts += o.attempts + p.attempts;
+        match p.shipments {
+            0 => inv.lost += 1,
+            1 => {}
+            _ => inv.duplicated += 1,
+        }
+        if p.any_shipped && o.status != "shipped" {
+            inv.unacknowledged += 1;
+        }
+        if let Some(first) = p.first_created {
+            latencies.push((first - o.created_at).max(0));
+        }
+    }
+    latencies.sort_unstable();
+    inv.latency_p50_ms = percentile(&latencies, 50.0);
+    inv.latency_p99_ms = percentile(&latencies, 99.0);
+    inv
+}
+
+/// Nearest-rank percentile of sorted values.
+pub fn percentile(sorted: &[i64], p: f64) -> Option<i64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percentiles() {
+        let v: Vec<i64> = (1..=100).collect();
+        assert_eq!(super::percentile(&v, 50.0), Some(50));
+        assert_eq!(super::percentile(&v, 99.0), Some(99));
+        assert_eq!(super::percentile(&[7], 99.0), Some(7));
+        assert_eq!(super::percentile(&[], 50.0), None);
+    }
+}

@@ -1,0 +1,343 @@
+//! Both services as separate OS processes, so that a SIGKILL is real: the
+//! process dies between any two instructions, its memory is gone, and only
+//! what it committed survives.
+//!
+//! The processes are this crate's own executable (or the `tests` crate's
+//! runner) started with a hidden first argument, `order-service` or
+//! `shipping-service`, which runs the service exactly as its `main` does (see
+//! [`serve_main`]). No other binary has to be built first.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+/// Runs a service if `args` (without the program name) start with
+/// `order-service` or `shipping-service`; returns `None` otherwise.
+/// Call it first thing in `main`.
+pub fn serve_main(args: &[String]) -> Option<anyhow::Result<()>> {
+    let (name, rest) = args.split_first()?;
+    let argv = std::iter::once(name.clone()).chain(rest.iter().cloned());
+    let run = match name.as_str() {
+        "order-service" => {
+            let config = <order_service::Config as clap::Parser>::parse_from(argv);
+            resilience::service::init_tracing(config.log_format);
+            runtime(async move {
+                order_service::Application::build(config)
+                    .await?
+                    .run_until_stopped(resilience::service::shutdown_signal())
+                    .await
+            })
+        }
+        "shipping-service" => {
+            let config = <shipping_service::Config as clap::Parser>::parse_from(argv);
+            resilience::service::init_tracing(config.log_format);
+            runtime(async move {
+                shipping_service::Application::build(config)
+                    .await?
+                    .run_until_stopped(resilience::service::shutdown_signal())
+                    .await
+            })
+        }
+        _ => return None,
+    };
+    Some(run)
+}
+
+fn runtime(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(fut)
+}
+
+/// Which service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// order-service.
+    Order,
+    /// shipping-service.
+    Shipping,
+}
+
+impl Kind {
+    /// The process name (and first argument).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Order => "order-service",
+            Kind::Shipping => "shipping-service",
+        }
+    }
+}
+
+/// A free loopback port (bound, read, released; the service binds it next).
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// One service process: started, killed, restarted on the same port.
+#[derive(Debug)]
+pub struct Process {
+    kind: Kind,
+    exe: PathBuf,
+    args: Vec<String>,
+    port: u16,
+    log: PathBuf,
+    child: Option<Child>,
+    /// How many times it was started.
+    pub starts: u32,
+}
+
+impl Process {
+    /// A process description; nothing runs until [`Process::start`].
+    pub fn new(kind: Kind, exe: &Path, port: u16, args: Vec<String>, log_dir: &Path) -> Self {
+        Self {
+            kind,
+            exe: exe.to_path_buf(),
+            args,
+            port,
+            log: log_dir.join(format!("{}.log", kind.name())),
+            child: None,
+            starts: 0,
+        }
+    }
+
+    /// Sets `--flag value` for the next start (replacing an earlier value).
+    pub fn set_flag(&mut self, flag: &str, value: &str) {
+        match self.args.iter().position(|a| a == flag) {
+            Some(i) if i + 1 < self.args.len() => self.args[i + 1] = value.to_string(),
+            _ => self.args.extend([flag.to_string(), value.to_string()]),
+        }
+    }
+
+    /// Its base URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Where its logs go (appended across restarts).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The last `n` lines of its log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Is it running (as far as this handle knows)?
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Starts it and waits until `/healthz` answers.
+    pub async fn start(&mut self, http: &reqwest::Client) -> anyhow::Result<()> {
+        if self.is_running() {
+            return Ok(());
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
+        let child = Command::new(&self.exe)
+            .arg(self.kind.name())
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {} ({})", self.kind.name(), self.exe.display()))?;
+        self.child = Some(child);
+        self.starts += 1;
+        self.wait_healthy(http, Duration::from_secs(30)).await
+    }
+
+    async fn wait_healthy(
+        &mut self,
+        http: &reqwest::Client,
+        deadline: Duration,
+    ) -> anyhow::Result<()> {
+        let url = format!("{}/healthz", self.url());
+        let start = tokio::time::Instant::now();
+        loop {
+            if let Ok(r) = http.get(&url).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if !self.is_running() {
+                bail!(
+                    "{} exited during start-up; the end of {}:\n{}",
+                    self.kind.name(),
+                    self.log.display(),
+                    self.log_tail(20)
+                );
+            }
+            if start.elapsed() > deadline {
+                bail!(
+                    "{} not healthy after {deadline:?}; see {}",
+                    self.kind.name(),
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// SIGKILL: no shutdown, no flush, no goodbye.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.start_kill().ok();
+            c.wait().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then waits (up to `grace`, then SIGKILL).
+    pub async fn terminate(&mut self, grace: Duration) -> anyhow::Result<Option<i32>> {
+        let Some(mut c) = self.child.take() else {
+            return Ok(None);
+        };
+        if let Some(pid) = c.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+        match tokio::time::timeout(grace, c.wait()).await {
+            Ok(status) => Ok(status?.code()),
+            Err(_) => {
+                c.start_kill().ok();
+                c.wait().await?;
+                bail!("{} ignored SIGTERM for {grace:?}", self.kind.name())
+            }
+        }
+    }
+}
+
+/// What both processes are started with.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// The executable that runs a service when given its name first.
+    pub exe: PathBuf,
+    /// Where logs (and SQLite files) go.
+    pub dir: PathBuf,
+    /// order-service's database URL.
+    pub order_db: String,
+    /// shipping-service's database URL.
+    pub shipping_db: String,
+    /// Fixed ports (`None`: free ones).
+    pub ports: Option<(u16, u16)>,
+    /// Admin token of both services.
+    pub admin_token: String,
+    /// Extra arguments for both (e.g. `--warehouse-delay`, fault rates).
+    pub common_args: Vec<String>,
+    /// Extra arguments for order-service only.
+    pub order_args: Vec<String>,
+    /// Extra arguments for shipping-service only.
+    pub shipping_args: Vec<String>,
+}
+
+/// Both services, wired to each other.
+#[derive(Debug)]
+pub struct Cluster {
+    /// order-service.
+    pub order: Process,
+    /// shipping-service.
+    pub shipping: Process,
+    /// A client for the cluster's own calls.
+    pub http: reqwest::Client,
+    /// The admin token.
+    pub admin_token: String,
+}
+
+impl Cluster {
+    /// Starts shipping-service, then order-service.
+    pub async fn start(cfg: ClusterConfig) -> anyhow::Result<Self> {
+        let (op, sp) = match cfg.ports {
+            Some(p) => p,
+            None => (free_port()?, free_port()?),
+        };
+        let order_url = format!("http://127.0.0.1:{op}");
+        let shipping_url = format!("http://127.0.0.1:{sp}");
+        let base = |port: u16, db: &str| {
+            vec![
+                "--bind".into(),
+                "127.0.0.1".into(),
+                "--port".into(),
+                port.to_string(),
+                "--database-url".into(),
+                db.to_string(),
+                "--admin-token".into(),
+                cfg.admin_token.clone(),
+            ]
+        };
+        let mut oargs = base(op, &cfg.order_db);
+        oargs.extend(["--shipping-url".into(), shipping_url]);
+        oargs.extend(cfg.common_args.iter().cloned());
+        oargs.extend(cfg.order_args.iter().cloned());
+        let mut sargs = base(sp, &cfg.shipping_db);
+        sargs.extend(["--order-url".into(), order_url]);
+        sargs.extend(cfg.common_args.iter().cloned());
+        sargs.extend(cfg.shipping_args.iter().cloned());
+
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let mut cluster = Self {
+            order: Process::new(Kind::Order, &cfg.exe, op, oargs, &cfg.dir),
+            shipping: Process::new(Kind::Shipping, &cfg.exe, sp, sargs, &cfg.dir),
+            http,
+            admin_token: cfg.admin_token,
+        };
+        cluster.shipping.start(&cluster.http).await?;
+        cluster.order.start(&cluster.http).await?;
+        Ok(cluster)
+    }
+
+    /// A process by kind.
+    pub fn process(&mut self, kind: Kind) -> &mut Process {
+        match kind {
+            Kind::Order => &mut self.order,
+            Kind::Shipping => &mut self.shipping,
+        }
+    }
+
+    /// Sets the fault rates of both services' outgoing stacks (admin endpoint).
+    pub async fn set_faults(&self, faults: &serde_json::Value) -> anyhow::Result<()> {
+        for p in [&self.order, &self.shipping] {
+            let res = self
+                .http
+                .put(format!("{}/admin/faults", p.url()))
+                .bearer_auth(&self.admin_token)
+                .json(faults)
+                .send()
+                .await?;
+            if !res.status().is_success() {
+                bail!("setting faults on {}: {}", p.url(), res.status());
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops both gracefully (SIGTERM).
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        self.order.terminate(Duration::from_secs(15)).await?;
+        self.shipping.terminate(Duration::from_secs(15)).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,21 @@
+//! order-service: takes orders and gets them to shipping-service.
+//!
+//! # Layout
+//!
+//! - [`config`]: flags and environment variables.
+//! - [`domain`]: orders, their items and the status machine; parsing at the edge.
+//! - [`store`]: the `orders` table.
+//! - [`shipping`]: the outgoing call to shipping-service.
+//! - [`routes`]: the HTTP API.
+//! - [`startup`]: build, bind, run until a shutdown future resolves.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod domain;
+pub mod routes;
+pub mod shipping;
+pub mod startup;
+pub mod store;
+
+pub use config::Config;
+pub use startup::Application;

@@ -1,0 +1,11 @@
+use clap::Parser;
+use order_service::{Application, Config};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    resilience::service::init_tracing(config.log_format);
+    let app = Application::build(config).await?;
+    app.run_until_stopped(resilience::service::shutdown_signal())
+        .await
+}

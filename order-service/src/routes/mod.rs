@@ -1,0 +1,54 @@
+//! The HTTP API.
+
+mod health;
+mod orders;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use resilience::service::{detach, method_not_allowed, not_found};
+use tower_http::trace::TraceLayer;
+
+use resilience::admin::{self, AdminState};
+use resilience::outbox::Outbox;
+use resilience::stack::SendService;
+
+use crate::config::Config;
+use crate::store::OrderStore;
+
+/// What every handler can reach.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The orders table.
+    pub store: OrderStore,
+    /// The outbox (at-least-once and effectively-once orders).
+    pub outbox: Outbox,
+    /// The plain client stack (at-most-once orders).
+    pub plain: SendService,
+    /// What the /admin endpoints act on.
+    pub admin: AdminState,
+    /// The configuration the service started with.
+    pub config: Arc<Config>,
+}
+
+/// The router with every route and the service-wide layers.
+pub fn router(state: AppState) -> Router {
+    let max_body = state.config.max_body_bytes;
+    Router::new()
+        .route("/orders", post(orders::create).get(orders::list))
+        .route("/orders/{id}", get(orders::get_one))
+        .route("/orders/{id}/shipment-events", post(orders::shipment_event))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .with_state(state.clone())
+        .merge(admin::router(state.admin))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Bodies past the limit are refused with 413 by the JSON extractor.
+        .layer(DefaultBodyLimit::max(max_body))
+        // Handlers finish their transaction even if the caller hangs up.
+        .layer(axum::middleware::from_fn(detach))
+        .layer(TraceLayer::new_for_http())
+}

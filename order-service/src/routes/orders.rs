@@ -1,0 +1,174 @@
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::Json;
+use resilience::service::{cursor, internal_error, ApiJson, ApiQuery, Problem};
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use crate::domain::{CreateOrderRequest, NewOrder, Order, OrderId, OrderStatus, ShipmentEvent};
+use crate::shipping::{send_once, shipment_request};
+use crate::store::ApplyError;
+
+const DEFAULT_PAGE: u32 = 20;
+const MAX_PAGE: u32 = 100;
+
+fn parse_id(raw: &str) -> Result<OrderId, Problem> {
+    raw.parse().map_err(Problem::bad_request)
+}
+
+/// `POST /orders`: commit the order, then get it to shipping in its mode.
+pub(super) async fn create(
+    State(app): State<AppState>,
+    ApiJson(req): ApiJson<CreateOrderRequest>,
+) -> Result<(StatusCode, HeaderMap, Json<Order>), Problem> {
+    let new = NewOrder::parse(req, app.config.default_mode).map_err(Problem::unprocessable)?;
+    let mut tx = app.store.db().begin().await.map_err(internal_error)?;
+    let order = app
+        .store
+        .insert(&mut tx, &new)
+        .await
+        .map_err(internal_error)?;
+    let durable = order.delivery_mode.uses_outbox();
+    if durable {
+        // The order and the message to shipping commit together, or not at all.
+        let msg = shipment_request(&app.config.shipping_url, &order).map_err(internal_error)?;
+        app.outbox
+            .enqueue(&mut tx, msg)
+            .await
+            .map_err(internal_error)?;
+    }
+    tx.commit().await.map_err(internal_error)?;
+    tracing::info!(order_id = %order.id, mode = %order.delivery_mode, "order committed");
+
+    let order = if durable {
+        app.outbox.notify();
+        order
+    } else {
+        deliver_at_most_once(&app, order).await
+    };
+
+    let mut headers = HeaderMap::new();
+    if let Ok(loc) = HeaderValue::from_str(&format!("/orders/{}", order.id)) {
+        headers.insert(header::LOCATION, loc);
+    }
+    Ok((StatusCode::CREATED, headers, Json(order)))
+}
+
+/// At-most-once: one call after the commit, no retry. Whatever happens, the
+/// order is already committed; a failure is recorded on it and logged.
+async fn deliver_at_most_once(app: &AppState, order: Order) -> Order {
+    let id = order.id;
+    let outcome = send_once(&app.plain, &app.config.shipping_url, &order).await;
+    let recorded = match &outcome {
+        Ok(shipment_id) => {
+            tracing::info!(order_id = %id, %shipment_id, "shipping accepted the order");
+            match app
+                .store
+                .record_accepted(app.store.db().pool(), id, Some(shipment_id))
+                .await
+            {
+                Ok(_) => app.store.record_attempt(id, None).await,
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => {
+            tracing::warn!(order_id = %id, error = %e, "delivery to shipping failed; at-most-once does not retry");
+            app.store.record_attempt(id, Some(&e.to_string())).await
+        }
+    };
+    if let Err(e) = recorded {
+        tracing::error!(order_id = %id, error = %e, "could not record the delivery outcome");
+    }
+    match app.store.get(id).await {
+        Ok(Some(fresh)) => fresh,
+        _ => order,
+    }
+}
+
+/// `GET /orders/{id}`.
+pub(super) async fn get_one(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Order>, Problem> {
+    let id = parse_id(&id)?;
+    match app.store.get(id).await.map_err(internal_error)? {
+        Some(order) => Ok(Json(order)),
+        None => Err(Problem::not_found(format!("no order {id}"))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListQuery {
+    status: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct OrderPage {
+    orders: Vec<Order>,
+    next_cursor: Option<String>,
+}
+
+/// `GET /orders?status=&limit=&cursor=`: oldest first, keyset-paginated.
+pub(super) async fn list(
+    State(app): State<AppState>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<OrderPage>, Problem> {
+    let status = q
+        .status
+        .as_deref()
+        .map(str::parse::<OrderStatus>)
+        .transpose()
+        .map_err(Problem::bad_request)?;
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(Problem::bad_request(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let after = match q.cursor.as_deref() {
+        Some(c) => Some(cursor::decode(c).ok_or_else(|| Problem::bad_request("invalid cursor"))?),
+        None => None,
+    };
+    let page = app
+        .store
+        .list(status, after, limit)
+        .await
+        .map_err(internal_error)?;
+    Ok(Json(OrderPage {
+        orders: page.orders,
+        next_cursor: page.next.map(|(ts, id)| cursor::encode(ts, &id)),
+    }))
+}
+
+/// `POST /orders/{id}/shipment-events`: shipping reports on a shipment.
+/// A repeated report is a no-op (200); a backwards move is a 409.
+pub(super) async fn shipment_event(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(event): ApiJson<ShipmentEvent>,
+) -> Result<Json<Order>, Problem> {
+    let id = parse_id(&id)?;
+    if event.shipment_id.trim().is_empty() || event.shipment_id.len() > 64 {
+        return Err(Problem::unprocessable(
+            "shipment_id must be 1 to 64 characters",
+        ));
+    }
+    if event.status == OrderStatus::Pending {
+        return Err(Problem::unprocessable("status must be accepted or shipped"));
+    }
+    match app.store.apply_event(id, &event).await {
+        Ok((order, transition)) => {
+            tracing::info!(order_id = %id, status = %order.status, ?transition, "shipment event applied");
+            Ok(Json(order))
+        }
+        Err(ApplyError::NotFound) => Err(Problem::not_found(format!("no order {id}"))),
+        Err(ApplyError::Illegal(e)) => Err(Problem::conflict(
+            "illegal status transition",
+            e.to_string(),
+        )),
+        Err(ApplyError::Db(e)) => Err(internal_error(e)),
+    }
+}

@@ -1,0 +1,121 @@
+//! Build the service from its configuration, bind, and run until told to stop.
+//! `main` and the tests start it the same way.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use resilience::outbox::Relay;
+use resilience::service::{serve, Shutdown};
+use resilience::stack::Delivery;
+use resilience::store::{Db, DbOptions};
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::routes::{router, AppState};
+use crate::shipping::ShipmentAcks;
+use crate::store::OrderStore;
+
+/// A built, bound, not yet serving order-service.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    addr: SocketAddr,
+    state: AppState,
+    relay: Relay,
+}
+
+impl Application {
+    /// Opens the database, applies migrations, binds the configured address.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind((config.bind, config.port))
+            .await
+            .with_context(|| format!("binding {}:{}", config.bind, config.port))?;
+        Self::build_with_listener(config, listener).await
+    }
+
+    /// As [`Application::build`], on a listener the caller bound already
+    /// (tests bind both services' ports before either starts).
+    pub async fn build_with_listener(
+        config: Config,
+        listener: TcpListener,
+    ) -> anyhow::Result<Self> {
+        let mut opts = DbOptions::new(&config.database_url, &config.db_schema);
+        opts.max_connections = config.db_max_connections;
+        let db = Db::connect(&opts).await.context("opening the database")?;
+        db.migrate(sqlx::migrate!("./migrations"))
+            .await
+            .context("applying migrations")?;
+        db.migrate_resilience()
+            .await
+            .context("applying the outbox migrations")?;
+        let store = OrderStore::new(db.clone());
+        let delivery = Delivery::build(
+            &db,
+            &config.delivery,
+            config.request_timeout,
+            Arc::new(ShipmentAcks::new(store.clone())),
+        )
+        .context("building the delivery stack")?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, backend = ?db.backend(), "order-service listening");
+        let state = AppState {
+            store,
+            outbox: delivery.outbox,
+            plain: delivery.plain,
+            admin: delivery.admin,
+            config: Arc::new(config),
+        };
+        Ok(Self {
+            listener,
+            addr,
+            state,
+            relay: delivery.relay,
+        })
+    }
+
+    /// The bound port (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The database handle (tests read invariants through it).
+    pub fn db(&self) -> &Db {
+        self.state.store.db()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
+    /// requests finish, stops the relay after its sends in flight (all within
+    /// the grace period), and closes the database.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let grace = self.state.config.shutdown_grace;
+        let db = self.state.store.db().clone();
+        let background = Shutdown::new();
+        let mut tasks = Vec::new();
+        if self.state.config.delivery.relay_enabled {
+            tasks.push(tokio::spawn(self.relay.run(background.clone())));
+        }
+        serve(
+            self.listener,
+            router(self.state),
+            shutdown,
+            grace,
+            background,
+            tasks,
+        )
+        .await
+        .context("serving HTTP")?;
+        db.close().await;
+        tracing::info!("order-service stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,268 @@
+//! The `orders` table. Status changes are compare-and-set updates, so two
+//! writers racing on one order can never make an illegal transition.
+
+use resilience::store::{now_ms, rfc3339, Db};
+use resilience::DeliveryMode;
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
+
+use crate::domain::{
+    IllegalTransition, NewOrder, Order, OrderId, OrderStatus, ShipmentEvent, Transition,
+};
+
+const COLUMNS: &str = "id, customer_id, items, delivery_mode, status, shipment_id, last_error, \
+                       send_attempts, created_at, accepted_at, shipped_at";
+
+/// Why a shipment event was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// No such order.
+    #[error("order not found")]
+    NotFound,
+    /// The status machine forbids it.
+    #[error(transparent)]
+    Illegal(#[from] IllegalTransition),
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// One page of orders.
+#[derive(Debug)]
+pub struct Page {
+    /// The orders, oldest first.
+    pub orders: Vec<Order>,
+    /// The key of the last order, when more may follow.
+    pub next: Option<(i64, String)>,
+}
+
+/// Access to the `orders` table.
+#[derive(Debug, Clone)]
+pub struct OrderStore {
+    db: Db,
+}
+
+impl OrderStore {
+    /// Wraps a database handle.
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// The database handle.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Inserts a new `pending` order inside the caller's transaction.
+    pub async fn insert(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        order: &NewOrder,
+    ) -> Result<Order, sqlx::Error> {
+        let id = OrderId::new();
+        let now = now_ms();
+        let items =
+            serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        sqlx::query(
+            "INSERT INTO orders (id, customer_id, items, delivery_mode, status, send_attempts, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, 'pending', 0, $5, $5)",
+        )
+        .bind(id.to_string())
+        .bind(&order.customer_id)
+        .bind(items)
+        .bind(order.mode.as_str())
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        Ok(Order {
+            id,
+            customer_id: order.customer_id.clone(),
+            items: order.items.clone(),
+            delivery_mode: order.mode,
+            status: OrderStatus::Pending,
+            shipment_id: None,
+            last_error: None,
+            send_attempts: 0,
+            created_at: rfc3339(now),
+            accepted_at: None,
+            shipped_at: None,
+        })
+    }
+
+    /// One order.
+    pub async fn get(&self, id: OrderId) -> Result<Option<Order>, sqlx::Error> {
+        let sql = format!("SELECT {COLUMNS} FROM orders WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(self.db.pool())
+            .await?;
+        row.as_ref().map(order_from_row).transpose()
+    }
+
+    /// Orders after `after` (exclusive), oldest first, optionally of one status.
+    pub async fn list(
+        &self,
+        status: Option<OrderStatus>,
+        after: Option<(i64, String)>,
+        limit: u32,
+    ) -> Result<Page, sqlx::Error> {
+        let (after_ts, after_id) = after.unwrap_or((i64::MIN, String::new()));
+        let status_filter = status.map(|s| s.as_str()).unwrap_or("");
+        // Keyset pagination on (created_at, id): stable under concurrent inserts.
+        let sql = format!(
+            "SELECT {COLUMNS} FROM orders \
+             WHERE ($1 = '' OR status = $1) \
+               AND (created_at > $2 OR (created_at = $2 AND id > $3)) \
+             ORDER BY created_at, id LIMIT $4"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(status_filter)
+            .bind(after_ts)
+            .bind(after_id)
+            .bind(i64::from(limit) + 1)
+            .fetch_all(self.db.pool())
+            .await?;
+        let mut orders = rows
+            .iter()
+            .map(order_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut next = None;
+        if orders.len() > limit as usize {
+            orders.truncate(limit as usize);
+            if let Some(last) = rows.get(limit as usize - 1) {
+                next = Some((last.try_get("created_at")?, last.try_get("id")?));
+            }
+        }
+        Ok(Page { orders, next })
+    }
+
+    /// Shipping acknowledged the order: `pending → accepted`. A late or
+    /// repeated acknowledgement changes nothing. Returns whether it moved.
+    pub async fn record_accepted<'e, E>(
+        &self,
+        executor: E,
+        id: OrderId,
+        shipment_id: Option<&str>,
+    ) -> Result<bool, sqlx::Error>
+    where
+        E: sqlx::Executor<'e, Database = Any>,
+    {
+        let now = now_ms();
+        let res = sqlx::query(
+            "UPDATE orders SET status = 'accepted', accepted_at = $1, updated_at = $1, \
+             shipment_id = COALESCE(shipment_id, $2), last_error = NULL \
+             WHERE id = $3 AND status = 'pending'",
+        )
+        .bind(now)
+        .bind(shipment_id)
+        .bind(id.to_string())
+        .execute(executor)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    /// Records a delivery error on the order (the outbox gave up on it).
+    pub async fn record_error<'e, E>(
+        &self,
+        executor: E,
+        id: OrderId,
+        error: &str,
+    ) -> Result<(), sqlx::Error>
+    where
+        E: sqlx::Executor<'e, Database = Any>,
+    {
+        sqlx::query("UPDATE orders SET last_error = $1, updated_at = $2 WHERE id = $3")
+            .bind(error)
+            .bind(now_ms())
+            .bind(id.to_string())
+            .execute(executor)
+            .await?;
+        Ok(())
+    }
+
+    /// Counts one delivery attempt and its outcome (`None`: it succeeded).
+    pub async fn record_attempt(
+        &self,
+        id: OrderId,
+        error: Option<&str>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE orders SET send_attempts = send_attempts + 1, \
+             last_error = COALESCE($1, last_error), updated_at = $2 WHERE id = $3",
+        )
+        .bind(error)
+        .bind(now_ms())
+        .bind(id.to_string())
+        .execute(self.db.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Applies a report from shipping through the status machine.
+    pub async fn apply_event(
+        &self,
+        id: OrderId,
+        event: &ShipmentEvent,
+    ) -> Result<(Order, Transition), ApplyError> {
+        // A compare-and-set on the status read: if another writer moved the
+        // order in between, read again and re-judge. Three rounds are plenty;
+        // a status can move forward at most twice.
+        for _ in 0..3 {
+            let order = self.get(id).await?.ok_or(ApplyError::NotFound)?;
+            if order.status.transition(event.status)? == Transition::Unchanged {
+                return Ok((order, Transition::Unchanged));
+            }
+            let now = now_ms();
+            let (accepted_at, shipped_at) = match event.status {
+                OrderStatus::Shipped => (Some(now), Some(now)),
+                _ => (Some(now), None),
+            };
+            let res = sqlx::query(
+                "UPDATE orders SET status = $1, updated_at = $2, \
+                 accepted_at = COALESCE(accepted_at, $3), \
+                 shipped_at = COALESCE(shipped_at, $4), \
+                 shipment_id = COALESCE(shipment_id, $5) \
+                 WHERE id = $6 AND status = $7",
+            )
+            .bind(event.status.as_str())
+            .bind(now)
+            .bind(accepted_at)
+            .bind(shipped_at)
+            .bind(&event.shipment_id)
+            .bind(id.to_string())
+            .bind(order.status.as_str())
+            .execute(self.db.pool())
+            .await?;
+            if res.rows_affected() == 1 {
+                let order = self.get(id).await?.ok_or(ApplyError::NotFound)?;
+                return Ok((order, Transition::Changed));
+            }
+        }
+        Err(ApplyError::Db(sqlx::Error::Protocol(
+            "order status kept changing under a concurrent writer".into(),
+        )))
+    }
+}
+
+fn order_from_row(row: &AnyRow) -> Result<Order, sqlx::Error> {
+    let decode = |e: String| sqlx::Error::Decode(e.into());
+    let id: String = row.try_get("id")?;
+    let items: String = row.try_get("items")?;
+    let mode: String = row.try_get("delivery_mode")?;
+    let status: String = row.try_get("status")?;
+    Ok(Order {
+        id: id.parse().map_err(decode)?,
+        customer_id: row.try_get("customer_id")?,
+        items: serde_json::from_str(&items).map_err(|e| decode(e.to_string()))?,
+        delivery_mode: mode
+            .parse::<DeliveryMode>()
+            .map_err(|e| decode(e.to_string()))?,
+        status: status.parse().map_err(decode)?,
+        shipment_id: row.try_get("shipment_id")?,
+        last_error: row.try_get("last_error")?,
+        send_attempts: row.try_get("send_attempts")?,
+        created_at: rfc3339(row.try_get("created_at")?),
+        accepted_at: row.try_get::<Option<i64>, _>("accepted_at")?.map(rfc3339),
+        shipped_at: row.try_get::<Option<i64>, _>("shipped_at")?.map(rfc3339),
+    })
+}

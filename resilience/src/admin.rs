@@ -1,0 +1,132 @@
+//! Operator endpoints shared by the services: outbox counts, dead letters and
+//! their requeue, breaker states, and run-time fault rates.
+//!
+//! Off unless a token is configured (every path answers 404 then); with one,
+//! each call needs `Authorization: Bearer <token>` (401 otherwise). The token
+//! is compared in constant time and never logged.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::circuit_breaker::BreakerRegistry;
+use crate::fault::{FaultConfig, FaultHandle};
+use crate::outbox::Outbox;
+use crate::service::{internal_error, ApiJson, Problem};
+
+/// What the admin endpoints act on.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    /// The service's outbox.
+    pub outbox: Outbox,
+    /// The breakers of the outgoing stack.
+    pub breakers: BreakerRegistry,
+    /// The fault injection handle of the outgoing stacks.
+    pub faults: FaultHandle,
+    /// The configured token (`None`: admin is off).
+    pub token: Option<Arc<str>>,
+}
+
+/// `/admin/...` routes; merge into the service's router.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/admin/outbox", get(outbox_stats))
+        .route("/admin/dead-letters", get(dead_letters))
+        .route("/admin/dead-letters/requeue", post(requeue_all))
+        .route("/admin/dead-letters/{id}/requeue", post(requeue_one))
+        .route("/admin/breakers", get(breakers))
+        .route("/admin/faults", get(get_faults).put(put_faults))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state)
+}
+
+async fn authorize(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    use axum::response::IntoResponse;
+    let Some(token) = &state.token else {
+        return Problem::not_found("admin endpoints are disabled (no ADMIN_TOKEN)").into_response();
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // Compare digests so the comparison takes the same time whatever matches.
+    let ok = Sha256::digest(given.as_bytes()) == Sha256::digest(token.as_bytes());
+    if !ok {
+        return Problem::new(StatusCode::UNAUTHORIZED, "unauthorized")
+            .detail("a valid `Authorization: Bearer <ADMIN_TOKEN>` header is required")
+            .into_response();
+    }
+    next.run(req).await
+}
+
+async fn outbox_stats(State(s): State<AdminState>) -> Result<Json<Value>, Problem> {
+    let stats = s.outbox.stats().await.map_err(internal_error)?;
+    Ok(Json(json!(stats)))
+}
+
+async fn dead_letters(State(s): State<AdminState>) -> Result<Json<Value>, Problem> {
+    let dead = s.outbox.dead_letters(100).await.map_err(internal_error)?;
+    Ok(Json(json!({ "dead_letters": dead })))
+}
+
+async fn requeue_one(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    if s.outbox.requeue(&id).await.map_err(internal_error)? {
+        Ok(Json(json!({ "requeued": 1 })))
+    } else {
+        Err(Problem::not_found(format!("no dead letter {id}")))
+    }
+}
+
+async fn requeue_all(State(s): State<AdminState>) -> Result<Json<Value>, Problem> {
+    let n = s.outbox.requeue_all().await.map_err(internal_error)?;
+    Ok(Json(json!({ "requeued": n })))
+}
+
+async fn breakers(State(s): State<AdminState>) -> Json<Value> {
+    let list: Vec<Value> = s
+        .breakers
+        .authorities()
+        .into_iter()
+        .filter_map(|a| s.breakers.get(&a).map(|h| (a, h.snapshot())))
+        .map(|(authority, snap)| {
+            json!({
+                "destination": authority,
+                "state": snap.state.to_string(),
+                "calls": snap.calls,
+                "failures": snap.failures,
+                "failure_rate": snap.failure_rate,
+                "slow_call_rate": snap.slow_call_rate,
+                "rejected": snap.rejected,
+                "retry_after_ms": snap.retry_after.map(|d| d.as_millis() as u64),
+            })
+        })
+        .collect();
+    Json(json!({ "breakers": list }))
+}
+
+async fn get_faults(State(s): State<AdminState>) -> Json<Value> {
+    Json(json!({ "config": s.faults.get(), "counters": format!("{:?}", s.faults.snapshot()) }))
+}
+
+async fn put_faults(
+    State(s): State<AdminState>,
+    ApiJson(cfg): ApiJson<FaultConfig>,
+) -> Result<Json<Value>, Problem> {
+    s.faults
+        .set(cfg)
+        .map_err(|e| Problem::unprocessable(e.to_string()))?;
+    tracing::info!(?cfg, "fault injection changed");
+    Ok(Json(json!({ "config": s.faults.get() })))
+}

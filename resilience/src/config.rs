@@ -1,0 +1,107 @@
+//! Command-line and environment settings of the delivery machinery, shared by
+//! every service that uses it (flatten [`DeliveryArgs`] into a clap parser).
+
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::fault::{FaultConfig, FaultHandle, InvalidFaultConfig};
+use crate::outbox::RelayConfig;
+use crate::retry::Backoff;
+
+/// Outbox relay, retry, admin and fault-injection settings.
+#[derive(Debug, Clone, Args)]
+pub struct DeliveryArgs {
+    /// Run the outbox relay in this process (false: API only; another
+    /// replica delivers).
+    #[arg(long, env = "RELAY_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub relay_enabled: bool,
+
+    /// Messages the relay claims per round.
+    #[arg(long, env = "RELAY_BATCH", default_value_t = 64)]
+    pub relay_batch: i64,
+
+    /// Sends the relay keeps in flight at once.
+    #[arg(long, env = "RELAY_CONCURRENCY", default_value_t = 32)]
+    pub relay_concurrency: usize,
+
+    /// How long a relay's claim on a message is exclusive.
+    #[arg(long, env = "RELAY_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub relay_lease: Duration,
+
+    /// Longest idle wait of the relay (new work wakes it at once).
+    #[arg(long, env = "RELAY_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub relay_poll: Duration,
+
+    /// First retry delay ceiling (full jitter, doubling per attempt).
+    #[arg(long, env = "RETRY_BASE", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub retry_base: Duration,
+
+    /// Largest retry delay (also caps Retry-After).
+    #[arg(long, env = "RETRY_CAP", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub retry_cap: Duration,
+
+    /// Dead-letter a message after this many attempts (0: keep trying).
+    #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 0)]
+    pub max_attempts: u32,
+
+    /// Delivered outbox rows are deleted after this long.
+    #[arg(long, env = "OUTBOX_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub outbox_retention: Duration,
+
+    /// Bearer token of the /admin endpoints (unset: admin endpoints are off).
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Fault injection: probability of dropping an outgoing request before it is sent.
+    #[arg(long, env = "FAULT_DROP_REQUEST", default_value_t = 0.0)]
+    pub fault_drop_request: f64,
+
+    /// Fault injection: probability of losing the response after the peer processed the request.
+    #[arg(long, env = "FAULT_DROP_RESPONSE", default_value_t = 0.0)]
+    pub fault_drop_response: f64,
+
+    /// Fault injection: probability of answering 503 without calling the peer.
+    #[arg(long, env = "FAULT_503", default_value_t = 0.0)]
+    pub fault_503: f64,
+
+    /// Fault injection: probability of adding --fault-latency before a call.
+    #[arg(long, env = "FAULT_LATENCY_RATE", default_value_t = 0.0)]
+    pub fault_latency_rate: f64,
+
+    /// Fault injection: the added latency.
+    #[arg(long, env = "FAULT_LATENCY", default_value = "0ms", value_parser = humantime::parse_duration)]
+    pub fault_latency: Duration,
+
+    /// Fault injection: seed of the random source (same seed, same faults).
+    #[arg(long, env = "FAULT_SEED", default_value_t = 1)]
+    pub fault_seed: u64,
+}
+
+impl DeliveryArgs {
+    /// The fault handle these settings describe.
+    pub fn faults(&self) -> Result<FaultHandle, InvalidFaultConfig> {
+        let cfg = FaultConfig {
+            drop_request: self.fault_drop_request,
+            drop_response: self.fault_drop_response,
+            error_503: self.fault_503,
+            latency_rate: self.fault_latency_rate,
+            latency: self.fault_latency,
+        };
+        FaultHandle::new(cfg, self.fault_seed)
+    }
+
+    /// The relay configuration these settings describe.
+    pub fn relay(&self) -> RelayConfig {
+        RelayConfig {
+            batch_size: self.relay_batch.max(1),
+            concurrency: self.relay_concurrency.max(1),
+            lease: self.relay_lease,
+            poll_interval: self.relay_poll,
+            backoff: Backoff::new(self.retry_base, 2.0, self.retry_cap),
+            max_attempts: (self.max_attempts > 0).then_some(self.max_attempts),
+            retention: self.outbox_retention,
+            ..RelayConfig::default()
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! The server-side layer: transaction per request, key lookup, replay.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::{OriginalUri, Request};
+use axum::response::{IntoResponse, Response};
+use futures::future::BoxFuture;
+use http::StatusCode;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use sqlx::{Any, Transaction};
+use tower::{Layer, Service};
+
+use super::config::{IdempotencyConfig, KeyPolicy};
+use super::error::{begin_failed, commit_failed};
+use super::key::{fingerprint, lock_id, parse_key};
+use super::record::{self, NewRecord, Stored};
+use super::tx::Tx;
+use crate::service::{internal_error, Problem};
+use crate::store::{is_unique_violation, now_ms, Backend};
+
+/// Wraps axum routes in [`Idempotency`]: a transaction per request and,
+/// when the request carries an `Idempotency-Key`, at-most-once execution
+/// with the response replayed to repeats. See the [module docs](super).
+#[derive(Debug, Clone)]
+pub struct IdempotencyLayer {
+    config: Arc<IdempotencyConfig>,
+}
+
+impl IdempotencyLayer {
+    /// A layer with this configuration.
+    pub fn new(config: IdempotencyConfig) -> Self {
+        Self {
+            config: Arc::new(config),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &IdempotencyConfig {
+        &self.config
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = Idempotency<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// The service made by [`IdempotencyLayer`].
+#[derive(Debug, Clone)]
+pub struct Idempotency<S> {
+    inner: S,
+    config: Arc<IdempotencyConfig>,
+}
+
+impl<S> Service<Request> for Idempotency<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        // The clone that was polled ready serves this request.
+        let fresh = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, fresh);
+        let config = self.config.clone();
+        Box::pin(async move { Ok(handle(config, inner, req).await) })
+    }
+}
+
+async fn call_inner<S>(mut inner: S, req: Request) -> Response
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    match inner.call(req).await {
+        Ok(res) => res,
+        Err(never) => match never {},
+    }
+}
+
+async fn handle<S>(config: Arc<IdempotencyConfig>, inner: S, req: Request) -> Response
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    match parse_key(req.headers()) {
+        Err(problem) => problem.into_response(),
+        Ok(None) if config.key_policy == KeyPolicy::Required => {
+            Problem::new(StatusCode::BAD_REQUEST, "idempotency key required")
+                .detail("this endpoint requires an Idempotency-Key header")
+                .into_response()
+        }
+        Ok(None) => without_key(&config, inner, req).await,
+        Ok(Some(key)) => with_key(&config, inner, req, key)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+    }
+}
+
+/// Transaction per request: commit unless 5xx, then the hooks.
+async fn without_key<S>(config: &IdempotencyConfig, inner: S, mut req: Request) -> Response
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    let tx = Tx::lazy(config.db.clone());
+    req.extensions_mut().insert(tx.clone());
+    let res = call_inner(inner, req).await;
+    let transaction = tx.finish().await;
+    if res.status().is_server_error() {
+        if let Some(t) = transaction {
+            rollback(t).await;
+        }
+        return res;
+    }
+    if let Some(t) = transaction {
+        if let Err(e) = t.commit().await {
+            return commit_failed(e).into_response();
+        }
+    }
+    tx.run_hooks().await;
+    res
+}
+
+fn in_flight(config: &IdempotencyConfig) -> Problem {
+    Problem::conflict(
+        "request in flight",
+        "a request with this Idempotency-Key is still being processed; retry later",
+    )
+    .retry_after(config.retry_after_secs())
+}
+
+fn key_reused() -> Problem {
+    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency key reused").detail(
+        "this Idempotency-Key was already used for a different request (method, path or body)",
+    )
+}
+
+/// Replays a completed record, or 422 if it answered another request.
+fn answer_from(stored: Stored, fp: &str) -> Result<Response, Problem> {
+    if stored.fingerprint != fp {
+        tracing::debug!("idempotency key reused with a different fingerprint");
+        return Err(key_reused());
+    }
+    Ok(record::replay(stored))
+}
+
+async fn rollback(tx: Transaction<'static, Any>) {
+    if let Err(e) = tx.rollback().await {
+        tracing::warn!(error = %e, "rollback failed (the connection discards the transaction)");
+    }
+}
+
+async fn with_key<S>(
+    config: &IdempotencyConfig,
+    inner: S,
+    req: Request,
+    key: String,
+) -> Result<Response, Problem>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    let (mut parts, body) = req.into_parts();
+    let scope = config.scope_of(&parts);
+    let body = match Limited::new(body, config.max_body_bytes).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<LengthLimitError>() => {
+            return Err(
+                Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large").detail(
+                    format!(
+                        "requests with an Idempotency-Key may carry at most {} bytes",
+                        config.max_body_bytes
+                    ),
+                ),
+            );
+        }
+        Err(e) => {
+            return Err(Problem::bad_request(format!(
+                "cannot read the request body: {e}"
+            )));
+        }
+    };
+    let uri = parts
+        .extensions
+        .get::<OriginalUri>()
+        .map_or(&parts.uri, |o| &o.0);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let fp = fingerprint(&parts.method, path, &body);
+    tracing::debug!(%scope, %key, "request with idempotency key");
+
+    let db = &config.db;
+    let mut transaction = db
+        .begin()
+        .await
+        .map_err(|e| begin_failed(e, config.retry_after_secs()))?;
+    let found = match db.backend() {
+        Backend::Postgres => {
+            let id = lock_id(db.schema(), &scope, &key);
+            record::lock_and_lookup(&mut *transaction, id, &scope, &key).await
+        }
+        // BEGIN IMMEDIATE holds the only write lock: nobody else is in flight.
+        Backend::Sqlite => record::lookup(&mut *transaction, &scope, &key)
+            .await
+            .map(|r| (true, r)),
+    };
+    let (locked, stored) = match found {
+        Ok(found) => found,
+        Err(e) => {
+            rollback(transaction).await;
+            return Err(internal_error(e));
+        }
+    };
+    let now = now_ms();
+    match stored {
+        Some(stored) if stored.expires_at > now => {
+            rollback(transaction).await;
+            tracing::debug!(%scope, %key, "replaying completed idempotency record");
+            return answer_from(stored, &fp);
+        }
+        Some(_) if locked => {
+            tracing::debug!(%scope, %key, "idempotency record expired; treating as absent");
+            if let Err(e) = record::delete(&mut *transaction, &scope, &key).await {
+                rollback(transaction).await;
+                return Err(internal_error(e));
+            }
+        }
+        None if locked => {}
+        _ => {
+            rollback(transaction).await;
+            tracing::debug!(%scope, %key, "idempotency key in flight elsewhere");
+            return Err(in_flight(config));
+        }
+    }
+
+    // In flight: run the handler in this transaction.
+    let tx = Tx::active(transaction);
+    parts.extensions.insert(tx.clone());
+    let res = call_inner(inner, Request::from_parts(parts, Body::from(body))).await;
+    let Some(mut transaction) = tx.finish().await else {
+        return Err(internal_error("the request's transaction disappeared"));
+    };
+    if res.status().is_server_error() {
+        rollback(transaction).await;
+        return Ok(res);
+    }
+    let (res_parts, res_body) = res.into_parts();
+    let res_body = match res_body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            rollback(transaction).await;
+            return Err(internal_error(format_args!(
+                "cannot buffer the response: {e}"
+            )));
+        }
+    };
+    let now = now_ms();
+    let new = NewRecord {
+        scope: &scope,
+        key: &key,
+        fingerprint: &fp,
+        status: i64::from(res_parts.status.as_u16()),
+        headers: record::encode_headers(&res_parts.headers),
+        body: &res_body,
+        created_at: now,
+        expires_at: now.saturating_add(config.ttl_ms()),
+    };
+    match record::insert(&mut *transaction, &new).await {
+        Ok(()) => {}
+        Err(e) if is_unique_violation(&e) => {
+            // Another request with this key committed after our lookup: our
+            // writes go, theirs stand, and we answer with their response.
+            rollback(transaction).await;
+            tracing::debug!(%scope, %key, "lost the race for an idempotency key; replaying");
+            return match record::lookup(db.pool(), &scope, &key).await {
+                Ok(Some(stored)) if stored.expires_at > now_ms() => answer_from(stored, &fp),
+                Ok(_) => Err(in_flight(config)),
+                Err(e) => Err(internal_error(e)),
+            };
+        }
+        Err(e) => {
+            rollback(transaction).await;
+            return Err(internal_error(e));
+        }
+    }
+    transaction.commit().await.map_err(commit_failed)?;
+    tx.run_hooks().await;
+    Ok(Response::from_parts(res_parts, Body::from(res_body)))
+}

@@ -1,0 +1,150 @@
+//! Idempotency keys, after the IETF draft "The Idempotency-Key HTTP Header
+//! Field": a client that repeats a non-idempotent request (a `POST` that timed
+//! out, a message the outbox relay delivers again) gets the *first* answer
+//! back instead of causing the effect twice.
+//!
+//! # Server side: [`IdempotencyLayer`]
+//!
+//! Wrap every write route in the layer. It owns the route's database
+//! transaction: it begins it, hands it to the handler through the [`Tx`]
+//! extractor, and commits or rolls it back; the handler never commits. Work
+//! that must only happen once the state change is durable (waking a relay,
+//! publishing an event) is registered with [`Tx::after_commit`].
+//!
+//! ```no_run
+//! use axum::{http::StatusCode, routing::post, Router};
+//! use resilience::idempotency::{IdempotencyConfig, IdempotencyLayer, KeyPolicy, Tx};
+//! use resilience::service::{internal_error, Problem};
+//! use resilience::store::Db;
+//!
+//! async fn create(tx: Tx, body: String) -> Result<(StatusCode, String), Problem> {
+//!     let mut conn = tx.lock().await?;
+//!     sqlx::query("INSERT INTO widgets (name) VALUES ($1)")
+//!         .bind(&body)
+//!         .execute(&mut **conn)
+//!         .await
+//!         .map_err(internal_error)?;
+//!     drop(conn);
+//!     tx.after_commit(|| Box::pin(async { tracing::info!("widget committed") }));
+//!     Ok((StatusCode::CREATED, body))
+//! }
+//!
+//! fn routes(db: Db) -> Router {
+//!     let idem = IdempotencyLayer::new(IdempotencyConfig::new(db).key_policy(KeyPolicy::Required));
+//!     Router::new().route("/widgets", post(create).layer(idem))
+//! }
+//! ```
+//!
+//! ## Without a key
+//!
+//! With [`KeyPolicy::Optional`] a request without `Idempotency-Key` is simply
+//! run in a transaction (begun lazily, at the handler's first [`Tx::lock`]),
+//! committed unless the answer is a 5xx, with its after-commit hooks run after
+//! the commit. Nothing is recorded. [`KeyPolicy::Required`] answers it 400.
+//!
+//! ## With a key: the state machine
+//!
+//! A key lives in the scope of one caller (see [`IdempotencyConfig::scope`]):
+//! `(scope, key)` identifies a record, so two callers never share one.
+//!
+//! ```text
+//!             first request                 commit (response stored)
+//!   absent ─────────────────▶ in flight ─────────────────────────▶ completed
+//!     ▲                         │  5xx / error / commit failure        │
+//!     │                         └──────────────▶ absent (rolled back)  │ ttl
+//!     └──────────────── expired (deleted on sight or by the reaper) ◀──┘
+//! ```
+//!
+//! - **absent**: no record. The request runs the handler inside the
+//!   transaction; if the answer is not a 5xx, the response (status, selected
+//!   headers, body) is inserted as the record *in the same transaction* as
+//!   the handler's writes, then committed. A 5xx answer rolls back both the
+//!   handler's writes and the record, so a retry runs the handler again.
+//! - **in flight**: another request with the same key is between its lookup
+//!   and its commit. How that is detected depends on the backend (below).
+//! - **completed**: the stored response is replayed (same status, headers and
+//!   body, plus `Idempotent-Replayed: true`) without running the handler,
+//!   also after a restart since it lives in the database. A repeat whose
+//!   fingerprint (SHA-256 of method, path and query, and body) differs is
+//!   answered 422: the key was reused for a different request.
+//! - **expired**: a record older than its ttl (24 h by default) is treated as
+//!   absent; a request that finds one deletes it in its own transaction, and
+//!   [`spawn_reaper`] deletes the rest in bounded batches.
+//!
+//! Any answer below 500 is recorded, 4xx included (the draft lets a server
+//! replay errors; the handler decided, and its writes, if any, commit). The
+//! request body (up to `max_body_bytes`) and the response body of a keyed
+//! request are buffered: keyed routes must not stream unbounded responses.
+//! Stored headers are the response's own except hop-by-hop ones, `Date` and
+//! `Content-Length`.
+//!
+//! Every error is an `application/problem+json` answer: 400 for a malformed
+//! or missing (when required) key, 413 for a body over
+//! [`IdempotencyConfig::max_body_bytes`], 409 with `Retry-After` for a
+//! request in flight, 422 for a reused key, 500 when the commit fails
+//! (nothing was saved, so retrying is safe).
+//!
+//! ## Concurrency: Postgres vs SQLite
+//!
+//! **Postgres.** The first statement after `BEGIN` both tries a
+//! transaction-scoped advisory lock on a 64-bit hash of (schema, scope, key)
+//! (`pg_try_advisory_xact_lock`) and looks the record up, in one round trip.
+//! If the lock is held by another transaction and no completed record is
+//! visible, the request is in flight elsewhere: it is answered at once with
+//! 409 and `Retry-After` ([`IdempotencyConfig::in_flight_retry_after`]),
+//! never waiting for the first one. A completed record is replayed even
+//! without the lock. The lock is released by the commit or rollback. If the
+//! first request commits between the lookup and the lock of the second, the
+//! second one's insert hits the primary key; it rolls back (its handler's
+//! writes with it) and replays the committed record.
+//!
+//! **SQLite.** Every write transaction starts with `BEGIN IMMEDIATE`
+//! ([`Db::begin`]), which takes the database's single write lock. A
+//! concurrent duplicate therefore *waits* in `BEGIN` (up to the busy timeout,
+//! [`crate::store::DbOptions::acquire_timeout`]) until the first request
+//! commits or rolls back, then finds the completed record and replays it (or
+//! runs the handler, if the first one failed). No 409 is ever sent on SQLite
+//! except when the wait times out, which is answered 503 with `Retry-After`.
+//!
+//! Either way the cost of a keyed request over an unkeyed one is two
+//! statements inside the handler's own transaction: the lookup (with the lock
+//! on Postgres) and the insert of the response.
+//!
+//! # Client side: [`IdempotencyKeyLayer`]
+//!
+//! Stamps `Idempotency-Key` on outgoing requests that carry an
+//! [`IdempotencyKey`] extension (the outbox relay puts the message id there,
+//! so every retry of one message carries the same key). Requests without the
+//! extension, or that already have the header, are left alone.
+//!
+//! # Housekeeping
+//!
+//! Records are deleted after their ttl by [`reap_expired`] /
+//! [`spawn_reaper`] / [`IdempotencyReaper`], in bounded batches so a large
+//! backlog never holds a long lock.
+//!
+//! [`Db::begin`]: crate::store::Db::begin
+
+mod client;
+mod config;
+mod error;
+mod key;
+mod layer;
+mod reaper;
+mod record;
+mod tx;
+
+pub use client::{IdempotencyKey, IdempotencyKeyLayer, SetIdempotencyKey};
+pub use config::{
+    client_id_scope, IdempotencyConfig, KeyPolicy, ScopeFn, ANONYMOUS_SCOPE, CLIENT_ID_HEADER,
+};
+pub use error::{IdempotencyError, TxError};
+pub use layer::{Idempotency, IdempotencyLayer};
+pub use reaper::{reap_expired, spawn_reaper, IdempotencyReaper};
+pub use tx::{AfterCommit, Tx, TxGuard};
+
+/// The request header carrying the key (lower case, as `http` stores names).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The response header marking a replayed answer.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";

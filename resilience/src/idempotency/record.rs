@@ -1,0 +1,247 @@
+//! The `idempotency_keys` table: lookup, insert, delete, replay.
+
+use axum::body::Body;
+use axum::response::Response;
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use sqlx::any::AnyRow;
+use sqlx::{Any, Executor, Row};
+
+use super::IDEMPOTENT_REPLAYED;
+
+/// A completed response as stored.
+#[derive(Debug)]
+pub(crate) struct Stored {
+    pub(crate) fingerprint: String,
+    pub(crate) status: i64,
+    pub(crate) headers: String,
+    pub(crate) body: Vec<u8>,
+    pub(crate) expires_at: i64,
+}
+
+/// A response about to be stored.
+#[derive(Debug)]
+pub(crate) struct NewRecord<'a> {
+    pub(crate) scope: &'a str,
+    pub(crate) key: &'a str,
+    pub(crate) fingerprint: &'a str,
+    pub(crate) status: i64,
+    pub(crate) headers: String,
+    pub(crate) body: &'a [u8],
+    pub(crate) created_at: i64,
+    pub(crate) expires_at: i64,
+}
+
+fn stored_from_row(row: &AnyRow) -> Result<Option<Stored>, sqlx::Error> {
+    let Some(fingerprint) = row.try_get::<Option<String>, _>("fingerprint")? else {
+        return Ok(None);
+    };
+    Ok(Some(Stored {
+        fingerprint,
+        status: row.try_get("status")?,
+        headers: row.try_get("headers")?,
+        body: row.try_get("body")?,
+        expires_at: row.try_get("expires_at")?,
+    }))
+}
+
+/// Postgres: try the advisory lock and look the record up, one round trip.
+pub(crate) async fn lock_and_lookup<'c, E>(
+    conn: E,
+    lock_id: i64,
+    scope: &str,
+    key: &str,
+) -> Result<(bool, Option<Stored>), sqlx::Error>
+where
+    E: Executor<'c, Database = Any>,
+{
+    let row = sqlx::query(
+        "SELECT pg_try_advisory_xact_lock($1) AS locked, \
+                r.fingerprint, r.status, r.headers, r.body, r.expires_at \
+         FROM (SELECT 1 AS one) AS o \
+         LEFT JOIN idempotency_keys r ON r.scope = $2 AND r.idem_key = $3",
+    )
+    .bind(lock_id)
+    .bind(scope)
+    .bind(key)
+    .fetch_one(conn)
+    .await?;
+    let locked: bool = row.try_get("locked")?;
+    Ok((locked, stored_from_row(&row)?))
+}
+
+/// Looks the record up (expired or not).
+pub(crate) async fn lookup<'c, E>(
+    conn: E,
+    scope: &str,
+    key: &str,
+) -> Result<Option<Stored>, sqlx::Error>
+where
+    E: Executor<'c, Database = Any>,
+{
+    let row = sqlx::query(
+        "SELECT fingerprint, status, headers, body, expires_at \
+         FROM idempotency_keys WHERE scope = $1 AND idem_key = $2",
+    )
+    .bind(scope)
+    .bind(key)
+    .fetch_optional(conn)
+    .await?;
+    match row {
+        Some(row) => stored_from_row(&row),
+        None => Ok(None),
+    }
+}
+
+/// Deletes one record (an expired one found at lookup).
+pub(crate) async fn delete<'c, E>(conn: E, scope: &str, key: &str) -> Result<(), sqlx::Error>
+where
+    E: Executor<'c, Database = Any>,
+{
+    sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND idem_key = $2")
+        .bind(scope)
+        .bind(key)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Inserts a completed record; a unique violation means another request
+/// with the same key committed first.
+pub(crate) async fn insert<'c, E>(conn: E, rec: &NewRecord<'_>) -> Result<(), sqlx::Error>
+where
+    E: Executor<'c, Database = Any>,
+{
+    sqlx::query(
+        "INSERT INTO idempotency_keys \
+         (scope, idem_key, fingerprint, status, headers, body, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(rec.scope)
+    .bind(rec.key)
+    .bind(rec.fingerprint)
+    .bind(rec.status)
+    .bind(rec.headers.as_str())
+    .bind(rec.body.to_vec())
+    .bind(rec.created_at)
+    .bind(rec.expires_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Deletes up to `batch` records expired at `now`; returns how many.
+pub(crate) async fn delete_expired<'c, E>(conn: E, now: i64, batch: i64) -> Result<u64, sqlx::Error>
+where
+    E: Executor<'c, Database = Any>,
+{
+    let done = sqlx::query(
+        "DELETE FROM idempotency_keys WHERE (scope, idem_key) IN \
+         (SELECT scope, idem_key FROM idempotency_keys WHERE expires_at <= $1 \
+          ORDER BY expires_at LIMIT $2)",
+    )
+    .bind(now)
+    .bind(batch)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Headers never stored: hop-by-hop ones, and those the server recomputes.
+fn is_stored(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "date"
+            | "content-length"
+            | IDEMPOTENT_REPLAYED
+    )
+}
+
+/// The response headers worth replaying, as a JSON array of `[name, value]`.
+/// Values that are not visible ASCII are left out (and logged).
+pub(crate) fn encode_headers(headers: &HeaderMap) -> String {
+    let pairs: Vec<(&str, &str)> = headers
+        .iter()
+        .filter(|(name, _)| is_stored(name))
+        .filter_map(|(name, value)| match value.to_str() {
+            Ok(v) => Some((name.as_str(), v)),
+            Err(_) => {
+                tracing::debug!(header = %name, "response header not stored: not visible ASCII");
+                None
+            }
+        })
+        .collect();
+    serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_string())
+}
+
+/// The stored answer, marked `Idempotent-Replayed: true`.
+pub(crate) fn replay(stored: Stored) -> Response {
+    let status = u16::try_from(stored.status)
+        .ok()
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut res = Response::new(Body::from(stored.body));
+    *res.status_mut() = status;
+    let pairs: Vec<(String, String)> = match serde_json::from_str(&stored.headers) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "stored response headers unreadable; replaying without them");
+            Vec::new()
+        }
+    };
+    let headers = res.headers_mut();
+    for (name, value) in pairs {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    headers.remove(header::CONTENT_LENGTH);
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_without_hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::LOCATION, HeaderValue::from_static("/w/1"));
+        h.insert("x-custom", HeaderValue::from_static("v"));
+        h.insert(header::DATE, HeaderValue::from_static("now"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let json = encode_headers(&h);
+        let res = replay(Stored {
+            fingerprint: String::new(),
+            status: 201,
+            headers: json,
+            body: b"abc".to_vec(),
+            expires_at: 0,
+        });
+        assert_eq!(res.status(), StatusCode::CREATED);
+        let h = res.headers();
+        assert_eq!(h["content-type"], "application/json");
+        assert_eq!(h["location"], "/w/1");
+        assert_eq!(h["x-custom"], "v");
+        assert_eq!(h[IDEMPOTENT_REPLAYED], "true");
+        assert!(h.get(header::DATE).is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+    }
+}

@@ -1,0 +1,697 @@
+//! The relay: claims due messages, sends them, records what happened.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
+use tower::{BoxError, ServiceExt};
+
+use super::{Outbox, OutboxError, OutgoingRequest};
+use crate::circuit_breaker::CircuitOpen;
+use crate::retry::{parse_retry_after, Backoff};
+use crate::service::Shutdown;
+use crate::stack::SendService;
+use crate::store::{now_ms, Backend};
+
+/// How a relay behaves.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// This relay's identity in `lease_owner` (unique per process).
+    pub owner: String,
+    /// Messages claimed per round.
+    pub batch_size: i64,
+    /// Sends in flight at once.
+    pub concurrency: usize,
+    /// How long a claim is exclusive. Longer than the send timeout, so a
+    /// healthy send always finishes inside its lease.
+    pub lease: Duration,
+    /// Longest idle wait between two claims (the safety net behind wake-ups).
+    pub poll_interval: Duration,
+    /// Delay before the next attempt after a retryable failure.
+    pub backoff: Backoff,
+    /// Dead-letter after this many attempts (`None`: keep trying).
+    pub max_attempts: Option<u32>,
+    /// Dead-letter messages older than this (`None`: keep trying).
+    pub max_age: Option<Duration>,
+    /// Delivered rows are deleted after this long.
+    pub retention: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            owner: format!("relay-{}", uuid::Uuid::new_v4().simple()),
+            batch_size: 64,
+            concurrency: 32,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            backoff: Backoff::new(Duration::from_millis(100), 2.0, Duration::from_secs(10)),
+            max_attempts: None,
+            max_age: None,
+            retention: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// A message as the relay sent it, handed to the owner's [`DeliveryHandler`].
+#[derive(Debug, Clone)]
+pub struct SentMessage {
+    /// Message id (and idempotency key, when the message carries one).
+    pub id: String,
+    /// What the message is (chosen by the owner at enqueue).
+    pub kind: String,
+    /// The owner's correlation id.
+    pub correlation_id: Option<String>,
+    /// Attempts before this one.
+    pub attempts: i64,
+    /// Enqueued at (ms since epoch).
+    pub created_at: i64,
+}
+
+/// The owner's reaction to a final outcome, run in the same transaction as
+/// the outbox update (so "delivered" and "order accepted" commit together).
+#[async_trait]
+pub trait DeliveryHandler: Send + Sync + 'static {
+    /// The peer answered 2xx.
+    async fn delivered(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        msg: &SentMessage,
+        response: &Response<Bytes>,
+    ) -> Result<(), sqlx::Error>;
+
+    /// The message was dead-lettered.
+    async fn dead(
+        &self,
+        _tx: &mut Transaction<'static, Any>,
+        _msg: &SentMessage,
+        _reason: &str,
+    ) -> Result<(), sqlx::Error> {
+        Ok(())
+    }
+}
+
+/// A handler that does nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoopHandler;
+
+#[async_trait]
+impl DeliveryHandler for NoopHandler {
+    async fn delivered(
+        &self,
+        _tx: &mut Transaction<'static, Any>,
+        _msg: &SentMessage,
+        _response: &Response<Bytes>,
+    ) -> Result<(), sqlx::Error> {
+        Ok(())
+    }
+}
+
+/// What one send came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// 2xx: done.
+    Delivered,
+    /// Transient failure: try again after `delay`.
+    Retry {
+        /// When to try again.
+        delay: Duration,
+        /// What went wrong.
+        reason: String,
+        /// The peer's status, if it answered.
+        status: Option<u16>,
+    },
+    /// The destination's breaker is open: try again after `delay`, no attempt spent.
+    Deferred {
+        /// The breaker's retry-after.
+        delay: Duration,
+    },
+    /// Permanent failure: dead-letter.
+    Dead {
+        /// Why.
+        reason: String,
+        /// The peer's status, if it answered.
+        status: Option<u16>,
+    },
+}
+
+/// Statuses worth another attempt: 408, 409 (a duplicate still in flight at
+/// the peer), 425, 429 and every 5xx.
+fn retryable_status(s: StatusCode) -> bool {
+    s.is_server_error()
+        || matches!(
+            s,
+            StatusCode::REQUEST_TIMEOUT
+                | StatusCode::CONFLICT
+                | StatusCode::TOO_EARLY
+                | StatusCode::TOO_MANY_REQUESTS
+        )
+}
+
+/// Judges one send. Transport errors of any kind are retryable: the loop is
+/// durable and keeps trying unless a limit says otherwise.
+pub(crate) fn classify(
+    result: &Result<Response<Bytes>, BoxError>,
+    attempt: u32,
+    backoff: &Backoff,
+) -> DeliveryOutcome {
+    match result {
+        Ok(res) if res.status().is_success() => DeliveryOutcome::Delivered,
+        Ok(res) if retryable_status(res.status()) => {
+            let computed = backoff.delay_for(attempt);
+            // Honour Retry-After, but never beyond the backoff's cap.
+            let delay = parse_retry_after(res.headers(), SystemTime::now())
+                .map(|d| d.min(backoff.cap).max(computed))
+                .unwrap_or(computed);
+            DeliveryOutcome::Retry {
+                delay,
+                reason: format!("peer answered {}", res.status()),
+                status: Some(res.status().as_u16()),
+            }
+        }
+        Ok(res) => {
+            let body =
+                String::from_utf8_lossy(&res.body()[..res.body().len().min(300)]).into_owned();
+            DeliveryOutcome::Dead {
+                reason: format!("peer answered {}: {body}", res.status()),
+                status: Some(res.status().as_u16()),
+            }
+        }
+        Err(e) => match CircuitOpen::find(e.as_ref()) {
+            Some(open) => DeliveryOutcome::Deferred {
+                delay: open.retry_after().max(Duration::from_millis(1)),
+            },
+            None => DeliveryOutcome::Retry {
+                delay: backoff.delay_for(attempt),
+                reason: crate::service::error_chain(e.as_ref()),
+                status: None,
+            },
+        },
+    }
+}
+
+/// A claimed message.
+#[derive(Debug)]
+struct Claimed {
+    msg: SentMessage,
+    request: OutgoingRequest,
+}
+
+const RETURNING: &str = "id, destination, method, path, headers, body, kind, correlation_id, \
+                         idempotency_key, attempts, created_at";
+
+/// Drains an [`Outbox`] through a tower stack. Run one per process; several
+/// processes on one Postgres database share the work.
+pub struct Relay {
+    outbox: Outbox,
+    service: SendService,
+    handler: Arc<dyn DeliveryHandler>,
+    config: RelayConfig,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("outbox", &self.outbox)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// A relay over `outbox`, sending through `service`, reporting to `handler`.
+    pub fn new(
+        outbox: Outbox,
+        service: SendService,
+        handler: Arc<dyn DeliveryHandler>,
+        config: RelayConfig,
+    ) -> Self {
+        Self {
+            outbox,
+            service,
+            handler,
+            config,
+        }
+    }
+
+    /// The relay's configuration.
+    pub fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    /// Runs until `stop` fires: claims, sends, records; sleeps until the next
+    /// message is due, a wake-up arrives, or the poll interval passes. On stop
+    /// it claims nothing more, lets sends in flight finish, and releases the
+    /// leases it still holds so another relay (or the next start) takes over
+    /// at once.
+    pub async fn run(self, stop: Shutdown) {
+        let wake = self.outbox.wake_handle();
+        let listener = (self.outbox.db().backend() == Backend::Postgres)
+            .then(|| tokio::spawn(listen(self.outbox.clone(), stop.clone())));
+        let mut last_purge = tokio::time::Instant::now();
+        tracing::info!(owner = %self.config.owner, "relay started");
+        while !stop.is_triggered() {
+            let claimed = match self.run_once(&stop).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay round failed; will retry");
+                    0
+                }
+            };
+            if last_purge.elapsed() > Duration::from_secs(60) {
+                last_purge = tokio::time::Instant::now();
+                self.purge().await;
+            }
+            if claimed as i64 >= self.config.batch_size {
+                continue; // more work is likely waiting
+            }
+            let idle = self.idle_time().await;
+            tokio::select! {
+                () = stop.wait() => break,
+                () = wake.notified() => {}
+                () = tokio::time::sleep(idle) => {}
+            }
+        }
+        if let Err(e) = self.release_leases().await {
+            tracing::warn!(error = %e, "could not release leases; they expire on their own");
+        }
+        if let Some(l) = listener {
+            l.abort();
+        }
+        tracing::info!(owner = %self.config.owner, "relay stopped");
+    }
+
+    /// Claims one batch and delivers it. Returns how many were claimed.
+    pub async fn run_once(&self, stop: &Shutdown) -> Result<usize, OutboxError> {
+        let batch = self.claim().await?;
+        let n = batch.len();
+        futures::stream::iter(batch)
+            .for_each_concurrent(self.config.concurrency, |c| async move {
+                if stop.is_triggered() {
+                    // Not started: leave it for whoever runs next.
+                    if let Err(e) = self.release(&c.msg.id).await {
+                        tracing::warn!(id = %c.msg.id, error = %e, "could not release lease");
+                    }
+                    return;
+                }
+                self.deliver(c).await;
+            })
+            .await;
+        Ok(n)
+    }
+
+    async fn claim(&self) -> Result<Vec<Claimed>, OutboxError> {
+        let now = now_ms();
+        let lease_until = now + self.config.lease.as_millis() as i64;
+        let lock = match self.outbox.db().backend() {
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        // A non-null lease at claim time means the previous claim never
+        // finished (its relay died or stalled past the lease): a takeover.
+        let sql = format!(
+            "UPDATE outbox SET lease_owner = $1, lease_until = $2, updated_at = $3, \
+             takeovers = takeovers + CASE WHEN lease_until IS NULL THEN 0 ELSE 1 END \
+             WHERE id IN (SELECT id FROM outbox WHERE status = 'pending' \
+               AND next_attempt_at <= $3 AND (lease_until IS NULL OR lease_until < $3) \
+               ORDER BY next_attempt_at LIMIT $4 {lock}) \
+             RETURNING {RETURNING}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(&self.config.owner)
+            .bind(lease_until)
+            .bind(now)
+            .bind(self.config.batch_size)
+            .fetch_all(self.outbox.db().pool())
+            .await?;
+        rows.iter().map(claimed_from_row).collect()
+    }
+
+    fn request(&self, c: &Claimed) -> Result<Request<Bytes>, String> {
+        let mut req = c.request.to_http().map_err(|e| e.to_string())?;
+        if c.request.idempotency_key {
+            // SWITCH-TO-LAYER: stamped by the client-side idempotency layer once it lands.
+            if let Ok(v) = HeaderValue::from_str(&c.msg.id) {
+                req.headers_mut().insert("idempotency-key", v);
+            }
+        }
+        Ok(req)
+    }
+
+    async fn deliver(&self, c: Claimed) {
+        let attempt = u32::try_from(c.msg.attempts).unwrap_or(u32::MAX);
+        let outcome = match self.request(&c) {
+            Err(reason) => {
+                self.settle(
+                    &c.msg,
+                    DeliveryOutcome::Dead {
+                        reason,
+                        status: None,
+                    },
+                    None,
+                )
+                .await;
+                return;
+            }
+            Ok(req) => {
+                let result = self.service.clone().oneshot(req).await;
+                let outcome = classify(&result, attempt, &self.config.backoff);
+                (outcome, result.ok())
+            }
+        };
+        let (outcome, response) = outcome;
+        let outcome = self.apply_limits(&c.msg, outcome);
+        self.settle(&c.msg, outcome, response.as_ref()).await;
+    }
+
+    /// Turns a retry into a dead letter once the attempt or age limit is reached.
+    fn apply_limits(&self, msg: &SentMessage, outcome: DeliveryOutcome) -> DeliveryOutcome {
+        let DeliveryOutcome::Retry { reason, status, .. } = &outcome else {
+            return outcome;
+        };
+        let attempts = msg.attempts + 1;
+        if let Some(max) = self.config.max_attempts {
+            if attempts >= i64::from(max) {
+                return DeliveryOutcome::Dead {
+                    reason: format!("gave up after {attempts} attempts: {reason}"),
+                    status: *status,
+                };
+            }
+        }
+        if let Some(max_age) = self.config.max_age {
+            if now_ms() - msg.created_at > max_age.as_millis() as i64 {
+                return DeliveryOutcome::Dead {
+                    reason: format!("gave up after {max_age:?}: {reason}"),
+                    status: *status,
+                };
+            }
+        }
+        outcome
+    }
+
+    async fn settle(
+        &self,
+        msg: &SentMessage,
+        outcome: DeliveryOutcome,
+        response: Option<&Response<Bytes>>,
+    ) {
+        let result = match &outcome {
+            DeliveryOutcome::Delivered => match response {
+                Some(res) => self.mark_delivered(msg, res).await,
+                None => Ok(()),
+            },
+            DeliveryOutcome::Retry {
+                delay,
+                reason,
+                status,
+            } => {
+                tracing::debug!(id = %msg.id, kind = %msg.kind, %reason, ?delay, "delivery failed; rescheduled");
+                self.reschedule(msg, *delay, Some(reason), *status, true)
+                    .await
+            }
+            DeliveryOutcome::Deferred { delay } => {
+                tracing::debug!(id = %msg.id, ?delay, "circuit open; deferred");
+                self.reschedule(msg, *delay, None, None, false).await
+            }
+            DeliveryOutcome::Dead { reason, status } => {
+                tracing::warn!(id = %msg.id, kind = %msg.kind, %reason, "message dead-lettered");
+                self.mark_dead(msg, reason, *status).await
+            }
+        };
+        if let Err(e) = result {
+            // The lease runs out and the message is claimed again: at worst a
+            // repeat send, which the receiver's idempotency key absorbs.
+            tracing::warn!(id = %msg.id, error = %e, "could not record the delivery outcome");
+        }
+    }
+
+    async fn mark_delivered(
+        &self,
+        msg: &SentMessage,
+        res: &Response<Bytes>,
+    ) -> Result<(), OutboxError> {
+        let now = now_ms();
+        let mut tx = self.outbox.db().begin().await?;
+        let updated = sqlx::query(
+            "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, delivered_at = $1, \
+             updated_at = $1, lease_owner = NULL, lease_until = NULL, last_status = $2, \
+             last_error = NULL WHERE id = $3 AND lease_owner = $4 AND status = 'pending'",
+        )
+        .bind(now)
+        .bind(i64::from(res.status().as_u16()))
+        .bind(&msg.id)
+        .bind(&self.config.owner)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            tracing::warn!(id = %msg.id, "lease lost before the outcome was recorded; another relay owns it");
+            tx.rollback().await?;
+            return Ok(());
+        }
+        if let Err(e) = self.handler.delivered(&mut tx, msg, res).await {
+            tx.rollback().await?;
+            // Keep the message: the reaction must happen exactly with the
+            // delivery, so the whole thing is retried.
+            self.reschedule(
+                msg,
+                self.config.backoff.delay_for(0),
+                Some(&e.to_string()),
+                None,
+                false,
+            )
+            .await?;
+            return Err(e.into());
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn reschedule(
+        &self,
+        msg: &SentMessage,
+        delay: Duration,
+        error: Option<&str>,
+        status: Option<u16>,
+        spent_attempt: bool,
+    ) -> Result<(), OutboxError> {
+        let now = now_ms();
+        sqlx::query(
+            "UPDATE outbox SET attempts = attempts + $1, next_attempt_at = $2, updated_at = $3, \
+             lease_owner = NULL, lease_until = NULL, \
+             last_error = COALESCE($4, last_error), last_status = COALESCE($5, last_status) \
+             WHERE id = $6 AND lease_owner = $7 AND status = 'pending'",
+        )
+        .bind(i64::from(spent_attempt))
+        .bind(now + delay.as_millis() as i64)
+        .bind(now)
+        .bind(error)
+        .bind(status.map(i64::from))
+        .bind(&msg.id)
+        .bind(&self.config.owner)
+        .execute(self.outbox.db().pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn mark_dead(
+        &self,
+        msg: &SentMessage,
+        reason: &str,
+        status: Option<u16>,
+    ) -> Result<(), OutboxError> {
+        let now = now_ms();
+        let mut tx = self.outbox.db().begin().await?;
+        let updated = sqlx::query(
+            "UPDATE outbox SET status = 'dead', attempts = attempts + 1, updated_at = $1, \
+             lease_owner = NULL, lease_until = NULL, last_error = $2, last_status = $3 \
+             WHERE id = $4 AND lease_owner = $5 AND status = 'pending'",
+        )
+        .bind(now)
+        .bind(reason)
+        .bind(status.map(i64::from))
+        .bind(&msg.id)
+        .bind(&self.config.owner)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 1 {
+            self.handler.dead(&mut tx, msg, reason).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn release(&self, id: &str) -> Result<(), OutboxError> {
+        sqlx::query(
+            "UPDATE outbox SET lease_owner = NULL, lease_until = NULL \
+             WHERE id = $1 AND lease_owner = $2 AND status = 'pending'",
+        )
+        .bind(id)
+        .bind(&self.config.owner)
+        .execute(self.outbox.db().pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn release_leases(&self) -> Result<u64, OutboxError> {
+        let res = sqlx::query(
+            "UPDATE outbox SET lease_owner = NULL, lease_until = NULL \
+             WHERE lease_owner = $1 AND status = 'pending'",
+        )
+        .bind(&self.config.owner)
+        .execute(self.outbox.db().pool())
+        .await?;
+        Ok(res.rows_affected())
+    }
+
+    /// How long to sleep: until the next pending message is due (or its
+    /// foreign lease runs out), at most the poll interval.
+    async fn idle_time(&self) -> Duration {
+        let next: Result<Option<i64>, sqlx::Error> = sqlx::query_scalar(
+            "SELECT MIN(CASE WHEN lease_until IS NOT NULL AND lease_until > next_attempt_at \
+             THEN lease_until ELSE next_attempt_at END) FROM outbox WHERE status = 'pending'",
+        )
+        .fetch_one(self.outbox.db().pool())
+        .await;
+        match next {
+            Ok(Some(at)) => {
+                let ms = (at - now_ms()).max(1) as u64;
+                Duration::from_millis(ms).min(self.config.poll_interval)
+            }
+            _ => self.config.poll_interval,
+        }
+    }
+
+    async fn purge(&self) {
+        match self
+            .outbox
+            .purge_delivered(self.config.retention, 1000)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(purged = n, "delivered outbox rows purged"),
+            Err(e) => tracing::warn!(error = %e, "could not purge delivered rows"),
+        }
+    }
+}
+
+/// Postgres: wake the relay when another replica (or this one) commits work.
+async fn listen(outbox: Outbox, stop: Shutdown) {
+    let wake = outbox.wake_handle();
+    loop {
+        let connected = async {
+            let mut l = sqlx::postgres::PgListener::connect(outbox.db().url()).await?;
+            l.listen(outbox.channel()).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = tokio::select! {
+            () = stop.wait() => return,
+            res = connected => match res {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox LISTEN failed; polling meanwhile");
+                    tokio::select! {
+                        () = stop.wait() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
+        loop {
+            tokio::select! {
+                () = stop.wait() => return,
+                n = listener.recv() => match n {
+                    Ok(_) => wake.notify_one(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbox LISTEN connection lost; reconnecting");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+fn claimed_from_row(r: &AnyRow) -> Result<Claimed, OutboxError> {
+    let method: String = r.try_get("method")?;
+    let headers: String = r.try_get("headers")?;
+    let headers: Vec<(String, String)> =
+        serde_json::from_str(&headers).map_err(|e| OutboxError::Invalid(e.to_string()))?;
+    Ok(Claimed {
+        msg: SentMessage {
+            id: r.try_get("id")?,
+            kind: r.try_get("kind")?,
+            correlation_id: r.try_get("correlation_id")?,
+            attempts: r.try_get("attempts")?,
+            created_at: r.try_get("created_at")?,
+        },
+        request: OutgoingRequest {
+            destination: r.try_get("destination")?,
+            method: Method::from_bytes(method.as_bytes())
+                .map_err(|e| OutboxError::Invalid(e.to_string()))?,
+            path: r.try_get("path")?,
+            headers,
+            body: Bytes::from(r.try_get::<Vec<u8>, _>("body")?),
+            kind: r.try_get("kind")?,
+            correlation_id: r.try_get("correlation_id")?,
+            idempotency_key: r.try_get::<Option<String>, _>("idempotency_key")?.is_some(),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn res(status: u16, retry_after: Option<&str>) -> Result<Response<Bytes>, BoxError> {
+        let mut b = Response::builder().status(status);
+        if let Some(v) = retry_after {
+            b = b.header("retry-after", v);
+        }
+        Ok(b.body(Bytes::new()).unwrap())
+    }
+
+    #[test]
+    fn classification() {
+        let b = Backoff::new(Duration::from_millis(100), 2.0, Duration::from_secs(10));
+        assert_eq!(classify(&res(201, None), 0, &b), DeliveryOutcome::Delivered);
+        assert!(matches!(
+            classify(&res(503, None), 0, &b),
+            DeliveryOutcome::Retry { .. }
+        ));
+        assert!(matches!(
+            classify(&res(409, None), 0, &b),
+            DeliveryOutcome::Retry { .. }
+        ));
+        assert!(matches!(
+            classify(&res(429, None), 0, &b),
+            DeliveryOutcome::Retry { .. }
+        ));
+        assert!(matches!(
+            classify(&res(422, None), 0, &b),
+            DeliveryOutcome::Dead { .. }
+        ));
+        assert!(matches!(
+            classify(&res(404, None), 0, &b),
+            DeliveryOutcome::Dead { .. }
+        ));
+        // Retry-After is honoured, capped by the backoff's cap.
+        match classify(&res(503, Some("5")), 0, &b) {
+            DeliveryOutcome::Retry { delay, .. } => assert_eq!(delay, Duration::from_secs(5)),
+            o => panic!("{o:?}"),
+        }
+        match classify(&res(503, Some("3600")), 0, &b) {
+            DeliveryOutcome::Retry { delay, .. } => assert_eq!(delay, Duration::from_secs(10)),
+            o => panic!("{o:?}"),
+        }
+        let err: Result<Response<Bytes>, BoxError> = Err("connection reset".into());
+        assert!(matches!(
+            classify(&err, 3, &b),
+            DeliveryOutcome::Retry { status: None, .. }
+        ));
+    }
+}

@@ -1,0 +1,114 @@
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// The media type of a problem answer.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// An RFC 9457 problem details answer.
+///
+/// Every error a service sends is one of these, so a client can rely on one
+/// shape: `type`, `title`, `status`, `detail`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    kind: String,
+    title: String,
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+    #[serde(skip)]
+    retry_after: Option<u64>,
+}
+
+impl Problem {
+    /// A problem with a status and a short, stable title.
+    pub fn new(status: StatusCode, title: impl Into<String>) -> Self {
+        Self {
+            kind: "about:blank".into(),
+            title: title.into(),
+            status: status.as_u16(),
+            detail: None,
+            retry_after: None,
+        }
+    }
+
+    /// Adds a human-readable explanation of this occurrence.
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// Adds a `Retry-After` header (seconds).
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    /// 400 Bad Request.
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad request").detail(detail)
+    }
+
+    /// 422 Unprocessable Content.
+    pub fn unprocessable(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid request body").detail(detail)
+    }
+
+    /// 404 Not Found.
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not found").detail(detail)
+    }
+
+    /// 409 Conflict.
+    pub fn conflict(title: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, title).detail(detail)
+    }
+
+    /// 500, without leaking the cause (log it before calling this).
+    pub fn internal() -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+    }
+
+    /// 503 Service Unavailable.
+    pub fn unavailable(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "service unavailable").detail(detail)
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let retry_after = self.retry_after;
+        let body = serde_json::to_vec(&self).unwrap_or_default();
+        let mut res = (status, body).into_response();
+        res.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if let Some(secs) = retry_after {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
+    }
+}
+
+/// Router fallback: an unknown path.
+pub async fn not_found() -> Problem {
+    Problem::not_found("no such resource")
+}
+
+/// Router fallback: a known path with the wrong method.
+pub async fn method_not_allowed() -> Problem {
+    Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+}
+
+/// Logs an unexpected error and answers a bare 500 (the cause stays in the log).
+pub fn internal_error<E: std::fmt::Display>(err: E) -> Problem {
+    tracing::error!(error = %err, "request failed");
+    Problem::internal()
+}

@@ -1,0 +1,327 @@
+//! One database handle over SQLite or Postgres.
+//!
+//! Every service in this project keeps its state in a relational database, and
+//! every piece of delivery machinery (the outbox, the idempotency records) must
+//! write in the *same transaction* as the service's own state change. So the
+//! handle is one sqlx [`AnyPool`]: queries are written once, with `$1`-style
+//! placeholders that both backends accept, using only types both backends map
+//! the same way (`TEXT`, `BIGINT`/`INTEGER`, `BYTEA`/`BLOB`). Timestamps are
+//! integer milliseconds since the Unix epoch.
+//!
+//! The few places where the backends differ (how a write transaction starts,
+//! how rows are claimed) ask [`Db::backend`].
+//!
+//! On Postgres each service lives in a schema of its own, so two services
+//! pointed at one database never collide. On SQLite the file is the boundary.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::Migrator;
+use sqlx::{Any, AnyPool, ConnectOptions, Connection, Executor, Transaction};
+
+/// Which database engine sits behind a [`Db`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// An embedded SQLite file (WAL mode).
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
+
+/// Errors from opening or preparing a database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL is neither `sqlite:` nor `postgres://`.
+    #[error("unsupported database url (expected sqlite:<path> or postgres://...): {0}")]
+    UnsupportedUrl(String),
+    /// The schema name is not a plain identifier.
+    #[error("invalid schema name {0:?} (letters, digits and underscores only)")]
+    InvalidSchema(String),
+    /// The parent directory of a SQLite file could not be created.
+    #[error("cannot create directory for the database file: {0}")]
+    Io(#[from] std::io::Error),
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Any other database error.
+    #[error(transparent)]
+    Sqlx(#[from] sqlx::Error),
+}
+
+/// Options for [`Db::connect`].
+#[derive(Debug, Clone)]
+pub struct DbOptions {
+    /// `sqlite:<path>`, `sqlite://<path>`, or `postgres://...`.
+    pub url: String,
+    /// Postgres schema owned by this service (ignored on SQLite).
+    pub schema: String,
+    /// Pool size.
+    pub max_connections: u32,
+    /// How long to wait for a pooled connection (and, on SQLite, for the write lock).
+    pub acquire_timeout: Duration,
+}
+
+impl DbOptions {
+    /// Options with the defaults used by the services.
+    pub fn new(url: impl Into<String>, schema: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            schema: schema.into(),
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A pooled database handle, cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: AnyPool,
+    backend: Backend,
+    url: String,
+    schema: String,
+}
+
+impl Db {
+    /// Opens (and, for SQLite, creates) the database, ready for [`Db::migrate`].
+    pub async fn connect(opts: &DbOptions) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let (backend, url) = normalize_url(&opts.url)?;
+        if !opts
+            .schema
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || opts.schema.is_empty()
+        {
+            return Err(StoreError::InvalidSchema(opts.schema.clone()));
+        }
+        let connect_opts = AnyConnectOptions::from_str(&url)?.disable_statement_logging();
+        let pool_opts = AnyPoolOptions::new()
+            .max_connections(opts.max_connections)
+            .acquire_timeout(opts.acquire_timeout);
+        let pool = match backend {
+            Backend::Sqlite => {
+                let busy_ms = opts.acquire_timeout.as_millis();
+                pool_opts
+                    .after_connect(move |conn, _meta| {
+                        Box::pin(async move {
+                            // WAL lets readers proceed while one writer commits;
+                            // NORMAL sync is durable across process crashes in WAL mode.
+                            let pragmas = format!(
+                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                                 PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {busy_ms};"
+                            );
+                            conn.execute(pragmas.as_str()).await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(connect_opts)
+                    .await?
+            }
+            Backend::Postgres => {
+                // Create the schema once, on a connection of its own, before the
+                // pool's connections start pointing their search_path at it.
+                let mut conn = sqlx::AnyConnection::connect_with(&connect_opts).await?;
+                let create = format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", opts.schema);
+                if let Err(e) = conn.execute(create.as_str()).await {
+                    // Two replicas starting at once can race on the catalog; the
+                    // loser sees a unique violation and the schema exists anyway.
+                    if !is_unique_violation(&e) {
+                        return Err(e.into());
+                    }
+                }
+                conn.close().await?;
+                let search_path = format!("SET search_path TO \"{}\"", opts.schema);
+                pool_opts
+                    .after_connect(move |conn, _meta| {
+                        let search_path = search_path.clone();
+                        Box::pin(async move {
+                            conn.execute(search_path.as_str()).await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(connect_opts)
+                    .await?
+            }
+        };
+        Ok(Self {
+            pool,
+            backend,
+            url,
+            schema: opts.schema.clone(),
+        })
+    }
+
+    /// Applies a set of migrations. Several migrators (the service's own and the
+    /// ones shipped by this crate) share one history table, so each ignores the
+    /// versions that belong to the others; their version ranges must not overlap.
+    pub async fn migrate(&self, mut migrator: Migrator) -> Result<(), StoreError> {
+        migrator.set_ignore_missing(true);
+        // SQLite has no advisory locks; the file lock serializes writers anyway.
+        if self.backend == Backend::Sqlite {
+            migrator.set_locking(false);
+        }
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Applies the migrations this crate ships (outbox, idempotency records)
+    /// for this backend. Services call it next to their own [`Db::migrate`].
+    pub async fn migrate_resilience(&self) -> Result<(), StoreError> {
+        let m = match self.backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
+        };
+        self.migrate(m).await
+    }
+
+    /// The pool, for queries outside a transaction.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Which engine this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The normalized URL (for opening side connections such as `LISTEN`).
+    /// It may carry credentials: never log it.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The Postgres schema this handle works in.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// Begins a transaction that will write.
+    ///
+    /// On SQLite this is `BEGIN IMMEDIATE`: the write lock is taken up front, so
+    /// a transaction that reads then writes waits for the lock (busy timeout)
+    /// instead of failing with `SQLITE_BUSY` when it tries to upgrade.
+    pub async fn begin(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
+    }
+
+    /// `SELECT 1`: is the database reachable?
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    /// Closes the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Milliseconds since the Unix epoch, the timestamp format of every table.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Milliseconds since the epoch as RFC 3339 (UTC, millisecond precision).
+pub fn rfc3339(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Is this a unique-constraint violation (on either backend)?
+pub fn is_unique_violation(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => {
+            db.is_unique_violation()
+                || db.code().as_deref() == Some("23505")
+                || db.code().as_deref() == Some("2067")
+                || db.code().as_deref() == Some("1555")
+        }
+        _ => false,
+    }
+}
+
+/// Accepts `sqlite:path`, `sqlite://path`, a bare file path, or `postgres(ql)://`.
+/// SQLite files are created if missing (with their parent directory).
+fn normalize_url(url: &str) -> Result<(Backend, String), StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok((Backend::Postgres, url.to_string()));
+    }
+    let rest = if let Some(r) = url.strip_prefix("sqlite://") {
+        r
+    } else if let Some(r) = url.strip_prefix("sqlite:") {
+        r
+    } else if !url.contains("://") {
+        url
+    } else {
+        return Err(StoreError::UnsupportedUrl(redact(url)));
+    };
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    };
+    if path != ":memory:" {
+        if let Some(parent) = Path::new(path).parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent)?;
+            }
+        }
+    }
+    let query = match query {
+        Some(q) if q.contains("mode=") => q.to_string(),
+        Some(q) => format!("{q}&mode=rwc"),
+        None => "mode=rwc".to_string(),
+    };
+    Ok((Backend::Sqlite, format!("sqlite://{path}?{query}")))
+}
+
+/// A URL with its password replaced, safe for error messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_normalize() {
+        let dir = std::env::temp_dir();
+        let p = dir.join("resilience-store-test").join("x.db");
+        let (b, u) = normalize_url(p.to_str().unwrap()).unwrap();
+        assert_eq!(b, Backend::Sqlite);
+        assert!(
+            u.starts_with("sqlite://") && u.ends_with("?mode=rwc"),
+            "{u}"
+        );
+        let (b, _) = normalize_url("postgres://u:p@h/db").unwrap();
+        assert_eq!(b, Backend::Postgres);
+        assert!(normalize_url("mysql://x").is_err());
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
+    }
+}

@@ -1,0 +1,119 @@
+//! Throw-away databases for tests and the lab: a temporary directory of
+//! SQLite files, or a fresh database on a Postgres server, one per test.
+
+use sqlx::{Connection, Executor};
+
+use crate::store::{Backend, Db, DbOptions, StoreError};
+
+/// The admin URL of the test Postgres server: `TEST_POSTGRES_URL`, default
+/// `postgres://postgres@127.0.0.1:5432/postgres`.
+pub fn postgres_admin_url() -> String {
+    std::env::var("TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A fresh, empty place to keep state, removed by [`TestDatabase::cleanup`]
+/// (Postgres) or when dropped (SQLite).
+#[derive(Debug)]
+pub struct TestDatabase {
+    backend: Backend,
+    pg_url: Option<String>,
+    pg_name: Option<String>,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl TestDatabase {
+    /// Creates it: a temporary directory, or `CREATE DATABASE t_<uuid>`.
+    pub async fn create(backend: Backend) -> Result<Self, StoreError> {
+        match backend {
+            Backend::Sqlite => Ok(Self {
+                backend,
+                pg_url: None,
+                pg_name: None,
+                dir: Some(tempfile::tempdir()?),
+            }),
+            Backend::Postgres => {
+                let admin = postgres_admin_url();
+                let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = sqlx::PgConnection::connect(&admin).await?;
+                conn.execute(format!("CREATE DATABASE \"{name}\"").as_str())
+                    .await?;
+                conn.close().await?;
+                Ok(Self {
+                    backend,
+                    pg_url: Some(with_database(&admin, &name)),
+                    pg_name: Some(name),
+                    dir: None,
+                })
+            }
+        }
+    }
+
+    /// Which backend.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The `DATABASE_URL` for a component named `name`: its own SQLite file,
+    /// or the shared Postgres database (components use schemas of their own).
+    pub fn url(&self, name: &str) -> String {
+        match (&self.dir, &self.pg_url) {
+            (Some(dir), _) => format!("sqlite:{}", dir.path().join(format!("{name}.db")).display()),
+            (None, Some(url)) => url.clone(),
+            (None, None) => String::new(),
+        }
+    }
+
+    /// Opens component `name`'s database with a small pool, in schema `schema`.
+    pub async fn connect(&self, name: &str, schema: &str) -> Result<Db, StoreError> {
+        let mut opts = DbOptions::new(self.url(name), schema);
+        opts.max_connections = 4;
+        Db::connect(&opts).await
+    }
+
+    /// Drops the Postgres database (forcing connections off); SQLite files go
+    /// with the directory when `self` is dropped.
+    pub async fn cleanup(self) {
+        if let Some(name) = &self.pg_name {
+            let drop = async {
+                let mut conn = sqlx::PgConnection::connect(&postgres_admin_url()).await?;
+                conn.execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+                    .await?;
+                conn.close().await
+            };
+            if let Err(e) = drop.await {
+                tracing::warn!(database = %name, error = %e, "could not drop test database");
+            }
+        }
+    }
+}
+
+/// `url` with its database name replaced by `name` (query string kept).
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let path = base[authority..]
+        .find('/')
+        .map_or(base.len(), |i| i + authority);
+    let mut out = format!("{}/{}", &base[..path], name);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn replaces_database_name() {
+        assert_eq!(
+            super::with_database("postgres://u@h:5432/postgres?sslmode=disable", "t_1"),
+            "postgres://u@h:5432/t_1?sslmode=disable"
+        );
+        assert_eq!(super::with_database("postgres://h", "x"), "postgres://h/x");
+    }
+}

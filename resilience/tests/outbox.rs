@@ -1,0 +1,554 @@
+//! The outbox and its relay against a real HTTP peer, on SQLite and Postgres.
+//!
+//! The peer is a small axum app on 127.0.0.1:0 that counts every request it
+//! receives per idempotency key (the message id), and can be told to fail,
+//! to be slow, or to refuse a poison body.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::Router;
+use resilience::circuit_breaker::BreakerRegistry;
+use resilience::fault::{FaultConfig, FaultHandle};
+use resilience::outbox::{NoopHandler, Outbox, OutgoingRequest, Relay, RelayConfig};
+use resilience::retry::Backoff;
+use resilience::service::Shutdown;
+use resilience::stack::{self, StackConfig};
+use resilience::store::{Backend, Db};
+use resilience::testing::TestDatabase;
+use sqlx::Row;
+use tokio::task::JoinHandle;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+struct Peer {
+    received: Mutex<HashMap<String, u32>>,
+    total: AtomicU64,
+    failing: AtomicBool,
+    /// Delay (ms) of every first receipt of a message.
+    slow_first_ms: AtomicU64,
+    /// Bodies equal to this are refused with 422 (while `poison_on`).
+    poison_on: AtomicBool,
+}
+
+impl Peer {
+    fn distinct(&self) -> usize {
+        self.received.lock().map(|m| m.len()).unwrap_or(0)
+    }
+    fn total(&self) -> u64 {
+        self.total.load(Ordering::SeqCst)
+    }
+}
+
+async fn receive(State(peer): State<Arc<Peer>>, headers: HeaderMap, body: String) -> StatusCode {
+    peer.total.fetch_add(1, Ordering::SeqCst);
+    if peer.failing.load(Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    if body.contains("poison") && peer.poison_on.load(Ordering::SeqCst) {
+        return StatusCode::UNPROCESSABLE_ENTITY;
+    }
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none")
+        .to_string();
+    let first = {
+        let mut m = peer.received.lock().expect("peer map");
+        let n = m.entry(key).or_insert(0);
+        *n += 1;
+        *n == 1
+    };
+    let slow = peer.slow_first_ms.load(Ordering::SeqCst);
+    if first && slow > 0 {
+        tokio::time::sleep(Duration::from_millis(slow)).await;
+    }
+    StatusCode::CREATED
+}
+
+async fn start_peer() -> Result<(String, Arc<Peer>, JoinHandle<()>)> {
+    let peer = Arc::new(Peer::default());
+    let app = Router::new()
+        .route("/things", post(receive))
+        .with_state(peer.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((url, peer, task))
+}
+
+struct Env {
+    tdb: TestDatabase,
+    db: Db,
+}
+
+async fn env(backend: Backend) -> Result<Env> {
+    let tdb = TestDatabase::create(backend).await?;
+    let db = tdb.connect("outbox", "outbox_test").await?;
+    db.migrate_resilience().await?;
+    Ok(Env { tdb, db })
+}
+
+fn service(timeout: Duration) -> Result<resilience::stack::SendService> {
+    let cfg = StackConfig {
+        timeout,
+        faults: FaultHandle::new(FaultConfig::default(), 1)?,
+    };
+    Ok(stack::durable(
+        &cfg,
+        BreakerRegistry::new(stack::default_breaker(), 8),
+    )?)
+}
+
+fn relay_config(owner: &str) -> RelayConfig {
+    RelayConfig {
+        owner: owner.into(),
+        poll_interval: Duration::from_millis(200),
+        backoff: Backoff::new(Duration::from_millis(20), 2.0, Duration::from_millis(500)),
+        ..RelayConfig::default()
+    }
+}
+
+fn start_relay(outbox: &Outbox, config: RelayConfig, stop: &Shutdown) -> Result<JoinHandle<()>> {
+    let relay = Relay::new(
+        outbox.clone(),
+        service(Duration::from_secs(2))?,
+        Arc::new(NoopHandler),
+        config,
+    );
+    Ok(tokio::spawn(relay.run(stop.clone())))
+}
+
+async fn enqueue(outbox: &Outbox, url: &str, n: usize, body: &str) -> Result<()> {
+    // Batches of 100 per transaction, like a busy service would commit.
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+        let mut tx = outbox.db().begin().await?;
+        for i in chunk {
+            let msg = OutgoingRequest::post_json(
+                url,
+                "/things",
+                &serde_json::json!({ "n": i, "body": body }),
+                "thing",
+            )?
+            .with_idempotency_key(true);
+            outbox.enqueue(&mut tx, msg).await?;
+        }
+        tx.commit().await?;
+        outbox.notify();
+    }
+    Ok(())
+}
+
+async fn count(db: &Db, sql: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar(sql).fetch_one(db.pool()).await?)
+}
+
+async fn wait_for(what: &str, mut check: impl FnMut() -> bool) -> Result<()> {
+    let start = tokio::time::Instant::now();
+    while !check() {
+        ensure!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+async fn wait_db(db: &Db, what: &str, sql: &str, want: i64) -> Result<()> {
+    let start = tokio::time::Instant::now();
+    loop {
+        let n = count(db, sql).await?;
+        if n == want {
+            return Ok(());
+        }
+        ensure!(
+            start.elapsed() < DEADLINE,
+            "timed out waiting for {what}: {n} != {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Two relays drain 1,000 messages; with leases longer than any send, no
+/// message is sent twice.
+async fn two_relays_drain_a_backlog(backend: Backend) -> Result<()> {
+    let e = env(backend).await?;
+    let (url, peer, _p) = start_peer().await?;
+    let outbox_a = Outbox::new(e.db.clone());
+    let db_b = e.tdb.connect("outbox", "outbox_test").await?;
+    let outbox_b = Outbox::new(db_b);
+    enqueue(&outbox_a, &url, 1000, "x").await?;
+
+    let stop = Shutdown::new();
+    let a = start_relay(&outbox_a, relay_config("relay-a"), &stop)?;
+    let b = start_relay(&outbox_b, relay_config("relay-b"), &stop)?;
+    wait_db(
+        &e.db,
+        "all delivered",
+        "SELECT COUNT(*) FROM outbox WHERE status = 'delivered'",
+        1000,
+    )
+    .await?;
+    stop.trigger();
+    a.await?;
+    b.await?;
+
+    ensure!(peer.distinct() == 1000, "distinct {}", peer.distinct());
+    let takeovers = count(
+        &e.db,
+        "SELECT CAST(COALESCE(SUM(takeovers), 0) AS BIGINT) FROM outbox",
+    )
+    .await?;
+    ensure!(
+        takeovers == 0,
+        "no lease should expire here, got {takeovers}"
+    );
+    ensure!(
+        peer.total() == 1000,
+        "a message was sent twice without a lease expiry: {}",
+        peer.total()
+    );
+    e.tdb.cleanup().await;
+    Ok(())
+}
+
+/// With a lease shorter than a slow send, a second relay takes the message
+/// over: every extra send is accounted for by a lease expiry.
+async fn resends_happen_only_after_a_lease_expired(backend: Backend) -> Result<()> {
+    let e = env(backend).await?;
+    let (url, peer, _p) = start_peer().await?;
+    peer.slow_first_ms.store(900, Ordering::SeqCst);
+    let outbox_a = Outbox::new(e.db.clone());
+    let outbox_b = Outbox::new(e.tdb.connect("outbox", "outbox_test").await?);
+    enqueue(&outbox_a, &url, 20, "x").await?;
+
+    let short = |owner: &str| RelayConfig {
+        lease: Duration::from_millis(300),
+        ..relay_config(owner)
+    };
+    let stop = Shutdown::new();
+    let a = start_relay(&outbox_a, short("relay-a"), &stop)?;
+    let b = start_relay(&outbox_b, short("relay-b"), &stop)?;
+    wait_db(
+        &e.db,
+        "all delivered",
+        "SELECT COUNT(*) FROM outbox WHERE status = 'delivered'",
+        20,
+    )
+    .await?;
+    stop.trigger();
+    a.await?;
+    b.await?;
+
+    let takeovers = count(
+        &e.db,
+        "SELECT CAST(COALESCE(SUM(takeovers), 0) AS BIGINT) FROM outbox",
+    )
+    .await?;
+    let extra = peer.total() as i64 - 20;
+    ensure!(peer.distinct() == 20);
+    ensure!(
+        extra > 0 && takeovers > 0,
+        "the short lease should have forced takeovers (extra {extra}, takeovers {takeovers})"
+    );
+    ensure!(
+        extra <= takeovers,
+        "{extra} extra sends but only {takeovers} lease expiries"
+    );
+    e.tdb.cleanup().await;
+    Ok(())
+}
+
+/// A poison message (4xx) is dead-lettered at once; requeued, it goes through.
+async fn poison_is_dead_lettered_and_requeued(backend: Backend) -> Result<()> {
+    let e = env(backend).await?;
+    let (url, peer, _p) = start_peer().await?;
+    peer.poison_on.store(true, Ordering::SeqCst);
+    let outbox = Outbox::new(e.db.clone());
+    enqueue(&outbox, &url, 3, "fine").await?;
+    enqueue(&outbox, &url, 1, "poison").await?;
+    let stop = Shutdown::new();
+    let relay = start_relay(&outbox, relay_config("relay"), &stop)?;
+    wait_db(
+        &e.db,
+        "dead letter",
+        "SELECT COUNT(*) FROM outbox WHERE status = 'dead'",
+        1,
+    )
+    .await?;
+    wait_db(
+        &e.db,
+        "the rest",
+        "SELECT COUNT(*) FROM outbox WHERE status = 'delivered'",
+        3,
+    )
+    .await?;
+
+    let dead = outbox.dead_letters(10).await?;
+    ensure!(dead.len() == 1 && dead[0].attempts == 1, "{dead:?}");
+    ensure!(dead[0].last_status == Some(422));
+    ensure!(dead[0]
+        .last_error
+        .as_deref()
+        .is_some_and(|r| r.contains("422")));
+    let stats = outbox.stats().await?;
+    ensure!(
+        stats.dead == 1 && stats.delivered == 3 && stats.pending == 0,
+        "{stats:?}"
+    );
+
+    peer.poison_on.store(false, Ordering::SeqCst);
+    ensure!(outbox.requeue(&dead[0].id).await?);
+    ensure!(
+        !outbox.requeue(&dead[0].id).await?,
+        "a message is requeued once"
+    );
+    wait_db(
+        &e.db,
+        "requeued delivered",
+        "SELECT COUNT(*) FROM outbox WHERE status = 'delivered'",
+        4,
+    )
+    .await?;
+    stop.trigger();
+    relay.await?;
+    e.tdb.cleanup().await;
+    Ok(())
+}
+
+/// An attempt limit dead-letters a message the peer keeps failing.
+async fn attempt_limit_dead_letters(backend: Backend) -> Result<()> {
+    let e = env(backend).await?;
+    let (url, peer, _p) = start_peer().await?;
+    peer.failing.store(true, Ordering::SeqCst);
+    let outbox = Outbox::new(e.db.clone());
+    enqueue(&outbox, &url, 1, "x").await?;
+    let stop = Shutdown::new();
+    let cfg = RelayConfig {
+        max_attempts: Some(3),
+        ..relay_config("relay")
+    };
+    let relay = start_relay(&outbox, cfg, &stop)?;
+    wait_db(
+        &e.db,
+        "dead letter",
+        "SELECT COUNT(*) FROM outbox WHERE status = 'dead'",
+        1,
+    )
+    .await?;
+    stop.trigger();
+    relay.await?;
+    ensure!(peer.total() == 3, "three attempts, got {}", peer.total());
+    let dead = outbox.dead_letters(10).await?;
+    ensure!(
+        dead[0].attempts == 3
+            && dead[0]
+                .last_error
+                .as_deref()
+                .is_some_and(|r| r.contains("gave up"))
+    );
+    e.tdb.cleanup().await;
+    Ok(())
+}
+
+/// While the peer is down the breaker opens and deferrals spend no attempts;
+/// when it returns, the backlog drains.
+async fn open_breaker_defers_without_spending_attempts(backend: Backend) -> Result<()> {
+    let e = env(backend).await?;
+    let (url, peer, _p) = start_peer().await?;
+    peer.failing.store(true, Ordering::SeqCst);
+    let outbox = Outbox::new(e.db.clone());
+    enqueue(&outbox, &url, 50, "x").await?;
+    let stop = Shutdown::new();
+    let relay = start_relay(&outbox, relay_config("relay"), &stop)?;
+    let outage = Duration::from_secs(3);
+    tokio::time::sleep(outage).await; // the outage itself: a fixed span is the scenario
+    let during = peer.total();
+    eprintln!("sends that reached the peer during the outage: {during}");
+    // Without a breaker every message would be tried every ~20..500 ms backoff:
+    // at least 50 messages x 6 rounds. The breaker cuts that to a trickle of probes.
+    ensure!(
+        during < 150,
+        "{during} attempts reached the peer during a 3 s outage of 50 messages"
+    );
+    let attempts = count(&e.db, "SELECT CAST(SUM(attempts) AS BIGINT) FROM outbox").await?;
+    ensure!(attempts as u64 == during, "attempts recorded ({attempts}) must equal sends that reached the peer ({during}); deferrals spend none");
+    peer.failing.store(false, Ordering::SeqCst);
+    wait_db(
+        &e.db,
+        "backlog drained",
+        "SELECT COUNT(*) FROM outbox WHERE status = 'delivered'",
+        50,
+    )
+    .await?;
+    stop.trigger();
+    relay.await?;
+    ensure!(peer.distinct() == 50);
+    e.tdb.cleanup().await;
+    Ok(())
+}
+
+/// New work is sent at once, not at the next poll; on Postgres a relay in
+/// another "replica" hears the commit through LISTEN/NOTIFY.
+async fn wakes_up_on_commit(backend: Backend) -> Result<()> {
+    let e = env(backend).await?;
+    let (url, peer, _p) = start_peer().await?;
+    let relay_outbox = Outbox::new(e.db.clone());
+    let stop = Shutdown::new();
+    let cfg = RelayConfig {
+        poll_interval: Duration::from_secs(60),
+        ..relay_config("relay")
+    };
+    let relay = start_relay(&relay_outbox, cfg, &stop)?;
+    tokio::time::sleep(Duration::from_millis(200)).await; // let it go idle (and LISTEN)
+    let writer = if backend == Backend::Postgres {
+        // Another replica's outbox: its in-process notify cannot reach the relay.
+        Outbox::new(e.tdb.connect("outbox", "outbox_test").await?)
+    } else {
+        relay_outbox.clone()
+    };
+    let started = tokio::time::Instant::now();
+    enqueue(&writer, &url, 1, "x").await?;
+    wait_for("delivery", || peer.distinct() == 1).await?;
+    ensure!(
+        started.elapsed() < Duration::from_secs(5),
+        "not woken: {:?}",
+        started.elapsed()
+    );
+    stop.trigger();
+    relay.await?;
+    e.tdb.cleanup().await;
+    Ok(())
+}
+
+/// Shutdown lets sends in flight finish and releases every lease it holds.
+async fn graceful_shutdown_with_sends_in_flight(backend: Backend) -> Result<()> {
+    let e = env(backend).await?;
+    let (url, peer, _p) = start_peer().await?;
+    peer.slow_first_ms.store(700, Ordering::SeqCst);
+    let outbox = Outbox::new(e.db.clone());
+    let stop = Shutdown::new();
+    let cfg = RelayConfig {
+        concurrency: 2,
+        ..relay_config("relay")
+    };
+    let relay = start_relay(&outbox, cfg, &stop)?;
+    enqueue(&outbox, &url, 10, "x").await?;
+    wait_for("sends in flight", || peer.total() >= 1).await?;
+    stop.trigger();
+    tokio::time::timeout(Duration::from_secs(10), relay).await??;
+
+    let delivered = count(
+        &e.db,
+        "SELECT COUNT(*) FROM outbox WHERE status = 'delivered'",
+    )
+    .await?;
+    let leased = count(
+        &e.db,
+        "SELECT COUNT(*) FROM outbox WHERE lease_owner IS NOT NULL",
+    )
+    .await?;
+    ensure!(leased == 0, "{leased} leases left behind");
+    ensure!(delivered >= 1, "the sends in flight were not recorded");
+    ensure!(
+        delivered as usize == peer.distinct(),
+        "every message the peer saw is delivered ({delivered} vs {})",
+        peer.distinct()
+    );
+    ensure!(
+        delivered < 10,
+        "shutdown should not drain the whole backlog"
+    );
+    // A new relay picks up the rest at once (no lease to wait for).
+    let stop2 = Shutdown::new();
+    let relay2 = start_relay(&outbox, relay_config("relay-2"), &stop2)?;
+    wait_db(
+        &e.db,
+        "the rest",
+        "SELECT COUNT(*) FROM outbox WHERE status = 'delivered'",
+        10,
+    )
+    .await?;
+    stop2.trigger();
+    relay2.await?;
+    e.tdb.cleanup().await;
+    Ok(())
+}
+
+/// Delivered rows are purged after the retention period; stats stay right.
+async fn purge_and_stats(backend: Backend) -> Result<()> {
+    let e = env(backend).await?;
+    let (url, _peer, _p) = start_peer().await?;
+    let outbox = Outbox::new(e.db.clone());
+    enqueue(&outbox, &url, 5, "x").await?;
+    let s = outbox.stats().await?;
+    ensure!(
+        s.pending == 5 && s.delivered == 0 && s.oldest_pending_ms.is_some(),
+        "{s:?}"
+    );
+    let stop = Shutdown::new();
+    let relay = start_relay(&outbox, relay_config("relay"), &stop)?;
+    wait_db(
+        &e.db,
+        "delivered",
+        "SELECT COUNT(*) FROM outbox WHERE status = 'delivered'",
+        5,
+    )
+    .await?;
+    stop.trigger();
+    relay.await?;
+    let s = outbox.stats().await?;
+    ensure!(
+        s.delivered == 5 && s.attempts == 5 && s.pending == 0,
+        "{s:?}"
+    );
+    ensure!(
+        outbox
+            .purge_delivered(Duration::from_secs(3600), 100)
+            .await?
+            == 0,
+        "young rows stay"
+    );
+    ensure!(
+        outbox.purge_delivered(Duration::ZERO, 2).await? == 2,
+        "bounded batch"
+    );
+    ensure!(outbox.purge_delivered(Duration::ZERO, 100).await? == 3);
+    let rows = sqlx::query("SELECT COUNT(*) AS n FROM outbox")
+        .fetch_one(e.db.pool())
+        .await?;
+    ensure!(rows.try_get::<i64, _>("n")? == 0);
+    e.tdb.cleanup().await;
+    Ok(())
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() -> anyhow::Result<()> { super::$name(resilience::store::Backend::Sqlite).await }
+        )* }
+        mod postgres { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() -> anyhow::Result<()> { super::$name(resilience::store::Backend::Postgres).await }
+        )* }
+    };
+}
+
+on_both_backends!(
+    two_relays_drain_a_backlog,
+    resends_happen_only_after_a_lease_expired,
+    poison_is_dead_lettered_and_requeued,
+    attempt_limit_dead_letters,
+    open_breaker_defers_without_spending_attempts,
+    wakes_up_on_commit,
+    graceful_shutdown_with_sends_in_flight,
+    purge_and_stats,
+);

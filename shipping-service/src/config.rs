@@ -1,0 +1,78 @@
+//! Configuration, from flags or environment variables.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use resilience::config::DeliveryArgs;
+use resilience::service::LogFormat;
+
+/// shipping-service configuration. Every flag can also be set by the
+/// environment variable named in `--help`.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "shipping-service",
+    version,
+    about = "Ships orders and reports back to order-service"
+)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+
+    /// Port to listen on (0 picks a free port).
+    #[arg(long, env = "PORT", default_value_t = 8081)]
+    pub port: u16,
+
+    /// sqlite:<file> (created if missing) or postgres://user@host/db.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite:data/shipping-service.db",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// Postgres schema holding this service's tables (ignored on SQLite).
+    #[arg(long, env = "DB_SCHEMA", default_value = "shipping_service")]
+    pub db_schema: String,
+
+    /// Database connection pool size.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 8)]
+    pub db_max_connections: u32,
+
+    /// Base URL of order-service (where shipped reports go).
+    #[arg(long, env = "ORDER_URL", default_value = "http://127.0.0.1:8080")]
+    pub order_url: String,
+
+    /// Timeout of each outgoing request to order-service.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// How long a shipment spends packing before it ships.
+    #[arg(long, env = "WAREHOUSE_DELAY", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warehouse_delay: Duration,
+
+    /// Largest accepted request body, in bytes (larger: 413).
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// How long shutdown waits for in-flight requests and reports.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log format: human or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "human")]
+    pub log_format: LogFormat,
+
+    /// Outbox relay, retries, admin token, fault injection.
+    #[command(flatten)]
+    pub delivery: DeliveryArgs,
+}
+
+impl Config {
+    /// The defaults, as if no flag were given (environment variables still apply).
+    pub fn defaults() -> Self {
+        Config::parse_from(["shipping-service"])
+    }
+}

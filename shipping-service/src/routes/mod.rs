@@ -1,0 +1,49 @@
+//! The HTTP API.
+
+mod health;
+mod shipments;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use resilience::service::{detach, method_not_allowed, not_found};
+use tower_http::trace::TraceLayer;
+
+use resilience::admin::{self, AdminState};
+
+use crate::config::Config;
+use crate::store::ShipmentStore;
+use crate::warehouse::Warehouse;
+
+/// What every handler can reach.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The shipments table.
+    pub store: ShipmentStore,
+    /// The warehouse, woken when a shipment is created.
+    pub warehouse: Warehouse,
+    /// What the /admin endpoints act on.
+    pub admin: AdminState,
+    /// The configuration the service started with.
+    pub config: Arc<Config>,
+}
+
+/// The router with every route and the service-wide layers.
+pub fn router(state: AppState) -> Router {
+    let max_body = state.config.max_body_bytes;
+    Router::new()
+        .route("/shipments", post(shipments::create).get(shipments::list))
+        .route("/shipments/{id}", get(shipments::get_one))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .with_state(state.clone())
+        .merge(admin::router(state.admin))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        // Handlers finish their transaction even if the caller hangs up.
+        .layer(axum::middleware::from_fn(detach))
+        .layer(TraceLayer::new_for_http())
+}

@@ -1,0 +1,91 @@
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::Json;
+use resilience::service::{cursor, internal_error, ApiJson, ApiQuery, Problem};
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use crate::domain::{parse_uuid, CreateShipmentRequest, NewShipment, Shipment};
+
+const DEFAULT_PAGE: u32 = 20;
+const MAX_PAGE: u32 = 100;
+
+/// `POST /shipments`: create a packing shipment.
+pub(super) async fn create(
+    State(app): State<AppState>,
+    ApiJson(req): ApiJson<CreateShipmentRequest>,
+) -> Result<(StatusCode, HeaderMap, Json<Shipment>), Problem> {
+    let new = NewShipment::parse(req).map_err(Problem::unprocessable)?;
+    let mut tx = app.store.db().begin().await.map_err(internal_error)?;
+    let shipment = app
+        .store
+        .insert(&mut tx, &new, app.config.warehouse_delay)
+        .await
+        .map_err(internal_error)?;
+    tx.commit().await.map_err(internal_error)?;
+    tracing::info!(shipment_id = %shipment.id, order_id = %shipment.order_id, "shipment created");
+    app.warehouse.wake();
+    let mut headers = HeaderMap::new();
+    if let Ok(loc) = HeaderValue::from_str(&format!("/shipments/{}", shipment.id)) {
+        headers.insert(header::LOCATION, loc);
+    }
+    Ok((StatusCode::CREATED, headers, Json(shipment)))
+}
+
+/// `GET /shipments/{id}`.
+pub(super) async fn get_one(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Shipment>, Problem> {
+    let id = parse_uuid(&id, "shipment id").map_err(Problem::bad_request)?;
+    match app.store.get(id).await.map_err(internal_error)? {
+        Some(s) => Ok(Json(s)),
+        None => Err(Problem::not_found(format!("no shipment {id}"))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListQuery {
+    order_id: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct ShipmentPage {
+    shipments: Vec<Shipment>,
+    next_cursor: Option<String>,
+}
+
+/// `GET /shipments?order_id=&limit=&cursor=`: oldest first, keyset-paginated.
+pub(super) async fn list(
+    State(app): State<AppState>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<ShipmentPage>, Problem> {
+    let order_id = q
+        .order_id
+        .as_deref()
+        .map(|o| parse_uuid(o, "order_id"))
+        .transpose()
+        .map_err(Problem::bad_request)?;
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(Problem::bad_request(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let after = match q.cursor.as_deref() {
+        Some(c) => Some(cursor::decode(c).ok_or_else(|| Problem::bad_request("invalid cursor"))?),
+        None => None,
+    };
+    let page = app
+        .store
+        .list(order_id, after, limit)
+        .await
+        .map_err(internal_error)?;
+    Ok(Json(ShipmentPage {
+        shipments: page.shipments,
+        next_cursor: page.next.map(|(ts, id)| cursor::encode(ts, &id)),
+    }))
+}

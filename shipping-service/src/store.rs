@@ -1,0 +1,253 @@
+//! The `shipments` table.
+
+use std::time::Duration;
+
+use resilience::store::{now_ms, rfc3339, Db};
+use resilience::DeliveryMode;
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
+use uuid::Uuid;
+
+use crate::domain::{NewShipment, Shipment, ShipmentStatus};
+
+const COLUMNS: &str = "id, order_id, items, delivery_mode, status, created_at, ship_at, \
+                       shipped_at, report_attempts, report_error, reported_at";
+
+/// One page of shipments.
+#[derive(Debug)]
+pub struct Page {
+    /// The shipments, oldest first.
+    pub shipments: Vec<Shipment>,
+    /// The key of the last one, when more may follow.
+    pub next: Option<(i64, String)>,
+}
+
+/// Access to the `shipments` table.
+#[derive(Debug, Clone)]
+pub struct ShipmentStore {
+    db: Db,
+}
+
+impl ShipmentStore {
+    /// Wraps a database handle.
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// The database handle.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Inserts a `packing` shipment, due to ship after `delay`, in the caller's transaction.
+    pub async fn insert(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        new: &NewShipment,
+        delay: Duration,
+    ) -> Result<Shipment, sqlx::Error> {
+        let id = Uuid::now_v7();
+        let now = now_ms();
+        let ship_at = now + delay.as_millis() as i64;
+        let items =
+            serde_json::to_string(&new.items).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        sqlx::query(
+            "INSERT INTO shipments (id, order_id, items, delivery_mode, status, created_at, \
+             ship_at, updated_at) VALUES ($1, $2, $3, $4, 'packing', $5, $6, $5)",
+        )
+        .bind(id.to_string())
+        .bind(new.order_id.to_string())
+        .bind(items)
+        .bind(new.mode.as_str())
+        .bind(now)
+        .bind(ship_at)
+        .execute(&mut **tx)
+        .await?;
+        Ok(Shipment {
+            id,
+            order_id: new.order_id,
+            items: new.items.clone(),
+            delivery_mode: new.mode,
+            status: ShipmentStatus::Packing,
+            created_at: rfc3339(now),
+            ship_at: rfc3339(ship_at),
+            shipped_at: None,
+            report_attempts: 0,
+            report_error: None,
+            reported_at: None,
+        })
+    }
+
+    /// One shipment.
+    pub async fn get(&self, id: Uuid) -> Result<Option<Shipment>, sqlx::Error> {
+        let sql = format!("SELECT {COLUMNS} FROM shipments WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(self.db.pool())
+            .await?;
+        row.as_ref().map(shipment_from_row).transpose()
+    }
+
+    /// Shipments after `after` (exclusive), oldest first, optionally of one order.
+    pub async fn list(
+        &self,
+        order_id: Option<Uuid>,
+        after: Option<(i64, String)>,
+        limit: u32,
+    ) -> Result<Page, sqlx::Error> {
+        let (after_ts, after_id) = after.unwrap_or((i64::MIN, String::new()));
+        let order_filter = order_id.map(|o| o.to_string()).unwrap_or_default();
+        let sql = format!(
+            "SELECT {COLUMNS} FROM shipments \
+             WHERE ($1 = '' OR order_id = $1) \
+               AND (created_at > $2 OR (created_at = $2 AND id > $3)) \
+             ORDER BY created_at, id LIMIT $4"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(order_filter)
+            .bind(after_ts)
+            .bind(after_id)
+            .bind(i64::from(limit) + 1)
+            .fetch_all(self.db.pool())
+            .await?;
+        let mut shipments = rows
+            .iter()
+            .map(shipment_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut next = None;
+        if shipments.len() > limit as usize {
+            shipments.truncate(limit as usize);
+            if let Some(last) = rows.get(limit as usize - 1) {
+                next = Some((last.try_get("created_at")?, last.try_get("id")?));
+            }
+        }
+        Ok(Page { shipments, next })
+    }
+
+    /// Ids of packing shipments whose time has come, soonest first.
+    pub async fn due(&self, limit: i64) -> Result<Vec<Uuid>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT id FROM shipments WHERE status = 'packing' AND ship_at <= $1 \
+             ORDER BY ship_at LIMIT $2",
+        )
+        .bind(now_ms())
+        .bind(limit)
+        .fetch_all(self.db.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get("id")?;
+                Uuid::parse_str(&id).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+            })
+            .collect()
+    }
+
+    /// When the next packing shipment is due (ms since epoch), if any.
+    pub async fn next_due_at(&self) -> Result<Option<i64>, sqlx::Error> {
+        let row =
+            sqlx::query("SELECT MIN(ship_at) AS next FROM shipments WHERE status = 'packing'")
+                .fetch_one(self.db.pool())
+                .await?;
+        row.try_get::<Option<i64>, _>("next")
+    }
+
+    /// `packing → shipped` inside the caller's transaction. Returns the
+    /// shipment if this call moved it (a concurrent shipper gets `None`).
+    pub async fn mark_shipped(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        id: Uuid,
+    ) -> Result<Option<Shipment>, sqlx::Error> {
+        let now = now_ms();
+        let res = sqlx::query(
+            "UPDATE shipments SET status = 'shipped', shipped_at = $1, updated_at = $1 \
+             WHERE id = $2 AND status = 'packing'",
+        )
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&mut **tx)
+        .await?;
+        if res.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let sql = format!("SELECT {COLUMNS} FROM shipments WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_one(&mut **tx)
+            .await?;
+        shipment_from_row(&row).map(Some)
+    }
+
+    /// Records the outcome of an outbox-delivered report (attempts are
+    /// counted in the outbox): `None` means order-service acknowledged it.
+    pub async fn mark_reported<'e, E>(
+        &self,
+        executor: E,
+        id: Uuid,
+        error: Option<&str>,
+    ) -> Result<(), sqlx::Error>
+    where
+        E: sqlx::Executor<'e, Database = Any>,
+    {
+        let now = now_ms();
+        sqlx::query(
+            "UPDATE shipments SET report_error = $1, \
+             reported_at = CASE WHEN $1 IS NULL THEN COALESCE(reported_at, $2) ELSE reported_at END, \
+             updated_at = $2 WHERE id = $3",
+        )
+        .bind(error)
+        .bind(now)
+        .bind(id.to_string())
+        .execute(executor)
+        .await?;
+        Ok(())
+    }
+
+    /// Counts one report attempt and its outcome (`None`: order-service acknowledged).
+    pub async fn record_report<'e, E>(
+        &self,
+        executor: E,
+        id: Uuid,
+        error: Option<&str>,
+    ) -> Result<(), sqlx::Error>
+    where
+        E: sqlx::Executor<'e, Database = Any>,
+    {
+        let now = now_ms();
+        sqlx::query(
+            "UPDATE shipments SET report_attempts = report_attempts + 1, \
+             report_error = $1, \
+             reported_at = CASE WHEN $1 IS NULL THEN COALESCE(reported_at, $2) ELSE reported_at END, \
+             updated_at = $2 WHERE id = $3",
+        )
+        .bind(error)
+        .bind(now)
+        .bind(id.to_string())
+        .execute(executor)
+        .await?;
+        Ok(())
+    }
+}
+
+fn shipment_from_row(row: &AnyRow) -> Result<Shipment, sqlx::Error> {
+    let decode = |e: String| sqlx::Error::Decode(e.into());
+    let uuid = |s: String| Uuid::parse_str(&s).map_err(|e| decode(e.to_string()));
+    let items: String = row.try_get("items")?;
+    let mode: String = row.try_get("delivery_mode")?;
+    let status: String = row.try_get("status")?;
+    Ok(Shipment {
+        id: uuid(row.try_get("id")?)?,
+        order_id: uuid(row.try_get("order_id")?)?,
+        items: serde_json::from_str(&items).map_err(|e| decode(e.to_string()))?,
+        delivery_mode: mode
+            .parse::<DeliveryMode>()
+            .map_err(|e| decode(e.to_string()))?,
+        status: status.parse().map_err(decode)?,
+        created_at: rfc3339(row.try_get("created_at")?),
+        ship_at: rfc3339(row.try_get("ship_at")?),
+        shipped_at: row.try_get::<Option<i64>, _>("shipped_at")?.map(rfc3339),
+        report_attempts: row.try_get("report_attempts")?,
+        report_error: row.try_get("report_error")?,
+        reported_at: row.try_get::<Option<i64>, _>("reported_at")?.map(rfc3339),
+    })
+}

@@ -1,0 +1,198 @@
+//! The durable modes between the two services, on SQLite and on Postgres:
+//! an outage of shipping, lost responses, dead letters through the admin API.
+
+use std::time::Duration;
+
+use anyhow::ensure;
+use serde_json::{json, Value};
+use tests::{both_backends, eventually, Stack, StackOptions, TestBackend, ADMIN_TOKEN};
+
+const SETTLE: Duration = Duration::from_secs(30);
+
+async fn all_shipped(stack: &Stack, ids: &[String]) -> anyhow::Result<()> {
+    eventually(SETTLE, "every order shipped", || async {
+        for id in ids {
+            if stack.order(id).await?["status"] != "shipped" {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+    .await
+}
+
+/// Shipping down for several seconds: orders stay pending, the breaker opens
+/// and stops the attempts; shipping back: everything is delivered.
+async fn outage_then_recovery(backend: TestBackend) -> anyhow::Result<()> {
+    let mut stack = Stack::start(
+        backend,
+        StackOptions {
+            start_shipping: false,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        let o = stack.create_order("at-least-once").await?;
+        ensure!(o["status"] == "pending");
+        ids.push(o["id"].as_str().unwrap_or_default().to_string());
+    }
+    let outage = Duration::from_secs(4);
+    tokio::time::sleep(outage).await; // the outage is the scenario, not a wait for a condition
+
+    for id in &ids {
+        ensure!(stack.order(id).await?["status"] == "pending");
+    }
+    let stats = stack.order_admin("/admin/outbox").await?;
+    ensure!(stats["pending"] == 30, "{stats}");
+    let attempts = stats["attempts"].as_i64().unwrap_or(i64::MAX);
+    // One attempt per message per 200 ms poll would be 30 x 20 = 600.
+    ensure!(
+        attempts < 100,
+        "{attempts} attempts during a 4 s outage of 30 messages"
+    );
+    let breakers = stack.order_admin("/admin/breakers").await?;
+    let state = breakers["breakers"][0]["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        state.contains("open"),
+        "breaker should be open or half-open, is {state:?}: {breakers}"
+    );
+
+    stack.start_shipping().await?;
+    all_shipped(&stack, &ids).await?;
+    let inv = stack.audit(Some("at-least-once")).await?;
+    ensure!(
+        inv.orders == 30 && inv.lost == 0 && inv.unacknowledged == 0,
+        "{inv:?}"
+    );
+    stack.shutdown().await
+}
+
+/// Lost responses (seeded): at-least-once loses nothing and duplicates.
+async fn lost_responses_duplicate_at_least_once(backend: TestBackend) -> anyhow::Result<()> {
+    let seed = 7;
+    eprintln!("fault seed {seed}");
+    let stack = Stack::start(
+        backend,
+        StackOptions {
+            order: |c| {
+                c.delivery.fault_drop_response = 0.4;
+                c.delivery.fault_seed = 7;
+            },
+            ..Default::default()
+        },
+    )
+    .await?;
+    let mut ids = Vec::new();
+    for _ in 0..25 {
+        ids.push(
+            stack.create_order("at-least-once").await?["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    all_shipped(&stack, &ids).await?;
+    let inv = stack.audit(Some("at-least-once")).await?;
+    ensure!(
+        inv.orders == 25 && inv.lost == 0 && inv.unacknowledged == 0,
+        "seed {seed}: {inv:?}"
+    );
+    ensure!(
+        inv.duplicated > 0,
+        "seed {seed}: lost responses must duplicate without keys: {inv:?}"
+    );
+    ensure!(inv.shipments > 25);
+    stack.shutdown().await
+}
+
+/// A request shipping refuses (4xx) is dead-lettered, listed and requeued
+/// through the admin API, which needs the token.
+async fn dead_letters_over_the_admin_api(backend: TestBackend) -> anyhow::Result<()> {
+    let stack = Stack::start(backend, StackOptions::default()).await?;
+    let admin = |path: &str| format!("{}{path}", stack.order.url);
+    // Without or with a wrong token: 401.
+    let res = stack.http.get(admin("/admin/dead-letters")).send().await?;
+    ensure!(res.status() == 401, "{}", res.status());
+    let res = stack
+        .http
+        .get(admin("/admin/dead-letters"))
+        .bearer_auth("nope")
+        .send()
+        .await?;
+    ensure!(res.status() == 401);
+
+    // A message shipping rejects: enqueue one with an invalid body directly.
+    let db = stack.dbs.order_db().await?;
+    let outbox = resilience::outbox::Outbox::new(db.clone());
+    let mut tx = db.begin().await?;
+    let msg = resilience::outbox::OutgoingRequest::post_json(
+        &stack.shipping_url,
+        "/shipments",
+        &json!({ "order_id": "not-a-uuid", "items": [] }),
+        "create-shipment",
+    )?;
+    outbox.enqueue(&mut tx, msg).await?;
+    tx.commit().await?;
+    // The service's relay sees it at its next poll.
+    let dead = eventually(SETTLE, "a dead letter", || async {
+        let v = stack.order_admin("/admin/dead-letters").await?;
+        let list = v["dead_letters"].as_array().cloned().unwrap_or_default();
+        Ok((!list.is_empty()).then_some(list))
+    })
+    .await?;
+    ensure!(dead.len() == 1 && dead[0]["last_status"] == 422, "{dead:?}");
+    let id = dead[0]["id"].as_str().unwrap_or_default();
+    let res = stack
+        .http
+        .post(admin(&format!("/admin/dead-letters/{id}/requeue")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await?;
+    ensure!(res.status() == 200);
+    let res = stack
+        .http
+        .post(admin("/admin/dead-letters/nope/requeue"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await?;
+    ensure!(res.status() == 404);
+    // Still poison: dead again after the requeue.
+    eventually(SETTLE, "dead again", || async {
+        let v: Value = stack.order_admin("/admin/outbox").await?;
+        Ok((v["dead"] == 1 && v["pending"] == 0).then_some(()))
+    })
+    .await?;
+    stack.shutdown().await
+}
+
+/// Admin endpoints are off without a token.
+async fn admin_is_off_without_a_token(backend: TestBackend) -> anyhow::Result<()> {
+    let stack = Stack::start(
+        backend,
+        StackOptions {
+            order: |c| c.delivery.admin_token = None,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let res = stack
+        .http
+        .get(format!("{}/admin/outbox", stack.order.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await?;
+    ensure!(res.status() == 404, "{}", res.status());
+    stack.shutdown().await
+}
+
+both_backends!(
+    outage_then_recovery,
+    lost_responses_duplicate_at_least_once,
+    dead_letters_over_the_admin_api,
+    admin_is_off_without_a_token,
+);
