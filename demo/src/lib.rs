@@ -11,3 +11,5 @@
 
 pub mod audit;
 pub mod cluster;
+pub mod lab;
+pub mod report;

@@ -1,7 +1,207 @@
-fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(served) = demo::cluster::serve_main(&args) {
-        return served;
+//! `cargo run --release -p demo`: the lab. See the README and `--help`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use demo::lab::{FaultProfile, Lab, LabConfig, Storage};
+use resilience::DeliveryMode;
+
+/// The same orders, under the same faults, through each delivery mode:
+/// both services as real processes, SIGKILLed and restarted at random
+/// moments, and what was lost and duplicated counted from their databases.
+#[derive(Debug, Parser)]
+#[command(name = "demo", version)]
+struct Args {
+    /// Orders per mode.
+    #[arg(long, default_value_t = 200)]
+    orders: usize,
+
+    /// Modes to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = DeliveryMode::ALL)]
+    modes: Vec<DeliveryMode>,
+
+    /// Seed of every random choice: faults, kill times, kill targets.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+
+    /// Probability that a service-to-service request is dropped before the peer sees it.
+    #[arg(long, default_value_t = 0.1)]
+    drop_request: f64,
+
+    /// Probability that a response is lost after the peer processed the request.
+    #[arg(long, default_value_t = 0.1)]
+    drop_response: f64,
+
+    /// Probability that a call is answered 503 without reaching the peer.
+    #[arg(long, default_value_t = 0.0)]
+    error_503: f64,
+
+    /// Probability that a call is delayed by --latency first.
+    #[arg(long, default_value_t = 0.0)]
+    latency_rate: f64,
+
+    /// The added latency (past the 2 s request timeout, the call times out).
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    latency: Duration,
+
+    /// How long shipping-service is down, a third of the way in (0s: no outage).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    outage: Duration,
+
+    /// Mean time between SIGKILLs of a random service (0s: no kills).
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    kill_interval: Duration,
+
+    /// Orders sent per second, all modes together.
+    #[arg(long, default_value_t = 25.0)]
+    rate: f64,
+
+    /// Longest wait for delivery to settle once the faults stop.
+    #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+    settle_timeout: Duration,
+
+    /// Run on this Postgres server (a fresh database is created and dropped)
+    /// instead of SQLite files in a temporary directory.
+    #[arg(long, value_name = "postgres://...")]
+    database: Option<String>,
+
+    /// A shell command that restarts the database server, run once two thirds
+    /// of the way in (e.g. with --database: "pg_ctlcluster 15 main restart").
+    #[arg(long)]
+    db_restart_cmd: Option<String>,
+
+    /// Print the result as JSON on stdout (progress still goes to stderr).
+    #[arg(long)]
+    json: bool,
+
+    /// Leave the stack running afterwards on fixed ports, for curl, until Ctrl-C.
+    #[arg(long)]
+    serve: bool,
+
+    /// order-service's port with --serve.
+    #[arg(long, default_value_t = 8080)]
+    order_port: u16,
+
+    /// shipping-service's port with --serve.
+    #[arg(long, default_value_t = 8081)]
+    shipping_port: u16,
+
+    /// Admin token of both services (for /admin/faults with --serve).
+    #[arg(
+        long,
+        env = "ADMIN_TOKEN",
+        default_value = "lab-admin-token",
+        hide_env_values = true
+    )]
+    admin_token: String,
+
+    /// Hide the progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    // The same executable runs the services the lab starts.
+    if let Some(served) = demo::cluster::serve_main(&argv) {
+        return match served {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
-    Ok(())
+    let args = Args::parse();
+    let run = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+        .and_then(|rt| rt.block_on(lab(args)));
+    match run {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(2),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the lab; `Ok(false)` when a hardened mode broke its invariant.
+async fn lab(args: Args) -> anyhow::Result<bool> {
+    let exe: PathBuf = std::env::current_exe().context("locating the lab's executable")?;
+    let mut cfg = LabConfig::new(exe);
+    cfg.orders = args.orders;
+    cfg.modes = args.modes.clone();
+    anyhow::ensure!(!cfg.modes.is_empty(), "--modes names no mode");
+    cfg.seed = args.seed;
+    cfg.faults = FaultProfile {
+        drop_request: args.drop_request,
+        drop_response: args.drop_response,
+        error_503: args.error_503,
+        latency_rate: args.latency_rate,
+        latency: args.latency,
+    };
+    cfg.outage = args.outage;
+    cfg.kill_interval = Some(args.kill_interval);
+    cfg.db_restart = args.db_restart_cmd.clone();
+    cfg.rate = args.rate;
+    cfg.settle_timeout = args.settle_timeout;
+    cfg.storage = match &args.database {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Storage::Postgres(url.clone())
+        }
+        Some(other) => anyhow::bail!("--database must be a postgres:// URL, not {other:?}"),
+        None => Storage::Sqlite,
+    };
+    cfg.ports = args.serve.then_some((args.order_port, args.shipping_port));
+    cfg.admin_token = args.admin_token.clone();
+    cfg.progress = !args.quiet;
+
+    eprintln!(
+        "starting order-service and shipping-service ({} orders per mode: {})",
+        cfg.orders,
+        cfg.modes
+            .iter()
+            .map(|m| m.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let lab = Lab::start(cfg).await?;
+    let report = match lab.run().await {
+        Ok(r) => r,
+        Err(e) => {
+            for log in lab.log_paths().await {
+                eprintln!("service log: {}", log.display());
+            }
+            let _ = lab.shutdown(false).await;
+            return Err(e);
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", demo::report::render(&report));
+    }
+    let ok = report.violations.is_empty();
+
+    if args.serve {
+        eprintln!(
+            "\nThe stack is running (faults off; Ctrl-C stops it):\n  \
+             order-service     {}\n  shipping-service  {}\n  admin token       (as given by --admin-token / ADMIN_TOKEN)\n\
+             Try: curl -s {}/orders?limit=3",
+            lab.order_url, lab.shipping_url, lab.order_url
+        );
+        if let Some(db) = lab.postgres_database() {
+            eprintln!("  Postgres database {db} (dropped on exit)");
+        }
+        resilience::service::shutdown_signal().await;
+        eprintln!("stopping");
+    }
+    lab.shutdown(false).await?;
+    Ok(ok)
 }

@@ -51,7 +51,11 @@ pub struct Config {
     pub request_timeout: Duration,
 
     /// Delivery mode of orders that do not name one.
-    #[arg(long, env = "DEFAULT_DELIVERY_MODE", default_value = "at-most-once")]
+    #[arg(
+        long,
+        env = "DEFAULT_DELIVERY_MODE",
+        default_value = "effectively-once"
+    )]
     pub default_mode: DeliveryMode,
 
     /// Largest accepted request body, in bytes (larger: 413).

@@ -101,6 +101,13 @@ impl Application {
         let db = self.state.store.db().clone();
         let background = Shutdown::new();
         let mut tasks = Vec::new();
+        tasks.push(
+            self.state
+                .config
+                .delivery
+                .idempotency_reaper(db.clone())
+                .spawn(background.wait()),
+        );
         if self.state.config.delivery.relay_enabled {
             tasks.push(tokio::spawn(self.relay.run(background.clone())));
         }

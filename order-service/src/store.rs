@@ -91,12 +91,7 @@ impl OrderStore {
 
     /// One order.
     pub async fn get(&self, id: OrderId) -> Result<Option<Order>, sqlx::Error> {
-        let sql = format!("SELECT {COLUMNS} FROM orders WHERE id = $1");
-        let row = sqlx::query(&sql)
-            .bind(id.to_string())
-            .fetch_optional(self.db.pool())
-            .await?;
-        row.as_ref().map(order_from_row).transpose()
+        get_in(self.db.pool(), id).await
     }
 
     /// Orders after `after` (exclusive), oldest first, optionally of one status.
@@ -198,9 +193,11 @@ impl OrderStore {
         Ok(())
     }
 
-    /// Applies a report from shipping through the status machine.
+    /// Applies a report from shipping through the status machine, inside the
+    /// caller's transaction (which also records the report's idempotency key).
     pub async fn apply_event(
         &self,
+        tx: &mut Transaction<'static, Any>,
         id: OrderId,
         event: &ShipmentEvent,
     ) -> Result<(Order, Transition), ApplyError> {
@@ -208,7 +205,7 @@ impl OrderStore {
         // order in between, read again and re-judge. Three rounds are plenty;
         // a status can move forward at most twice.
         for _ in 0..3 {
-            let order = self.get(id).await?.ok_or(ApplyError::NotFound)?;
+            let order = get_in(&mut **tx, id).await?.ok_or(ApplyError::NotFound)?;
             if order.status.transition(event.status)? == Transition::Unchanged {
                 return Ok((order, Transition::Unchanged));
             }
@@ -231,10 +228,10 @@ impl OrderStore {
             .bind(&event.shipment_id)
             .bind(id.to_string())
             .bind(order.status.as_str())
-            .execute(self.db.pool())
+            .execute(&mut **tx)
             .await?;
             if res.rows_affected() == 1 {
-                let order = self.get(id).await?.ok_or(ApplyError::NotFound)?;
+                let order = get_in(&mut **tx, id).await?.ok_or(ApplyError::NotFound)?;
                 return Ok((order, Transition::Changed));
             }
         }
@@ -242,6 +239,18 @@ impl OrderStore {
             "order status kept changing under a concurrent writer".into(),
         )))
     }
+}
+
+async fn get_in<'e, E>(executor: E, id: OrderId) -> Result<Option<Order>, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = Any>,
+{
+    let sql = format!("SELECT {COLUMNS} FROM orders WHERE id = $1");
+    let row = sqlx::query(&sql)
+        .bind(id.to_string())
+        .fetch_optional(executor)
+        .await?;
+    row.as_ref().map(order_from_row).transpose()
 }
 
 fn order_from_row(row: &AnyRow) -> Result<Order, sqlx::Error> {

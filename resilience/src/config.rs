@@ -6,8 +6,10 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::fault::{FaultConfig, FaultHandle, InvalidFaultConfig};
+use crate::idempotency::{IdempotencyConfig, IdempotencyReaper};
 use crate::outbox::RelayConfig;
 use crate::retry::Backoff;
+use crate::store::Db;
 
 /// Outbox relay, retry, admin and fault-injection settings.
 #[derive(Debug, Clone, Args)]
@@ -49,6 +51,14 @@ pub struct DeliveryArgs {
     #[arg(long, env = "OUTBOX_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
     pub outbox_retention: Duration,
 
+    /// How long a completed idempotency key is remembered (and replayed).
+    #[arg(long, env = "IDEMPOTENCY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub idempotency_ttl: Duration,
+
+    /// How often expired idempotency keys are deleted.
+    #[arg(long, env = "IDEMPOTENCY_REAP_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idempotency_reap_interval: Duration,
+
     /// Bearer token of the /admin endpoints (unset: admin endpoints are off).
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -89,6 +99,19 @@ impl DeliveryArgs {
             latency: self.fault_latency,
         };
         FaultHandle::new(cfg, self.fault_seed)
+    }
+
+    /// The server-side idempotency settings for routes of `db` whose bodies
+    /// are at most `max_body_bytes` (keys optional, scoped by `X-Client-Id`).
+    pub fn idempotency(&self, db: Db, max_body_bytes: usize) -> IdempotencyConfig {
+        IdempotencyConfig::new(db)
+            .ttl(self.idempotency_ttl)
+            .max_body_bytes(max_body_bytes)
+    }
+
+    /// The reaper of expired idempotency keys these settings describe.
+    pub fn idempotency_reaper(&self, db: Db) -> IdempotencyReaper {
+        IdempotencyReaper::new(db).interval(self.idempotency_reap_interval)
     }
 
     /// The relay configuration these settings describe.

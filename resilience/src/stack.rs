@@ -24,6 +24,7 @@ use crate::circuit_breaker::{
 };
 use crate::client::{ClientError, HttpClient};
 use crate::fault::{FaultHandle, FaultLayer};
+use crate::idempotency::IdempotencyKeyLayer;
 
 /// A stack: `http::Request<Bytes>` in, `http::Response<Bytes>` out, errors boxed.
 pub type SendService = BoxCloneSyncService<Request<Bytes>, Response<Bytes>, BoxError>;
@@ -79,6 +80,9 @@ pub fn plain(cfg: &StackConfig) -> Result<SendService, ClientError> {
 pub fn durable(cfg: &StackConfig, breakers: BreakerRegistry) -> Result<SendService, ClientError> {
     let plain = plain(cfg)?;
     let svc = ServiceBuilder::new()
+        // The message id becomes the `Idempotency-Key` header of messages
+        // that asked for one (effectively-once).
+        .layer(IdempotencyKeyLayer::new())
         // One breaker per host:port; a rejection is a `CircuitOpen` error
         // carrying when to try again, which the relay turns into a deferral.
         .layer(PerAuthorityLayer::new(breakers))

@@ -17,36 +17,54 @@ pub fn postgres_admin_url() -> String {
 #[derive(Debug)]
 pub struct TestDatabase {
     backend: Backend,
+    admin_url: Option<String>,
     pg_url: Option<String>,
     pg_name: Option<String>,
     dir: Option<tempfile::TempDir>,
 }
 
 impl TestDatabase {
-    /// Creates it: a temporary directory, or `CREATE DATABASE t_<uuid>`.
+    /// Creates it: a temporary directory, or `CREATE DATABASE t_<uuid>` on
+    /// the server of [`postgres_admin_url`].
     pub async fn create(backend: Backend) -> Result<Self, StoreError> {
+        Self::create_on(backend, &postgres_admin_url(), "t").await
+    }
+
+    /// As [`TestDatabase::create`], on the Postgres server `admin_url` points
+    /// at (any database the role may connect to), named `<prefix>_<uuid>`.
+    pub async fn create_on(
+        backend: Backend,
+        admin_url: &str,
+        prefix: &str,
+    ) -> Result<Self, StoreError> {
         match backend {
             Backend::Sqlite => Ok(Self {
                 backend,
+                admin_url: None,
                 pg_url: None,
                 pg_name: None,
                 dir: Some(tempfile::tempdir()?),
             }),
             Backend::Postgres => {
-                let admin = postgres_admin_url();
-                let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-                let mut conn = sqlx::PgConnection::connect(&admin).await?;
+                let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = sqlx::PgConnection::connect(admin_url).await?;
                 conn.execute(format!("CREATE DATABASE \"{name}\"").as_str())
                     .await?;
                 conn.close().await?;
                 Ok(Self {
                     backend,
-                    pg_url: Some(with_database(&admin, &name)),
+                    admin_url: Some(admin_url.to_string()),
+                    pg_url: Some(with_database(admin_url, &name)),
                     pg_name: Some(name),
                     dir: None,
                 })
             }
         }
+    }
+
+    /// The Postgres database's name (`None` on SQLite).
+    pub fn postgres_name(&self) -> Option<&str> {
+        self.pg_name.as_deref()
     }
 
     /// Which backend.
@@ -74,9 +92,9 @@ impl TestDatabase {
     /// Drops the Postgres database (forcing connections off); SQLite files go
     /// with the directory when `self` is dropped.
     pub async fn cleanup(self) {
-        if let Some(name) = &self.pg_name {
+        if let (Some(name), Some(admin)) = (&self.pg_name, &self.admin_url) {
             let drop = async {
-                let mut conn = sqlx::PgConnection::connect(&postgres_admin_url()).await?;
+                let mut conn = sqlx::PgConnection::connect(admin).await?;
                 conn.execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
                     .await?;
                 conn.close().await

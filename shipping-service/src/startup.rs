@@ -109,6 +109,13 @@ impl Application {
         let mut tasks = vec![tokio::spawn(
             self.state.warehouse.clone().run(background.wait()),
         )];
+        tasks.push(
+            self.state
+                .config
+                .delivery
+                .idempotency_reaper(db.clone())
+                .spawn(background.wait()),
+        );
         if self.state.config.delivery.relay_enabled {
             tasks.push(tokio::spawn(self.relay.run(background.clone())));
         }

@@ -25,6 +25,13 @@ async fn happy_path(backend: TestBackend) -> anyhow::Result<()> {
         location.as_deref() == Some(format!("/orders/{id}").as_str()),
         "location {location:?}"
     );
+    // The answer shows the order as committed; the single at-most-once call
+    // is made right after the commit, before the answer is sent.
+    ensure!(
+        order["status"] == "pending",
+        "the answer to create: {order}"
+    );
+    let order = stack.order(&id).await?;
     ensure!(order["status"] == "accepted", "after create: {order}");
     ensure!(order["send_attempts"] == 1);
 
@@ -351,6 +358,7 @@ async fn at_most_once_loses_when_shipping_is_down(backend: TestBackend) -> anyho
     .await?;
     let order = stack.create_order("at-most-once").await?;
     let id = order["id"].as_str().unwrap_or_default().to_string();
+    let order = stack.order(&id).await?;
     ensure!(order["status"] == "pending", "{order}");
     ensure!(order["send_attempts"] == 1);
     ensure!(

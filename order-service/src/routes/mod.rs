@@ -12,6 +12,7 @@ use resilience::service::{detach, method_not_allowed, not_found};
 use tower_http::trace::TraceLayer;
 
 use resilience::admin::{self, AdminState};
+use resilience::idempotency::IdempotencyLayer;
 use resilience::outbox::Outbox;
 use resilience::stack::SendService;
 
@@ -36,10 +37,24 @@ pub struct AppState {
 /// The router with every route and the service-wide layers.
 pub fn router(state: AppState) -> Router {
     let max_body = state.config.max_body_bytes;
+    // Write routes run in a transaction owned by the idempotency layer, which
+    // also records (and replays) the answers to requests with a key.
+    let idem = IdempotencyLayer::new(
+        state
+            .config
+            .delivery
+            .idempotency(state.store.db().clone(), max_body),
+    );
     Router::new()
-        .route("/orders", post(orders::create).get(orders::list))
+        .route(
+            "/orders",
+            post(orders::create).layer(idem.clone()).get(orders::list),
+        )
         .route("/orders/{id}", get(orders::get_one))
-        .route("/orders/{id}/shipment-events", post(orders::shipment_event))
+        .route(
+            "/orders/{id}/shipment-events",
+            post(orders::shipment_event).layer(idem),
+        )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .with_state(state.clone())

@@ -1,6 +1,7 @@
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::Json;
+use resilience::idempotency::Tx;
 use resilience::service::{cursor, internal_error, ApiJson, ApiQuery, Problem};
 use serde::{Deserialize, Serialize};
 
@@ -17,35 +18,40 @@ fn parse_id(raw: &str) -> Result<OrderId, Problem> {
 }
 
 /// `POST /orders`: commit the order, then get it to shipping in its mode.
+///
+/// The route is wrapped in the idempotency layer, which owns the transaction:
+/// a client that repeats the request with the same `Idempotency-Key` gets the
+/// first answer back instead of a second order. The answer shows the order as
+/// committed (`pending`); the relay, or in at-most-once mode the single call
+/// made right after the commit, moves it on.
 pub(super) async fn create(
     State(app): State<AppState>,
+    tx: Tx,
     ApiJson(req): ApiJson<CreateOrderRequest>,
 ) -> Result<(StatusCode, HeaderMap, Json<Order>), Problem> {
     let new = NewOrder::parse(req, app.config.default_mode).map_err(Problem::unprocessable)?;
-    let mut tx = app.store.db().begin().await.map_err(internal_error)?;
+    let mut conn = tx.lock().await?;
     let order = app
         .store
-        .insert(&mut tx, &new)
+        .insert(&mut conn, &new)
         .await
         .map_err(internal_error)?;
-    let durable = order.delivery_mode.uses_outbox();
-    if durable {
+    if order.delivery_mode.uses_outbox() {
         // The order and the message to shipping commit together, or not at all.
         let msg = shipment_request(&app.config.shipping_url, &order).map_err(internal_error)?;
         app.outbox
-            .enqueue(&mut tx, msg)
+            .enqueue(&mut conn, msg)
             .await
             .map_err(internal_error)?;
-    }
-    tx.commit().await.map_err(internal_error)?;
-    tracing::info!(order_id = %order.id, mode = %order.delivery_mode, "order committed");
-
-    let order = if durable {
-        app.outbox.notify();
-        order
+        let outbox = app.outbox.clone();
+        tx.after_commit(move || Box::pin(async move { outbox.notify() }));
     } else {
-        deliver_at_most_once(&app, order).await
-    };
+        let app = app.clone();
+        let order = order.clone();
+        tx.after_commit(move || Box::pin(deliver_at_most_once(app, order)));
+    }
+    drop(conn);
+    tracing::info!(order_id = %order.id, mode = %order.delivery_mode, "order created");
 
     let mut headers = HeaderMap::new();
     if let Ok(loc) = HeaderValue::from_str(&format!("/orders/{}", order.id)) {
@@ -56,7 +62,7 @@ pub(super) async fn create(
 
 /// At-most-once: one call after the commit, no retry. Whatever happens, the
 /// order is already committed; a failure is recorded on it and logged.
-async fn deliver_at_most_once(app: &AppState, order: Order) -> Order {
+async fn deliver_at_most_once(app: AppState, order: Order) {
     let id = order.id;
     let outcome = send_once(&app.plain, &app.config.shipping_url, &order).await;
     let recorded = match &outcome {
@@ -78,10 +84,6 @@ async fn deliver_at_most_once(app: &AppState, order: Order) -> Order {
     };
     if let Err(e) = recorded {
         tracing::error!(order_id = %id, error = %e, "could not record the delivery outcome");
-    }
-    match app.store.get(id).await {
-        Ok(Some(fresh)) => fresh,
-        _ => order,
     }
 }
 
@@ -147,6 +149,7 @@ pub(super) async fn list(
 /// A repeated report is a no-op (200); a backwards move is a 409.
 pub(super) async fn shipment_event(
     State(app): State<AppState>,
+    tx: Tx,
     Path(id): Path<String>,
     ApiJson(event): ApiJson<ShipmentEvent>,
 ) -> Result<Json<Order>, Problem> {
@@ -159,7 +162,8 @@ pub(super) async fn shipment_event(
     if event.status == OrderStatus::Pending {
         return Err(Problem::unprocessable("status must be accepted or shipped"));
     }
-    match app.store.apply_event(id, &event).await {
+    let mut conn = tx.lock().await?;
+    match app.store.apply_event(&mut conn, id, &event).await {
         Ok((order, transition)) => {
             tracing::info!(order_id = %id, status = %order.status, ?transition, "shipment event applied");
             Ok(Json(order))

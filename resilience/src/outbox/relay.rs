@@ -6,13 +6,14 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 use tower::{BoxError, ServiceExt};
 
 use super::{Outbox, OutboxError, OutgoingRequest};
 use crate::circuit_breaker::CircuitOpen;
+use crate::idempotency::IdempotencyKey;
 use crate::retry::{parse_retry_after, Backoff};
 use crate::service::Shutdown;
 use crate::stack::SendService;
@@ -335,10 +336,10 @@ impl Relay {
     fn request(&self, c: &Claimed) -> Result<Request<Bytes>, String> {
         let mut req = c.request.to_http().map_err(|e| e.to_string())?;
         if c.request.idempotency_key {
-            // SWITCH-TO-LAYER: stamped by the client-side idempotency layer once it lands.
-            if let Ok(v) = HeaderValue::from_str(&c.msg.id) {
-                req.headers_mut().insert("idempotency-key", v);
-            }
+            // The stack's `IdempotencyKeyLayer` turns this into the header, so
+            // every attempt at this message carries the same key.
+            req.extensions_mut()
+                .insert(IdempotencyKey(c.msg.id.clone()));
         }
         Ok(req)
     }

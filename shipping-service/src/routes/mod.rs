@@ -12,6 +12,7 @@ use resilience::service::{detach, method_not_allowed, not_found};
 use tower_http::trace::TraceLayer;
 
 use resilience::admin::{self, AdminState};
+use resilience::idempotency::IdempotencyLayer;
 
 use crate::config::Config;
 use crate::store::ShipmentStore;
@@ -33,8 +34,19 @@ pub struct AppState {
 /// The router with every route and the service-wide layers.
 pub fn router(state: AppState) -> Router {
     let max_body = state.config.max_body_bytes;
+    // Write routes run in a transaction owned by the idempotency layer, which
+    // also records (and replays) the answers to requests with a key.
+    let idem = IdempotencyLayer::new(
+        state
+            .config
+            .delivery
+            .idempotency(state.store.db().clone(), max_body),
+    );
     Router::new()
-        .route("/shipments", post(shipments::create).get(shipments::list))
+        .route(
+            "/shipments",
+            post(shipments::create).layer(idem).get(shipments::list),
+        )
         .route("/shipments/{id}", get(shipments::get_one))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

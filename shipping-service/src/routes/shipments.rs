@@ -1,6 +1,7 @@
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::Json;
+use resilience::idempotency::Tx;
 use resilience::service::{cursor, internal_error, ApiJson, ApiQuery, Problem};
 use serde::{Deserialize, Serialize};
 
@@ -11,20 +12,27 @@ const DEFAULT_PAGE: u32 = 20;
 const MAX_PAGE: u32 = 100;
 
 /// `POST /shipments`: create a packing shipment.
+///
+/// Wrapped in the idempotency layer: with an `Idempotency-Key` (sent by
+/// order-service in effectively-once mode), the shipment and the record of
+/// the key commit in one transaction, and a repeat replays this answer
+/// instead of creating a second shipment.
 pub(super) async fn create(
     State(app): State<AppState>,
+    tx: Tx,
     ApiJson(req): ApiJson<CreateShipmentRequest>,
 ) -> Result<(StatusCode, HeaderMap, Json<Shipment>), Problem> {
     let new = NewShipment::parse(req).map_err(Problem::unprocessable)?;
-    let mut tx = app.store.db().begin().await.map_err(internal_error)?;
+    let mut conn = tx.lock().await?;
     let shipment = app
         .store
-        .insert(&mut tx, &new, app.config.warehouse_delay)
+        .insert(&mut conn, &new, app.config.warehouse_delay)
         .await
         .map_err(internal_error)?;
-    tx.commit().await.map_err(internal_error)?;
+    drop(conn);
     tracing::info!(shipment_id = %shipment.id, order_id = %shipment.order_id, "shipment created");
-    app.warehouse.wake();
+    let warehouse = app.warehouse.clone();
+    tx.after_commit(move || Box::pin(async move { warehouse.wake() }));
     let mut headers = HeaderMap::new();
     if let Ok(loc) = HeaderValue::from_str(&format!("/shipments/{}", shipment.id)) {
         headers.insert(header::LOCATION, loc);
