@@ -149,11 +149,11 @@ pub struct LabConfig {
 }
 
 impl LabConfig {
-    /// The defaults of `cargo run -p demo`: 200 orders per mode, all modes.
+    /// The defaults of `cargo run -p demo`: 300 orders per mode, all modes.
     pub fn new(exe: PathBuf) -> Self {
         Self {
             exe,
-            orders: 200,
+            orders: 300,
             modes: vec![
                 DeliveryMode::AtMostOnce,
                 DeliveryMode::AtLeastOnce,
@@ -164,7 +164,7 @@ impl LabConfig {
             outage: Duration::from_secs(5),
             kill_interval: Some(Duration::from_secs(6)),
             db_restart: None,
-            rate: 25.0,
+            rate: 20.0,
             concurrency: 16,
             settle_timeout: Duration::from_secs(90),
             storage: Storage::Sqlite,
@@ -284,8 +284,6 @@ impl Lab {
         let mut common = vec![
             "--log-format".to_string(),
             "json".into(),
-            "--warehouse-delay".into(),
-            "200ms".into(),
             "--retry-cap".into(),
             "2s".into(),
             "--relay-poll".into(),
@@ -304,7 +302,7 @@ impl Lab {
             admin_token: config.admin_token.clone(),
             common_args: common,
             order_args: Vec::new(),
-            shipping_args: Vec::new(),
+            shipping_args: vec!["--warehouse-delay".into(), "200ms".into()],
         })
         .await?;
         let order_db = open(&database.url("order"), ORDER_SCHEMA).await?;
@@ -368,7 +366,14 @@ impl Lab {
         let settled = self.settle(&bars).await?;
         bars.finish();
 
-        let rows = audit_all(&self.order_db, &self.shipping_db).await?;
+        let mut rows = audit_all(&self.order_db, &self.shipping_db).await?;
+        // The modes in their usual order (weakest first), then the total.
+        rows.sort_by_key(|r| {
+            r.mode
+                .as_deref()
+                .and_then(|m| DeliveryMode::ALL.iter().position(|x| x.as_str() == m))
+                .unwrap_or(usize::MAX)
+        });
         let violations = rows.iter().flat_map(violations).collect();
         Ok(LabReport {
             seed: cfg.seed,

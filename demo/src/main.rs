@@ -16,7 +16,7 @@ use resilience::DeliveryMode;
 #[command(name = "demo", version)]
 struct Args {
     /// Orders per mode.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 300)]
     orders: usize,
 
     /// Modes to run, comma-separated.
@@ -56,7 +56,7 @@ struct Args {
     kill_interval: Duration,
 
     /// Orders sent per second, all modes together.
-    #[arg(long, default_value_t = 25.0)]
+    #[arg(long, default_value_t = 20.0)]
     rate: f64,
 
     /// Longest wait for delivery to settle once the faults stop.

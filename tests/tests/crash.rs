@@ -8,36 +8,40 @@ use tests::{both_backends, ProcessStack, TestBackend};
 
 const EXE: &str = env!("CARGO_BIN_EXE_svc");
 const SETTLE: Duration = Duration::from_secs(40);
+const DURABLE: [&str; 2] = ["at-least-once", "effectively-once"];
 
 /// order-service commits orders (and their outbox messages) but never sends
-/// them (its relay is off), is killed, and restarts with its relay on.
+/// them (its relay is off), is killed, and restarts with its relay on; in
+/// both durable modes.
 async fn order_service_killed_between_commit_and_send(backend: TestBackend) -> anyhow::Result<()> {
     let mut stack = ProcessStack::start(EXE, backend, &["--relay-enabled", "false"], &[]).await?;
-    let mut ids = Vec::new();
-    for _ in 0..20 {
-        let o = stack.create_order("at-least-once").await?;
-        ensure!(o["status"] == "pending");
-        ids.push(o["id"].as_str().unwrap_or_default().to_string());
+    for mode in DURABLE {
+        for _ in 0..10 {
+            let o = stack.create_order(mode).await?;
+            ensure!(o["status"] == "pending");
+        }
+        let before = stack.audit(Some(mode)).await?;
+        ensure!(
+            before.orders == 10 && before.shipments == 0,
+            "{mode}: nothing may be sent yet: {before:?}"
+        );
     }
-    let before = stack.audit(Some("at-least-once")).await?;
-    ensure!(
-        before.orders == 20 && before.shipments == 0,
-        "nothing may be sent yet: {before:?}"
-    );
 
     stack.cluster.order.kill().await?;
     stack.cluster.order.set_flag("--relay-enabled", "true");
     stack.cluster.order.start(&stack.cluster.http).await?;
 
-    let inv = stack.settled("at-least-once", SETTLE).await?;
-    ensure!(
-        inv.orders == 20 && inv.lost == 0 && inv.unacknowledged == 0,
-        "{inv:?}"
-    );
-    ensure!(
-        inv.duplicated == 0,
-        "nothing was lost in flight, so nothing repeats: {inv:?}"
-    );
+    for mode in DURABLE {
+        let inv = stack.settled(mode, SETTLE).await?;
+        ensure!(
+            inv.orders == 10 && inv.lost == 0 && inv.unacknowledged == 0,
+            "{mode}: {inv:?}"
+        );
+        ensure!(
+            inv.duplicated == 0,
+            "{mode}: nothing was lost in flight, so nothing repeats: {inv:?}"
+        );
+    }
     stack.shutdown().await
 }
 
@@ -47,8 +51,10 @@ async fn shipping_service_killed_between_commit_and_report(
     backend: TestBackend,
 ) -> anyhow::Result<()> {
     let mut stack = ProcessStack::start(EXE, backend, &[], &["--relay-enabled", "false"]).await?;
-    for _ in 0..20 {
-        stack.create_order("at-least-once").await?;
+    for mode in DURABLE {
+        for _ in 0..10 {
+            stack.create_order(mode).await?;
+        }
     }
     let shipped = tests::eventually(SETTLE, "every shipment shipped", || async {
         let db = stack.dbs.shipping_db().await?;
@@ -58,7 +64,7 @@ async fn shipping_service_killed_between_commit_and_report(
         Ok((n == 20).then_some(n))
     })
     .await?;
-    let inv = stack.audit(Some("at-least-once")).await?;
+    let inv = stack.audit(None).await?;
     ensure!(
         shipped == 20 && inv.unacknowledged == 20,
         "reports must not have left yet: {inv:?}"
@@ -68,11 +74,13 @@ async fn shipping_service_killed_between_commit_and_report(
     stack.cluster.shipping.set_flag("--relay-enabled", "true");
     stack.cluster.shipping.start(&stack.cluster.http).await?;
 
-    let inv = stack.settled("at-least-once", SETTLE).await?;
-    ensure!(
-        inv.orders == 20 && inv.lost == 0 && inv.unacknowledged == 0,
-        "{inv:?}"
-    );
+    for mode in DURABLE {
+        let inv = stack.settled(mode, SETTLE).await?;
+        ensure!(
+            inv.orders == 10 && inv.lost == 0 && inv.duplicated == 0 && inv.unacknowledged == 0,
+            "{mode}: {inv:?}"
+        );
+    }
     stack.shutdown().await
 }
 
