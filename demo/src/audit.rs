@@ -83,13 +83,21 @@ async fn load_orders(order_db: &Db) -> anyhow::Result<HashMap<String, OrderRow>>
             .await?;
     let mut orders = HashMap::with_capacity(rows.len());
     for r in rows {
+        let mode: String = r.try_get("delivery_mode")?;
+        // Outbox modes copy the outbox's count onto the order when shipping
+        // acknowledges; the outbox rows (counted below) are the source.
+        let attempts = if mode == "at-most-once" {
+            r.try_get("send_attempts")?
+        } else {
+            0
+        };
         orders.insert(
             r.try_get::<String, _>("id")?,
             OrderRow {
-                mode: r.try_get("delivery_mode")?,
+                mode,
                 status: r.try_get("status")?,
                 created_at: r.try_get("created_at")?,
-                attempts: r.try_get("send_attempts")?,
+                attempts,
             },
         );
     }

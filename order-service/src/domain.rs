@@ -227,7 +227,9 @@ pub struct Order {
     pub shipment_id: Option<String>,
     /// The last delivery error, if any.
     pub last_error: Option<String>,
-    /// Calls made to shipping for this order (at-most-once: 0 or 1).
+    /// Calls made to shipping for this order: at-most-once, 0 or 1; the
+    /// outbox modes, the sends it took until shipping acknowledged (0 while
+    /// pending).
     pub send_attempts: i64,
     /// When it was created (RFC 3339).
     pub created_at: String,

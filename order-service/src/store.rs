@@ -133,11 +133,14 @@ impl OrderStore {
 
     /// Shipping acknowledged the order: `pending → accepted`. A late or
     /// repeated acknowledgement changes nothing. Returns whether it moved.
+    /// `attempts`, when given, is the number of sends it took (the outbox's
+    /// count, including the acknowledged one).
     pub async fn record_accepted<'e, E>(
         &self,
         executor: E,
         id: OrderId,
         shipment_id: Option<&str>,
+        attempts: Option<i64>,
     ) -> Result<bool, sqlx::Error>
     where
         E: sqlx::Executor<'e, Database = Any>,
@@ -145,11 +148,13 @@ impl OrderStore {
         let now = now_ms();
         let res = sqlx::query(
             "UPDATE orders SET status = 'accepted', accepted_at = $1, updated_at = $1, \
-             shipment_id = COALESCE(shipment_id, $2), last_error = NULL \
-             WHERE id = $3 AND status = 'pending'",
+             shipment_id = COALESCE(shipment_id, $2), last_error = NULL, \
+             send_attempts = COALESCE($3, send_attempts) \
+             WHERE id = $4 AND status = 'pending'",
         )
         .bind(now)
         .bind(shipment_id)
+        .bind(attempts)
         .bind(id.to_string())
         .execute(executor)
         .await?;

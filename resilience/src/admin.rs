@@ -117,7 +117,7 @@ async fn breakers(State(s): State<AdminState>) -> Json<Value> {
 }
 
 async fn get_faults(State(s): State<AdminState>) -> Json<Value> {
-    Json(json!({ "config": s.faults.get(), "counters": format!("{:?}", s.faults.snapshot()) }))
+    Json(json!({ "config": s.faults.get(), "counters": s.faults.snapshot() }))
 }
 
 async fn put_faults(

@@ -64,6 +64,13 @@ async fn outage_then_recovery(backend: TestBackend) -> anyhow::Result<()> {
 
     stack.start_shipping().await?;
     all_shipped(&stack, &ids).await?;
+    // Each order shows the sends it took: the failed ones during the outage
+    // (at least the first) and the acknowledged one.
+    let order = stack.order(&ids[0]).await?;
+    ensure!(
+        order["send_attempts"].as_i64().unwrap_or(0) >= 2,
+        "send_attempts after an outage: {order}"
+    );
     let inv = stack.audit(Some("at-least-once")).await?;
     ensure!(
         inv.orders == 30 && inv.lost == 0 && inv.unacknowledged == 0,
@@ -190,9 +197,66 @@ async fn admin_is_off_without_a_token(backend: TestBackend) -> anyhow::Result<()
     stack.shutdown().await
 }
 
+/// Fault rates switched at run time over the admin API: validated, applied to
+/// the next call, counted, and switched off again.
+async fn faults_over_the_admin_api(backend: TestBackend) -> anyhow::Result<()> {
+    let stack = Stack::start(backend, StackOptions::default()).await?;
+    let url = format!("{}/admin/faults", stack.order.url);
+    let put = |body: Value| {
+        stack
+            .http
+            .put(&url)
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+    };
+    // Without the token: 401, and nothing changes.
+    let res = stack
+        .http
+        .put(&url)
+        .json(&json!({ "drop_request": 1.0 }))
+        .send()
+        .await?;
+    ensure!(res.status() == 401, "{}", res.status());
+    // An invalid rate: 4xx problem, and nothing changes.
+    let res = put(json!({ "drop_request": 2.0 })).await?;
+    ensure!(res.status().is_client_error(), "{}", res.status());
+    ensure!(
+        res.headers()
+            .get("content-type")
+            .is_some_and(|v| v == "application/problem+json"),
+        "{:?}",
+        res.headers()
+    );
+    let v = stack.order_admin("/admin/faults").await?;
+    ensure!(v["config"]["drop_request"] == 0.0, "{v}");
+
+    // Every request dropped: an at-most-once order is lost, and counted.
+    let res = put(json!({ "drop_request": 1.0 })).await?;
+    ensure!(res.status() == 200, "{}", res.status());
+    let o = stack.create_order("at-most-once").await?;
+    let id = o["id"].as_str().unwrap_or_default().to_string();
+    let o = stack.order(&id).await?;
+    ensure!(
+        o["status"] == "pending" && o["last_error"].is_string(),
+        "{o}"
+    );
+    let v = stack.order_admin("/admin/faults").await?;
+    ensure!(v["counters"]["dropped"].as_u64() >= Some(1), "{v}");
+
+    // Off again: the next order goes through.
+    let res = put(json!({})).await?;
+    ensure!(res.status() == 200, "{}", res.status());
+    let o = stack.create_order("at-most-once").await?;
+    let id = o["id"].as_str().unwrap_or_default().to_string();
+    ensure!(stack.order(&id).await?["status"] != "pending");
+    stack.shutdown().await
+}
+
 both_backends!(
     outage_then_recovery,
     lost_responses_duplicate_at_least_once,
     dead_letters_over_the_admin_api,
     admin_is_off_without_a_token,
+    faults_over_the_admin_api,
 );

@@ -70,7 +70,7 @@ async fn deliver_at_most_once(app: AppState, order: Order) {
             tracing::info!(order_id = %id, %shipment_id, "shipping accepted the order");
             match app
                 .store
-                .record_accepted(app.store.db().pool(), id, Some(shipment_id))
+                .record_accepted(app.store.db().pool(), id, Some(shipment_id), None)
                 .await
             {
                 Ok(_) => app.store.record_attempt(id, None).await,
