@@ -81,10 +81,31 @@ fn theirs() -> TrSvc {
     layer.layer_fn(Noop)
 }
 
-fn failsafe_cb() -> impl failsafe::CircuitBreaker + Clone + Send + 'static {
+fn failsafe_cb(
+) -> impl failsafe::CircuitBreaker + failsafe::futures::CircuitBreaker + Clone + Send + 'static {
     let backoff = failsafe::backoff::constant(Duration::from_secs(3600));
     let policy = failsafe::failure_policy::consecutive_failures(1, backoff);
     failsafe::Config::new().failure_policy(policy).build()
+}
+
+/// failsafe's futures API, the like-for-like comparison with a tower
+/// service: the returned future owns a clone of the breaker (an `Arc`), as a
+/// tower response future must.
+#[inline]
+fn failsafe_future<C: failsafe::futures::CircuitBreaker>(
+    cb: &C,
+    cx: &mut Context<'_>,
+    i: u32,
+) -> bool {
+    let mut fut = pin!(failsafe::futures::CircuitBreaker::call(
+        cb,
+        std::future::ready(Ok::<u32, ()>(black_box(i)))
+    ));
+    loop {
+        if let Poll::Ready(r) = fut.as_mut().poll(cx) {
+            return r.is_ok();
+        }
+    }
 }
 
 fn two_threads<F>(iters: u64, make: impl Fn() -> F) -> Duration
@@ -140,6 +161,13 @@ fn closed_single(c: &mut Criterion) {
             black_box(cb.call(|| Ok::<u32, ()>(black_box(i))).is_ok())
         })
     });
+    g.bench_function("failsafe-futures", |b| {
+        let mut i = 0u32;
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            black_box(failsafe_future(&cb, &mut cx, i))
+        })
+    });
     let mut svc = Noop;
     g.bench_function("baseline (no breaker)", |b| {
         let mut i = 0u32;
@@ -190,6 +218,18 @@ fn closed_two(c: &mut Criterion) {
             })
         })
     });
+    g.bench_function("failsafe-futures", |b| {
+        b.iter_custom(|iters| {
+            two_threads(iters, || {
+                let cb = cb.clone();
+                move |i| {
+                    let waker = futures::task::noop_waker();
+                    let mut cx = Context::from_waker(&waker);
+                    black_box(failsafe_future(&cb, &mut cx, i));
+                }
+            })
+        })
+    });
     g.finish();
 }
 
@@ -214,6 +254,10 @@ fn rejection(c: &mut Criterion) {
     assert!(cb.call(|| Ok::<u32, ()>(0)).is_err(), "open");
     g.bench_function("failsafe", |b| {
         b.iter(|| black_box(cb.call(|| Ok::<u32, ()>(black_box(1))).is_ok()))
+    });
+    assert!(!failsafe_future(&cb, &mut cx, 0), "open");
+    g.bench_function("failsafe-futures", |b| {
+        b.iter(|| black_box(failsafe_future(&cb, &mut cx, 1)))
     });
     g.finish();
 }

@@ -46,6 +46,28 @@ proptest! {
         prop_assert_eq!(got, Totals { calls: 1, failures: 1, slow: 0 });
     }
 
+    /// Mostly successes: long runs fill the window with plain successes,
+    /// which takes the one-load fast path; the failures in between must
+    /// still leave the window after exactly `size` calls.
+    #[test]
+    fn count_window_matches_last_n_when_mostly_healthy(
+        size in 1usize..40,
+        evs in prop::collection::vec(
+            (prop::bool::weighted(0.03), prop::bool::weighted(0.01))
+                .prop_map(|(failure, slow)| Ev { failure, slow }),
+            0..600,
+        ),
+    ) {
+        let w = CountWindow::new(size, 3);
+        let mut all = Vec::new();
+        for e in &evs {
+            all.push(*e);
+            let got = w.record(3, e.failure, e.slow).expect("current epoch");
+            let start = all.len().saturating_sub(size);
+            prop_assert_eq!(got, naive(&all[start..]));
+        }
+    }
+
     #[test]
     fn time_window_matches_last_buckets(
         buckets in 1usize..12,
@@ -133,5 +155,71 @@ fn count_window_converges_after_concurrent_writers() {
             slow: 0
         },
         "seed {seed}"
+    );
+}
+
+/// A failure recorded after a long healthy run stays in the window for
+/// exactly `size` calls, although the healthy calls before it claimed no slot.
+#[test]
+fn failure_after_healthy_run_leaves_after_size_calls() {
+    let w = CountWindow::new(4, 1);
+    for _ in 0..1_000 {
+        w.record(1, false, false);
+    }
+    let t = w.record(1, true, false).expect("current epoch");
+    assert_eq!((t.calls, t.failures), (4, 1));
+    for i in 1..4 {
+        let t = w.record(1, false, false).expect("current epoch");
+        assert_eq!(t.failures, 1, "{i} calls after the failure");
+    }
+    let t = w.record(1, false, false).expect("current epoch");
+    assert_eq!(t.failures, 0, "4 calls after the failure");
+}
+
+/// Writers on several threads, mostly successes (so the fast path races with
+/// slot writers): afterwards the counters still agree with the ring, which a
+/// full turn of known outcomes shows.
+#[test]
+fn concurrent_writers_keep_counters_exact() {
+    let w = std::sync::Arc::new(CountWindow::new(16, 2));
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let w = w.clone();
+            std::thread::spawn(move || {
+                // A small LCG per thread: seeded, no extra dependency.
+                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ t;
+                for _ in 0..50_000 {
+                    x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    let failure = (x >> 33) % 20 == 0;
+                    w.record(2, failure, false);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("writer thread");
+    }
+    let mut last = None;
+    for _ in 0..16 {
+        last = w.record(2, true, false);
+    }
+    assert_eq!(
+        last,
+        Some(Totals {
+            calls: 16,
+            failures: 16,
+            slow: 0
+        })
+    );
+    for _ in 0..16 {
+        last = w.record(2, false, false);
+    }
+    assert_eq!(
+        last,
+        Some(Totals {
+            calls: 16,
+            failures: 0,
+            slow: 0
+        })
     );
 }

@@ -30,7 +30,7 @@ pin_project! {
     #[project = KindProj]
     enum Kind<F> {
         Called { #[pin] fut: F },
-        Rejected { err: CircuitOpen },
+        Rejected { err: Option<Box<CircuitOpen>> },
     }
 }
 
@@ -43,9 +43,9 @@ impl<F, K> ResponseFuture<F, K> {
         }
     }
 
-    pub(crate) fn rejected(err: CircuitOpen, classifier: K) -> Self {
+    pub(crate) fn rejected(err: Box<CircuitOpen>, classifier: K) -> Self {
         ResponseFuture {
-            kind: Kind::Rejected { err },
+            kind: Kind::Rejected { err: Some(err) },
             permit: None,
             classifier,
         }
@@ -79,7 +79,10 @@ where
                 }
                 Poll::Ready(res)
             }
-            KindProj::Rejected { err } => Poll::Ready(Err(Box::new(*err))),
+            KindProj::Rejected { err } => Poll::Ready(Err(match err.take() {
+                Some(open) => open,
+                None => "circuit breaker response future polled after completion".into(),
+            })),
         }
     }
 }

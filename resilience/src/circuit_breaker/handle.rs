@@ -170,45 +170,75 @@ fn dur_nanos(d: Duration) -> u64 {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub(crate) enum PermitKind {
-    Closed,
-    MetricsOnly,
-    Probe,
-    Untracked,
+    Closed = 0,
+    MetricsOnly = 1,
+    Probe = 2,
+    Untracked = 3,
+}
+
+impl PermitKind {
+    #[inline]
+    fn from_bits(b: u64) -> Self {
+        match b & 3 {
+            0 => PermitKind::Closed,
+            1 => PermitKind::MetricsOnly,
+            2 => PermitKind::Probe,
+            _ => PermitKind::Untracked,
+        }
+    }
 }
 
 /// An admission ticket. A probe permit that is dropped without completing
 /// gives its half-open slot back.
+///
+/// NOTE: every field is a full word. A permit is moved several times per
+/// call (into the service, out of it, into the response future); byte-sized
+/// fields made the compiler write it piecemeal and read it back whole, a
+/// store-forwarding stall that cost about a third of the closed path.
 pub(crate) struct Permit {
     shared: Arc<Shared>,
-    gen: u64,
-    kind: PermitKind,
+    /// `generation << 2 | kind`.
+    tag: u64,
+    /// When the call was admitted (ns since the breaker's origin), if timed.
     start: u64,
-    done: bool,
 }
 
 impl fmt::Debug for Permit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Permit")
-            .field("gen", &self.gen)
-            .field("kind", &self.kind)
+            .field("gen", &self.gen())
+            .field("kind", &self.kind())
             .finish()
     }
 }
 
 impl Permit {
     #[inline]
+    fn gen(&self) -> u64 {
+        self.tag >> 2
+    }
+
+    #[inline]
+    fn kind(&self) -> PermitKind {
+        PermitKind::from_bits(self.tag)
+    }
+
+    #[inline]
     pub(crate) fn complete(mut self, outcome: Outcome) {
-        self.done = true;
-        self.shared
-            .on_complete(self.gen, self.kind, self.start, outcome);
+        let (gen, kind) = (self.gen(), self.kind());
+        // Spent: the drop below must not give a probe slot back.
+        self.tag = (gen << 2) | PermitKind::Untracked as u64;
+        self.shared.on_complete(gen, kind, self.start, outcome);
     }
 }
 
 impl Drop for Permit {
+    #[inline]
     fn drop(&mut self) {
-        if !self.done && self.kind == PermitKind::Probe {
-            self.shared.release_probe(self.gen);
+        if self.kind() == PermitKind::Probe {
+            self.shared.release_probe(self.gen());
         }
     }
 }
@@ -261,8 +291,23 @@ impl Shared {
         CircuitOpen::new(state, self.instant(now), retry_after)
     }
 
-    #[inline]
+    /// Admits a call or says why not. The closed, untimed case is inlined
+    /// into the caller (one load and an `Arc` clone); the rest is out of line.
+    #[inline(always)]
     pub(crate) fn try_acquire(self: &Arc<Self>) -> Result<Permit, CircuitOpen> {
+        let (gen, st) = unpack(self.word.load(Ordering::Acquire));
+        if st == CLOSED && !self.needs_time {
+            return Ok(Permit {
+                shared: Arc::clone(self),
+                tag: (gen << 2) | PermitKind::Closed as u64,
+                start: 0,
+            });
+        }
+        self.try_acquire_slow()
+    }
+
+    #[inline(never)]
+    fn try_acquire_slow(self: &Arc<Self>) -> Result<Permit, CircuitOpen> {
         loop {
             let (gen, st) = unpack(self.word.load(Ordering::Acquire));
             let kind = match st {
@@ -311,10 +356,8 @@ impl Shared {
             };
             return Ok(Permit {
                 shared: Arc::clone(self),
-                gen,
-                kind,
+                tag: (gen << 2) | kind as u64,
                 start,
-                done: false,
             });
         }
     }
@@ -350,8 +393,26 @@ impl Shared {
             });
     }
 
-    #[inline]
+    /// Records a finished call. A plain success of a closed, untimed call on
+    /// a count window is inlined into the caller; the rest is out of line.
+    #[inline(always)]
     fn on_complete(&self, gen: u64, kind: PermitKind, start: u64, outcome: Outcome) {
+        if kind == PermitKind::Closed && outcome == Outcome::Success && !self.needs_time {
+            if let Window::Count(w) = &self.window {
+                if let Some(t) = w.record(gen as u16, false, false) {
+                    // A success can still complete `minimum_calls`.
+                    if self.should_trip(&t) {
+                        self.transition_if(gen, State::Open, self.now_nanos());
+                    }
+                }
+                return;
+            }
+        }
+        self.on_complete_slow(gen, kind, start, outcome);
+    }
+
+    #[inline(never)]
+    fn on_complete_slow(&self, gen: u64, kind: PermitKind, start: u64, outcome: Outcome) {
         if kind == PermitKind::Untracked {
             return;
         }

@@ -61,7 +61,9 @@ use handle::Permit;
 
 enum Admission {
     Permit(Permit),
-    Rejected(CircuitOpen),
+    /// Boxed once, here: it becomes the call's `BoxError` as is, and keeps
+    /// this enum (moved on every call) two words long.
+    Rejected(Box<CircuitOpen>),
 }
 
 /// A service guarded by a circuit breaker. See the [module docs](self).
@@ -140,7 +142,7 @@ where
             match self.handle.shared.try_acquire() {
                 Ok(p) => self.admitted = Some(Admission::Permit(p)),
                 Err(e) => {
-                    self.admitted = Some(Admission::Rejected(e));
+                    self.admitted = Some(Admission::Rejected(Box::new(e)));
                     return Poll::Ready(Ok(()));
                 }
             }
@@ -163,7 +165,7 @@ where
             // now so the breaker's bookkeeping stays right.
             None => match self.handle.shared.try_acquire() {
                 Ok(p) => Admission::Permit(p),
-                Err(e) => Admission::Rejected(e),
+                Err(e) => Admission::Rejected(Box::new(e)),
             },
         };
         match admitted {

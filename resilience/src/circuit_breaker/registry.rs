@@ -231,7 +231,7 @@ where
         let handle = self.registry.get_or_create(authority_of(&req));
         match handle.shared.try_acquire() {
             Ok(p) => ResponseFuture::called(self.inner.call(req), p, self.classifier.clone()),
-            Err(e) => ResponseFuture::rejected(e, self.classifier.clone()),
+            Err(e) => ResponseFuture::rejected(Box::new(e), self.classifier.clone()),
         }
     }
 }

@@ -84,6 +84,7 @@ fn delta(bits: u8) -> (u64, u64, u64) {
 }
 
 /// Lanes are read as `i16` clamped at zero (see [`CountWindow::record`]).
+#[inline]
 fn totals_of(w: u64) -> Totals {
     let (c, f, s) = lanes(w);
     let v = |x: u64| (x as u16 as i16).max(0) as u32;
@@ -151,22 +152,41 @@ impl CountWindow {
     /// the update, or `None` if the window has moved to another epoch (the
     /// outcome is stale and was dropped).
     ///
-    /// Cost: one `fetch_add` to claim a slot, one `swap` to place the
-    /// outcome, and one CAS on the packed counters — skipped entirely when
-    /// the evicted outcome is identical (the steady state of a healthy
-    /// peer). Lanes use wrapping arithmetic so that the `+new` and `-old`
+    /// Cost: one load when the window is full of successes and this is
+    /// another one (the steady state of a healthy peer). Otherwise one
+    /// `fetch_add` to claim a slot, one `swap` to place the outcome, and one
+    /// CAS on the packed counters, which is skipped when the evicted outcome
+    /// is identical. Lanes use wrapping arithmetic so that the `+new` and `-old`
     /// of concurrent writers commute; a lane may be transiently "negative"
     /// by the number of writers in flight, which readers clamp to zero.
-    #[inline]
+    #[inline(always)]
     pub fn record(&self, epoch: u16, failure: bool, slow: bool) -> Option<Totals> {
         let bits = flags(failure, slow);
         let tagged = (u32::from(epoch) << 8) | u32::from(bits);
-        if tag_of(self.hot.counters.load(Ordering::Acquire)) != epoch {
+        let seen = self.hot.counters.load(Ordering::Acquire);
+        if tag_of(seen) != epoch {
             // Stale: leave the ring alone. (If a reset races past this
             // check, the CAS below still keeps the counters exact; the
             // stale value then merely occupies one slot of the new epoch.)
             return None;
         }
+        // NOTE: the healthy steady state costs one load. When the window is
+        // full of plain successes, recording another one changes nothing,
+        // whichever slot it would take: every slot already holds the same
+        // value, so the ring is the same up to rotation, and a later failure
+        // still stays in the window for exactly `len` calls, because every
+        // call claims a slot again as soon as the window holds one failure.
+        // A writer racing with this check has swapped its slot but not yet
+        // updated the counters; skipping is then the same as having recorded
+        // this success just before that writer, which yields the same totals.
+        if bits == F_REC && seen == pack(epoch, self.slots.len() as u64, 0, 0) {
+            return Some(totals_of(seen));
+        }
+        self.record_slow(epoch, bits, tagged)
+    }
+
+    #[inline(never)]
+    fn record_slow(&self, epoch: u16, bits: u8, tagged: u32) -> Option<Totals> {
         // `(n * stride) % len == ((n % len) * stride) % len`, one division;
         // `n * stride` wraps only after ~5·10^17 calls.
         let n = self.hot.next.fetch_add(1, Ordering::Relaxed);
