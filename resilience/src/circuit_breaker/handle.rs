@@ -227,17 +227,17 @@ impl Permit {
 
     #[inline]
     pub(crate) fn complete(mut self, outcome: Outcome) {
-        let (gen, kind) = (self.gen(), self.kind());
+        let tag = self.tag;
         // Spent: the drop below must not give a probe slot back.
-        self.tag = (gen << 2) | PermitKind::Untracked as u64;
-        self.shared.on_complete(gen, kind, self.start, outcome);
+        self.tag |= PermitKind::Untracked as u64;
+        self.shared.on_complete(tag, self.start, outcome);
     }
 }
 
 impl Drop for Permit {
     #[inline]
     fn drop(&mut self) {
-        if self.kind() == PermitKind::Probe {
+        if self.tag & 3 == PermitKind::Probe as u64 {
             self.shared.release_probe(self.gen());
         }
     }
@@ -396,8 +396,9 @@ impl Shared {
     /// Records a finished call. A plain success of a closed, untimed call on
     /// a count window is inlined into the caller; the rest is out of line.
     #[inline(always)]
-    fn on_complete(&self, gen: u64, kind: PermitKind, start: u64, outcome: Outcome) {
-        if kind == PermitKind::Closed && outcome == Outcome::Success && !self.needs_time {
+    fn on_complete(&self, tag: u64, start: u64, outcome: Outcome) {
+        let gen = tag >> 2;
+        if tag & 3 == PermitKind::Closed as u64 && outcome == Outcome::Success && !self.needs_time {
             if let Window::Count(w) = &self.window {
                 if let Some(t) = w.record(gen as u16, false, false) {
                     // A success can still complete `minimum_calls`.
@@ -408,7 +409,7 @@ impl Shared {
                 return;
             }
         }
-        self.on_complete_slow(gen, kind, start, outcome);
+        self.on_complete_slow(gen, PermitKind::from_bits(tag), start, outcome);
     }
 
     #[inline(never)]
