@@ -9,6 +9,9 @@ use clap::Parser;
 use demo::lab::{FaultProfile, Lab, LabConfig, Storage};
 use resilience::DeliveryMode;
 
+/// The admin token of the lab's services unless one is given.
+const DEFAULT_ADMIN_TOKEN: &str = "lab-admin-token";
+
 /// The same orders, under the same faults, through each delivery mode:
 /// both services as real processes, SIGKILLed and restarted at random
 /// moments, and what was lost and duplicated counted from their databases.
@@ -93,7 +96,7 @@ struct Args {
     #[arg(
         long,
         env = "ADMIN_TOKEN",
-        default_value = "lab-admin-token",
+        default_value = DEFAULT_ADMIN_TOKEN,
         hide_env_values = true
     )]
     admin_token: String,
@@ -190,11 +193,19 @@ async fn lab(args: Args) -> anyhow::Result<bool> {
     let ok = report.violations.is_empty();
 
     if args.serve {
+        // A token the user chose is a secret and is not echoed; the
+        // built-in default is public anyway.
+        let token = if args.admin_token == DEFAULT_ADMIN_TOKEN {
+            DEFAULT_ADMIN_TOKEN
+        } else {
+            "(as given by --admin-token / ADMIN_TOKEN)"
+        };
         eprintln!(
             "\nThe stack is running (faults off; Ctrl-C stops it):\n  \
-             order-service     {}\n  shipping-service  {}\n  admin token       (as given by --admin-token / ADMIN_TOKEN)\n\
-             Try: curl -s {}/orders?limit=3",
-            lab.order_url, lab.shipping_url, lab.order_url
+             order-service     {}\n  shipping-service  {}\n  admin token       {token}\n\
+             Try: curl -s {}/orders?limit=3\n     \
+             curl -s {}/admin/faults -H 'authorization: Bearer <admin token>'",
+            lab.order_url, lab.shipping_url, lab.order_url, lab.order_url
         );
         if let Some(db) = lab.postgres_database() {
             eprintln!("  Postgres database {db} (dropped on exit)");
