@@ -47,6 +47,11 @@ pub struct DeliveryArgs {
     #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 0)]
     pub max_attempts: u32,
 
+    /// Dead-letter a message still undelivered this long after it was
+    /// enqueued (0s: no age limit).
+    #[arg(long, env = "MAX_AGE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub max_age: Duration,
+
     /// Delivered outbox rows are deleted after this long.
     #[arg(long, env = "OUTBOX_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
     pub outbox_retention: Duration,
@@ -123,6 +128,7 @@ impl DeliveryArgs {
             poll_interval: self.relay_poll,
             backoff: Backoff::new(self.retry_base, 2.0, self.retry_cap),
             max_attempts: (self.max_attempts > 0).then_some(self.max_attempts),
+            max_age: (!self.max_age.is_zero()).then_some(self.max_age),
             retention: self.outbox_retention,
             ..RelayConfig::default()
         }

@@ -358,6 +358,43 @@ async fn attempt_limit_dead_letters(backend: Backend) -> Result<()> {
     Ok(())
 }
 
+/// An age limit dead-letters a message the peer keeps failing once it is
+/// older than the limit, whatever its attempt count.
+async fn age_limit_dead_letters(backend: Backend) -> Result<()> {
+    let e = env(backend).await?;
+    let (url, peer, _p) = start_peer().await?;
+    peer.failing.store(true, Ordering::SeqCst);
+    let outbox = Outbox::new(e.db.clone());
+    enqueue(&outbox, &url, 1, "x").await?;
+    let stop = Shutdown::new();
+    let cfg = RelayConfig {
+        max_age: Some(Duration::from_millis(400)),
+        ..relay_config("relay")
+    };
+    let relay = start_relay(&outbox, cfg, &stop)?;
+    wait_db(
+        &e.db,
+        "dead letter",
+        "SELECT COUNT(*) FROM outbox WHERE status = 'dead'",
+        1,
+    )
+    .await?;
+    stop.trigger();
+    relay.await?;
+    let dead = outbox.dead_letters(10).await?;
+    ensure!(
+        dead[0].attempts >= 1
+            && dead[0]
+                .last_error
+                .as_deref()
+                .is_some_and(|r| r.contains("gave up after")),
+        "{dead:?}"
+    );
+    ensure!(peer.total() >= 1, "the peer saw {} attempts", peer.total());
+    e.tdb.cleanup().await;
+    Ok(())
+}
+
 /// While the peer is down the breaker opens and deferrals spend no attempts;
 /// when it returns, the backlog drains.
 async fn open_breaker_defers_without_spending_attempts(backend: Backend) -> Result<()> {
@@ -547,6 +584,7 @@ on_both_backends!(
     resends_happen_only_after_a_lease_expired,
     poison_is_dead_lettered_and_requeued,
     attempt_limit_dead_letters,
+    age_limit_dead_letters,
     open_breaker_defers_without_spending_attempts,
     wakes_up_on_commit,
     graceful_shutdown_with_sends_in_flight,
