@@ -95,7 +95,7 @@ impl FaultProfile {
             "drop_response": self.drop_response,
             "error_503": self.error_503,
             "latency_rate": self.latency_rate,
-            "latency_ms": self.latency.as_millis() as u64,
+            "latency": self.latency.as_millis() as u64,
         })
     }
 }

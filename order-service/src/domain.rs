@@ -49,6 +49,7 @@ impl FromStr for OrderId {
 
 /// One line of an order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Item {
     /// Stock-keeping unit.
     pub sku: String,

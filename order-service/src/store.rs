@@ -94,6 +94,32 @@ impl OrderStore {
         get_in(self.db.pool(), id).await
     }
 
+    /// The order, with the outbox's progress folded in while it is pending in
+    /// an outbox mode: the sends so far and the last failure, so a client
+    /// watching one order sees it being retried.
+    pub async fn get_with_progress(&self, id: OrderId) -> Result<Option<Order>, sqlx::Error> {
+        let Some(mut order) = self.get(id).await? else {
+            return Ok(None);
+        };
+        if order.status == OrderStatus::Pending && order.delivery_mode != DeliveryMode::AtMostOnce {
+            let row = sqlx::query(
+                "SELECT attempts, last_error FROM outbox \
+                 WHERE correlation_id = $1 AND kind = $2 ORDER BY created_at LIMIT 1",
+            )
+            .bind(id.to_string())
+            .bind(crate::shipping::KIND_CREATE_SHIPMENT)
+            .fetch_optional(self.db.pool())
+            .await?;
+            if let Some(row) = row {
+                order.send_attempts = row.try_get("attempts")?;
+                if order.last_error.is_none() {
+                    order.last_error = row.try_get("last_error")?;
+                }
+            }
+        }
+        Ok(Some(order))
+    }
+
     /// Orders after `after` (exclusive), oldest first, optionally of one status.
     pub async fn list(
         &self,
@@ -220,7 +246,7 @@ impl OrderStore {
                 _ => (Some(now), None),
             };
             let res = sqlx::query(
-                "UPDATE orders SET status = $1, updated_at = $2, \
+                "UPDATE orders SET status = $1, updated_at = $2, last_error = NULL, \
                  accepted_at = COALESCE(accepted_at, $3), \
                  shipped_at = COALESCE(shipped_at, $4), \
                  shipment_id = COALESCE(shipment_id, $5) \

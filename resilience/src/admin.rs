@@ -1,7 +1,7 @@
 //! Operator endpoints shared by the services: outbox counts, dead letters and
 //! their requeue, breaker states, and run-time fault rates.
 //!
-//! Off unless a token is configured (every path answers 404 then); with one,
+//! Off unless a non-empty token is configured (every path answers 404 then); with one,
 //! each call needs `Authorization: Bearer <token>` (401 otherwise). The token
 //! is compared in constant time and never logged.
 
@@ -49,7 +49,9 @@ pub fn router(state: AdminState) -> Router {
 
 async fn authorize(State(state): State<AdminState>, req: Request, next: Next) -> Response {
     use axum::response::IntoResponse;
-    let Some(token) = &state.token else {
+    // NOTE: an empty token would match an empty or missing header; it
+    // counts as no token at all.
+    let Some(token) = state.token.as_deref().filter(|t| !t.trim().is_empty()) else {
         return Problem::not_found("admin endpoints are disabled (no ADMIN_TOKEN)").into_response();
     };
     let given = req

@@ -148,7 +148,11 @@ impl Delivery {
                 outbox: outbox.clone(),
                 breakers,
                 faults: cfg.faults,
-                token: args.admin_token.as_deref().map(std::sync::Arc::from),
+                token: args
+                    .admin_token
+                    .as_deref()
+                    .filter(|t| !t.trim().is_empty())
+                    .map(std::sync::Arc::from),
             },
             outbox,
             relay,

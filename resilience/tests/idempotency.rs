@@ -143,6 +143,7 @@ on_both_backends!(
     expired_records_are_ignored_and_reaped,
     identical_requests_at_once_write_once,
     server_error_rolls_back_and_retry_succeeds,
+    client_error_rolls_back_and_frees_the_key,
     replays_after_restart,
     no_key_runs_every_time,
     quoted_string_key_is_the_same_key,
@@ -222,6 +223,17 @@ async fn flaky(State(p): State<Probe>, tx: Tx, name: String) -> Result<Response,
     Ok(created(&id, &name))
 }
 
+/// Writes, then refuses a body of "bad" with 422 (after the write).
+async fn picky(State(p): State<Probe>, tx: Tx, name: String) -> Result<Response, Problem> {
+    p.calls.fetch_add(1, Ordering::SeqCst);
+    let id = insert_widget(&tx, &name).await?;
+    count_hook(&tx, &p);
+    if name == "bad" {
+        return Err(Problem::unprocessable("bad is not a widget name"));
+    }
+    Ok(created(&id, &name))
+}
+
 /// Signals it started, waits for the test to release it, then writes.
 async fn slow(State(p): State<Probe>, tx: Tx, name: String) -> Result<Response, Problem> {
     p.calls.fetch_add(1, Ordering::SeqCst);
@@ -237,6 +249,7 @@ fn app(cfg: IdempotencyConfig, probe: Probe) -> Router {
     Router::new()
         .route("/widgets", post(create).layer(layer.clone()))
         .route("/widgets/flaky", post(flaky).layer(layer.clone()))
+        .route("/widgets/picky", post(picky).layer(layer.clone()))
         .route("/widgets/slow", post(slow).layer(layer))
         .route("/unlayered", post(create))
         .with_state(probe)
@@ -615,6 +628,40 @@ async fn server_error_rolls_back_and_retry_succeeds(env: Env) -> Result<()> {
     probe.failed_once.store(false, Ordering::SeqCst);
     let failed = call(&app, request("/widgets/flaky", None, None, "w")).await?;
     ensure!(failed.status == StatusCode::INTERNAL_SERVER_ERROR);
+    ensure!(count(&env.db, "widgets").await? == 1);
+    Ok(())
+}
+
+/// A refused request (4xx) leaves no trace: its write rolls back, its key
+/// is not recorded, and the corrected request may reuse the key.
+async fn client_error_rolls_back_and_frees_the_key(env: Env) -> Result<()> {
+    let probe = Probe::default();
+    let app = app(config(&env), probe.clone());
+    let refused = post_key(&app, "/widgets/picky", "k-picky", "bad").await?;
+    ensure!(
+        refused.status == StatusCode::UNPROCESSABLE_ENTITY && refused.is_problem(),
+        "{refused:?}"
+    );
+    ensure!(
+        count(&env.db, "widgets").await? == 0,
+        "the write of a refused request survived"
+    );
+    ensure!(
+        count(&env.db, "idempotency_keys").await? == 0,
+        "a 4xx was recorded"
+    );
+    ensure!(probe.hooks() == 0, "after-commit ran for a refused request");
+
+    let fixed = post_key(&app, "/widgets/picky", "k-picky", "good").await?;
+    ensure!(
+        fixed.status == StatusCode::CREATED && !fixed.replayed(),
+        "{fixed:?}"
+    );
+    ensure!(count(&env.db, "widgets").await? == 1);
+
+    // Without a key, a 4xx rolls back too.
+    let refused = call(&app, request("/widgets/picky", None, None, "bad")).await?;
+    ensure!(refused.status == StatusCode::UNPROCESSABLE_ENTITY);
     ensure!(count(&env.db, "widgets").await? == 1);
     Ok(())
 }

@@ -198,6 +198,7 @@ async fn bad_input_is_rejected_and_writes_nothing(backend: TestBackend) -> anyho
         json!({ "customer_id": "c", "items": [{ "sku": "A", "quantity": 1 }], "delivery_mode": "twice" }),
         json!({ "customer_id": "c", "items": [{ "sku": "A", "quantity": 1 }], "surprise": true }),
         json!({ "customer_id": 7, "items": [{ "sku": "A", "quantity": 1 }] }),
+        json!({ "customer_id": "c", "items": [{ "sku": "A", "quantity": 1, "x": 1 }] }),
     ];
     for body in &bad_orders {
         let res = stack.post_order(body).await?;
@@ -218,7 +219,8 @@ async fn bad_input_is_rejected_and_writes_nothing(backend: TestBackend) -> anyho
             .map_err(|e| e.context(body.to_string()))?;
     }
     // shipment events: invalid id, unknown order, bad bodies
-    let ev = json!({ "shipment_id": "s1", "status": "shipped" });
+    let sid = uuid::Uuid::new_v4().to_string();
+    let ev = json!({ "shipment_id": sid, "status": "shipped" });
     expect_problem(stack.post_event("not-a-uuid", &ev).await?, 400).await?;
     expect_problem(
         stack
@@ -236,9 +238,11 @@ async fn bad_input_is_rejected_and_writes_nothing(backend: TestBackend) -> anyho
     let order = stack.create_order("at-most-once").await?;
     let id = order["id"].as_str().unwrap_or_default();
     for body in [
-        json!({ "shipment_id": "s1", "status": "lost" }),
-        json!({ "shipment_id": "s1", "status": "pending" }),
+        json!({ "shipment_id": sid, "status": "lost" }),
+        json!({ "shipment_id": sid, "status": "pending" }),
         json!({ "shipment_id": "", "status": "shipped" }),
+        json!({ "shipment_id": "s1", "status": "shipped" }),
+        json!({ "shipment_id": sid, "status": "shipped", "extra": 1 }),
         json!({ "status": "shipped" }),
     ] {
         expect_problem(stack.post_event(id, &body).await?, 422)
@@ -314,8 +318,9 @@ async fn status_machine_over_http(backend: TestBackend) -> anyhow::Result<()> {
     let id = order["id"].as_str().unwrap_or_default();
     ensure!(order["status"] == "pending");
 
-    let accepted = json!({ "shipment_id": "s-1", "status": "accepted" });
-    let shipped = json!({ "shipment_id": "s-1", "status": "shipped" });
+    let sid = uuid::Uuid::new_v4().to_string();
+    let accepted = json!({ "shipment_id": sid, "status": "accepted" });
+    let shipped = json!({ "shipment_id": sid, "status": "shipped" });
     let res = stack.post_event(id, &accepted).await?;
     ensure!(res.status() == 200);
     ensure!(res.json::<Value>().await?["status"] == "accepted");

@@ -44,6 +44,12 @@ async fn outage_then_recovery(backend: TestBackend) -> anyhow::Result<()> {
     for id in &ids {
         ensure!(stack.order(id).await?["status"] == "pending");
     }
+    // A pending order shows the outbox's progress: sends so far, last failure.
+    let watched = stack.order(&ids[0]).await?;
+    ensure!(
+        watched["send_attempts"].as_i64().unwrap_or(0) >= 1 && watched["last_error"].is_string(),
+        "a pending order during an outage: {watched}"
+    );
     let stats = stack.order_admin("/admin/outbox").await?;
     ensure!(stats["pending"] == 30, "{stats}");
     let attempts = stats["attempts"].as_i64().unwrap_or(i64::MAX);
@@ -177,12 +183,14 @@ async fn dead_letters_over_the_admin_api(backend: TestBackend) -> anyhow::Result
     stack.shutdown().await
 }
 
-/// Admin endpoints are off without a token.
+/// Admin endpoints are off without a token, and an empty token is no token:
+/// it must not let an empty or missing `Authorization` header in.
 async fn admin_is_off_without_a_token(backend: TestBackend) -> anyhow::Result<()> {
     let stack = Stack::start(
         backend,
         StackOptions {
             order: |c| c.delivery.admin_token = None,
+            shipping: |c| c.delivery.admin_token = Some(String::new()),
             ..Default::default()
         },
     )
@@ -194,6 +202,26 @@ async fn admin_is_off_without_a_token(backend: TestBackend) -> anyhow::Result<()
         .send()
         .await?;
     ensure!(res.status() == 404, "{}", res.status());
+    let url = format!("{}/admin/faults", stack.shipping_url);
+    let res = stack.http.get(&url).send().await?;
+    ensure!(
+        res.status() == 404,
+        "empty token, no header: {}",
+        res.status()
+    );
+    let res = stack.http.get(&url).bearer_auth("").send().await?;
+    ensure!(
+        res.status() == 404,
+        "empty token, empty bearer: {}",
+        res.status()
+    );
+    let res = stack
+        .http
+        .put(&url)
+        .json(&json!({ "error_503": 1.0 }))
+        .send()
+        .await?;
+    ensure!(res.status() == 404, "empty token, PUT: {}", res.status());
     stack.shutdown().await
 }
 
@@ -234,6 +262,11 @@ async fn faults_over_the_admin_api(backend: TestBackend) -> anyhow::Result<()> {
     // Every request dropped: an at-most-once order is lost, and counted.
     let res = put(json!({ "drop_request": 1.0 })).await?;
     ensure!(res.status() == 200, "{}", res.status());
+    // A misspelt field is refused, not read as "everything else off".
+    let res = put(json!({ "drop_requests": 0.5 })).await?;
+    ensure!(res.status().is_client_error(), "{}", res.status());
+    let v = stack.order_admin("/admin/faults").await?;
+    ensure!(v["config"]["drop_request"] == 1.0, "{v}");
     let o = stack.create_order("at-most-once").await?;
     let id = o["id"].as_str().unwrap_or_default().to_string();
     let o = stack.order(&id).await?;

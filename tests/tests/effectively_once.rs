@@ -147,6 +147,19 @@ async fn external_client_key_on_post_orders(backend: TestBackend) -> anyhow::Res
         ensure!(res.status() == 400, "key {bad:?}: {}", res.status());
     }
 
+    // Refused input does not use up a key: fixed and retried with the same
+    // key, it creates the order.
+    let invalid = json!({ "customer_id": "c-1", "items": [] });
+    let res = post_order_with_key(&stack, "checkout-43", &invalid).await?;
+    ensure!(res.status() == 422, "{}", res.status());
+    let res = post_order_with_key(&stack, "checkout-43", &body).await?;
+    ensure!(
+        res.status() == 201 && res.headers().get("idempotent-replayed").is_none(),
+        "{} {:?}",
+        res.status(),
+        res.headers()
+    );
+
     // Without a key, each POST is a new order.
     stack.create_order("effectively-once").await?;
     let id = id_of(&first);
@@ -155,7 +168,7 @@ async fn external_client_key_on_post_orders(backend: TestBackend) -> anyhow::Res
     })
     .await?;
     let inv = stack.audit(Some("effectively-once")).await?;
-    ensure!(inv.orders == 2, "{inv:?}");
+    ensure!(inv.orders == 3, "{inv:?}");
     ensure!(stack.shipments_of(&id).await?.len() == 1);
     stack.shutdown().await
 }
@@ -262,13 +275,14 @@ async fn shipment_report_with_key_is_replayed(backend: TestBackend) -> anyhow::R
             .json()
             .await?,
     );
+    let sid = uuid::Uuid::new_v4().to_string();
     let report = |key: &'static str, status: &'static str| {
         stack
             .http
             .post(format!("{}/orders/{id}/shipment-events", stack.order.url))
             .header("idempotency-key", key)
             .header("x-client-id", "shipping-service")
-            .json(&json!({ "shipment_id": "s-1", "status": status }))
+            .json(&json!({ "shipment_id": sid, "status": status }))
             .send()
     };
     let res = report("ev-1", "shipped").await?;

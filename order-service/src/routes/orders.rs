@@ -93,7 +93,12 @@ pub(super) async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<Order>, Problem> {
     let id = parse_id(&id)?;
-    match app.store.get(id).await.map_err(internal_error)? {
+    match app
+        .store
+        .get_with_progress(id)
+        .await
+        .map_err(internal_error)?
+    {
         Some(order) => Ok(Json(order)),
         None => Err(Problem::not_found(format!("no order {id}"))),
     }
@@ -154,10 +159,9 @@ pub(super) async fn shipment_event(
     ApiJson(event): ApiJson<ShipmentEvent>,
 ) -> Result<Json<Order>, Problem> {
     let id = parse_id(&id)?;
-    if event.shipment_id.trim().is_empty() || event.shipment_id.len() > 64 {
-        return Err(Problem::unprocessable(
-            "shipment_id must be 1 to 64 characters",
-        ));
+    // Shipping's ids are UUIDs; anything else did not come from shipping.
+    if uuid::Uuid::parse_str(&event.shipment_id).is_err() {
+        return Err(Problem::unprocessable("shipment_id must be a UUID"));
     }
     if event.status == OrderStatus::Pending {
         return Err(Problem::unprocessable("status must be accepted or shipped"));

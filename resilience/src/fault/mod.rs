@@ -20,7 +20,7 @@ pub use layer::FaultLayer;
 
 /// Fault rates (each a probability in `0..=1`). All zero by default: off.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct FaultConfig {
     /// Fail without calling the peer ([`InjectedFault::RequestDropped`]).
     pub drop_request: f64,

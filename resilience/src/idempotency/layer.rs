@@ -111,7 +111,14 @@ where
     }
 }
 
-/// Transaction per request: commit unless 5xx, then the hooks.
+/// Whether an answer refuses the request: 4xx (bad input, a conflict, not
+/// found) or 5xx. A refused request rolls back and is not recorded, so it
+/// changes nothing, and a retry with the same key runs again.
+fn refused(status: StatusCode) -> bool {
+    status.is_client_error() || status.is_server_error()
+}
+
+/// Transaction per request: commit unless refused (4xx, 5xx), then the hooks.
 async fn without_key<S>(config: &IdempotencyConfig, inner: S, mut req: Request) -> Response
 where
     S: Service<Request, Response = Response, Error = Infallible>,
@@ -120,7 +127,7 @@ where
     req.extensions_mut().insert(tx.clone());
     let res = call_inner(inner, req).await;
     let transaction = tx.finish().await;
-    if res.status().is_server_error() {
+    if refused(res.status()) {
         if let Some(t) = transaction {
             rollback(t).await;
         }
@@ -252,7 +259,7 @@ where
     let Some(mut transaction) = tx.finish().await else {
         return Err(internal_error("the request's transaction disappeared"));
     };
-    if res.status().is_server_error() {
+    if refused(res.status()) {
         rollback(transaction).await;
         return Ok(res);
     }

@@ -39,8 +39,8 @@
 //!
 //! With [`KeyPolicy::Optional`] a request without `Idempotency-Key` is simply
 //! run in a transaction (begun lazily, at the handler's first [`Tx::lock`]),
-//! committed unless the answer is a 5xx, with its after-commit hooks run after
-//! the commit. Nothing is recorded. [`KeyPolicy::Required`] answers it 400.
+//! committed unless the answer is a 4xx or 5xx, with its after-commit hooks
+//! run after the commit. Nothing is recorded. [`KeyPolicy::Required`] answers it 400.
 //!
 //! ## With a key: the state machine
 //!
@@ -50,16 +50,17 @@
 //! ```text
 //!             first request                 commit (response stored)
 //!   absent ─────────────────▶ in flight ─────────────────────────▶ completed
-//!     ▲                         │  5xx / error / commit failure        │
+//!     ▲                         │  4xx, 5xx / error / commit failure   │
 //!     │                         └──────────────▶ absent (rolled back)  │ ttl
 //!     └──────────────── expired (deleted on sight or by the reaper) ◀──┘
 //! ```
 //!
 //! - **absent**: no record. The request runs the handler inside the
-//!   transaction; if the answer is not a 5xx, the response (status, selected
-//!   headers, body) is inserted as the record *in the same transaction* as
-//!   the handler's writes, then committed. A 5xx answer rolls back both the
-//!   handler's writes and the record, so a retry runs the handler again.
+//!   transaction; if the answer is a success (below 400), the response
+//!   (status, selected headers, body) is inserted as the record *in the same
+//!   transaction* as the handler's writes, then committed. A 4xx or 5xx
+//!   answer rolls back both the handler's writes and the record, so a retry
+//!   runs the handler again.
 //! - **in flight**: another request with the same key is between its lookup
 //!   and its commit. How that is detected depends on the backend (below).
 //! - **completed**: the stored response is replayed (same status, headers and
@@ -71,8 +72,12 @@
 //!   absent; a request that finds one deletes it in its own transaction, and
 //!   [`spawn_reaper`] deletes the rest in bounded batches.
 //!
-//! Any answer below 500 is recorded, 4xx included (the draft lets a server
-//! replay errors; the handler decided, and its writes, if any, commit). The
+//! Only successes (1xx to 3xx) are recorded. A refused request (4xx: bad
+//! input, not found, a conflict) leaves no trace: its writes roll back, and a
+//! client that fixes its request may retry with the same key. Stripe works
+//! the same way for requests that fail validation. The fingerprint compares
+//! the body byte for byte, so re-serialised JSON with other spacing is a
+//! different request. The
 //! request body (up to `max_body_bytes`) and the response body of a keyed
 //! request are buffered: keyed routes must not stream unbounded responses.
 //! Stored headers are the response's own except hop-by-hop ones, `Date` and

@@ -37,8 +37,8 @@ struct Shared {
 /// Extract it in a handler of a route wrapped in the layer; on a route
 /// without the layer the extractor answers a 500 problem. The handler writes
 /// through [`Tx::lock`] and never commits: the layer commits after the
-/// handler returns a non-5xx answer (together with the idempotency record)
-/// and rolls back on a 5xx. Do not keep the `Tx` (or a spawned task holding
+/// handler returns a success (together with the idempotency record) and
+/// rolls back on a 4xx or 5xx. Do not keep the `Tx` (or a spawned task holding
 /// it) past the handler: the layer waits for the lock to finish the
 /// transaction.
 #[derive(Clone)]
@@ -86,7 +86,7 @@ impl Tx {
 
     /// Registers `hook` to run after the transaction commits, before the
     /// response is sent. Hooks run in registration order, each awaited; they
-    /// are dropped if the transaction rolls back (5xx answer, failed commit,
+    /// are dropped if the transaction rolls back (4xx or 5xx answer, failed commit,
     /// or a duplicate that lost the race and replays the winner's answer).
     pub fn after_commit<F>(&self, hook: F)
     where
