@@ -288,6 +288,12 @@ impl Lab {
             "2s".into(),
             "--relay-poll".into(),
             "500ms".into(),
+            // A SIGKILLed relay's claims are taken over once its lease runs
+            // out; 5 s (more than the 2 s request timeout, so a live relay
+            // never loses a claim it is using) keeps a kill from stalling
+            // delivery for the default 30 s.
+            "--relay-lease".into(),
+            "5s".into(),
             "--fault-seed".into(),
             config.seed.to_string(),
         ];
