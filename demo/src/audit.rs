@@ -147,8 +147,12 @@ async fn load_shipments(
         e.shipments += 1;
         e.any_shipped |= status == "shipped";
         e.first_created = Some(e.first_created.map_or(created, |f| f.min(created)));
-        e.attempts += r.try_get::<i64, _>("report_attempts")?;
-        e.attempts += report_attempts.get(&id).copied().unwrap_or(0);
+        // Reports sent through the outbox are counted there (the shipment's
+        // column is a copy made at the end); at-most-once ones on the row.
+        e.attempts += match report_attempts.get(&id) {
+            Some(n) => *n,
+            None => r.try_get::<i64, _>("report_attempts")?,
+        };
     }
     Ok(per_order)
 }

@@ -118,7 +118,9 @@ impl DeliveryHandler for ReportAcks {
         _response: &http::Response<Bytes>,
     ) -> Result<(), sqlx::Error> {
         if let Some(id) = shipment_of(msg) {
-            self.store.mark_reported(&mut **tx, id, None).await?;
+            self.store
+                .mark_reported(&mut **tx, id, None, msg.attempts + 1)
+                .await?;
         }
         Ok(())
     }
@@ -132,7 +134,7 @@ impl DeliveryHandler for ReportAcks {
         if let Some(id) = shipment_of(msg) {
             let reason = format!("dead-lettered: {reason}");
             self.store
-                .mark_reported(&mut **tx, id, Some(&reason))
+                .mark_reported(&mut **tx, id, Some(&reason), msg.attempts + 1)
                 .await?;
         }
         Ok(())

@@ -178,25 +178,28 @@ impl ShipmentStore {
         shipment_from_row(&row).map(Some)
     }
 
-    /// Records the outcome of an outbox-delivered report (attempts are
-    /// counted in the outbox): `None` means order-service acknowledged it.
+    /// Records the final outcome of an outbox-delivered report: `None` means
+    /// order-service acknowledged it. `attempts` is the outbox's count of
+    /// sends, copied so that the shipment shows it.
     pub async fn mark_reported<'e, E>(
         &self,
         executor: E,
         id: Uuid,
         error: Option<&str>,
+        attempts: i64,
     ) -> Result<(), sqlx::Error>
     where
         E: sqlx::Executor<'e, Database = Any>,
     {
         let now = now_ms();
         sqlx::query(
-            "UPDATE shipments SET report_error = $1, \
+            "UPDATE shipments SET report_error = $1, report_attempts = $3, \
              reported_at = CASE WHEN $1 IS NULL THEN COALESCE(reported_at, $2) ELSE reported_at END, \
-             updated_at = $2 WHERE id = $3",
+             updated_at = $2 WHERE id = $4",
         )
         .bind(error)
         .bind(now)
+        .bind(attempts)
         .bind(id.to_string())
         .execute(executor)
         .await?;

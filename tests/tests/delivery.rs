@@ -77,6 +77,16 @@ async fn outage_then_recovery(backend: TestBackend) -> anyhow::Result<()> {
         order["send_attempts"].as_i64().unwrap_or(0) >= 2,
         "send_attempts after an outage: {order}"
     );
+    // The shipment shows the reports it took once order-service acknowledged.
+    let reported = eventually(SETTLE, "the shipped report acknowledged", || async {
+        let shipments = stack.shipments_of(&ids[0]).await?;
+        Ok(shipments.into_iter().find(|s| s["reported_at"].is_string()))
+    })
+    .await?;
+    ensure!(
+        reported["report_attempts"].as_i64().unwrap_or(0) >= 1,
+        "{reported}"
+    );
     let inv = stack.audit(Some("at-least-once")).await?;
     ensure!(
         inv.orders == 30 && inv.lost == 0 && inv.unacknowledged == 0,
