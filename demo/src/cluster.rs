@@ -318,7 +318,7 @@ impl Cluster {
     }
 
     /// Sets the fault rates of both services' outgoing stacks (admin endpoint).
-    pub async fn set_faults(&self, faults: &serde_json::Value) -> anyhow::Result<()> {
+    pub async fn set_faults(&self, faults: &crate::lab::FaultProfile) -> anyhow::Result<()> {
         for p in [&self.order, &self.shipping] {
             let res = self
                 .http

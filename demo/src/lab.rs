@@ -36,7 +36,8 @@ use tokio::sync::Mutex;
 use crate::audit::{audit_all, Invariants};
 use crate::cluster::{Cluster, ClusterConfig, Kind};
 
-/// Fault rates of both services' outgoing stacks.
+/// Fault rates of both services' outgoing stacks. Serialized, it is the body
+/// of the services' `PUT /admin/faults`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct FaultProfile {
     /// Requests dropped before they reach the peer.
@@ -87,16 +88,6 @@ impl FaultProfile {
             "--fault-latency".into(),
             format!("{}ms", self.latency.as_millis()),
         ]
-    }
-
-    fn json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "drop_request": self.drop_request,
-            "drop_response": self.drop_response,
-            "error_503": self.error_503,
-            "latency_rate": self.latency_rate,
-            "latency": self.latency.as_millis() as u64,
-        })
     }
 }
 
@@ -367,7 +358,7 @@ impl Lab {
                 }
                 p.start(&http).await?;
             }
-            c.set_faults(&FaultProfile::NONE.json()).await?;
+            c.set_faults(&FaultProfile::NONE).await?;
         }
         let settled = self.settle(&bars).await?;
         bars.finish();

@@ -86,11 +86,9 @@ async fn requeue_one(
 ) -> Result<Json<Value>, Problem> {
     // Message ids are UUIDs; anything else cannot name one.
     if uuid::Uuid::parse_str(&id).is_err() {
-        return Err(
-            Problem::new(StatusCode::BAD_REQUEST, "bad request").detail(format!(
-                "{id:?} is not a valid message id (expected a UUID)"
-            )),
-        );
+        return Err(Problem::bad_request(format!(
+            "{id:?} is not a valid message id (expected a UUID)"
+        )));
     }
     if s.outbox.requeue(&id).await.map_err(internal_error)? {
         Ok(Json(json!({ "requeued": 1 })))

@@ -148,11 +148,8 @@ impl Delivery {
                 outbox: outbox.clone(),
                 breakers,
                 faults: cfg.faults,
-                token: args
-                    .admin_token
-                    .as_deref()
-                    .filter(|t| !t.trim().is_empty())
-                    .map(std::sync::Arc::from),
+                // An empty token is refused by the admin middleware itself.
+                token: args.admin_token.as_deref().map(std::sync::Arc::from),
             },
             outbox,
             relay,

@@ -16,7 +16,7 @@ use axum::routing::post;
 use axum::Router;
 use resilience::circuit_breaker::BreakerRegistry;
 use resilience::fault::{FaultConfig, FaultHandle};
-use resilience::outbox::{NoopHandler, Outbox, OutgoingRequest, Relay, RelayConfig};
+use resilience::outbox::{DeadLetter, NoopHandler, Outbox, OutgoingRequest, Relay, RelayConfig};
 use resilience::retry::Backoff;
 use resilience::service::Shutdown;
 use resilience::stack::{self, StackConfig};
@@ -323,19 +323,20 @@ async fn poison_is_dead_lettered_and_requeued(backend: Backend) -> Result<()> {
     Ok(())
 }
 
-/// An attempt limit dead-letters a message the peer keeps failing.
-async fn attempt_limit_dead_letters(backend: Backend) -> Result<()> {
+/// Runs a relay with `limits` against a peer that always fails, until the
+/// one message is dead-lettered; returns the dead letters and the attempts
+/// the peer saw.
+async fn dead_letter_under(
+    backend: Backend,
+    limits: RelayConfig,
+) -> Result<(Vec<DeadLetter>, u64)> {
     let e = env(backend).await?;
     let (url, peer, _p) = start_peer().await?;
     peer.failing.store(true, Ordering::SeqCst);
     let outbox = Outbox::new(e.db.clone());
     enqueue(&outbox, &url, 1, "x").await?;
     let stop = Shutdown::new();
-    let cfg = RelayConfig {
-        max_attempts: Some(3),
-        ..relay_config("relay")
-    };
-    let relay = start_relay(&outbox, cfg, &stop)?;
+    let relay = start_relay(&outbox, limits, &stop)?;
     wait_db(
         &e.db,
         "dead letter",
@@ -345,8 +346,20 @@ async fn attempt_limit_dead_letters(backend: Backend) -> Result<()> {
     .await?;
     stop.trigger();
     relay.await?;
-    ensure!(peer.total() == 3, "three attempts, got {}", peer.total());
     let dead = outbox.dead_letters(10).await?;
+    let seen = peer.total();
+    e.tdb.cleanup().await;
+    Ok((dead, seen))
+}
+
+/// An attempt limit dead-letters a message the peer keeps failing.
+async fn attempt_limit_dead_letters(backend: Backend) -> Result<()> {
+    let cfg = RelayConfig {
+        max_attempts: Some(3),
+        ..relay_config("relay")
+    };
+    let (dead, seen) = dead_letter_under(backend, cfg).await?;
+    ensure!(seen == 3, "three attempts, got {seen}");
     ensure!(
         dead[0].attempts == 3
             && dead[0]
@@ -354,34 +367,17 @@ async fn attempt_limit_dead_letters(backend: Backend) -> Result<()> {
                 .as_deref()
                 .is_some_and(|r| r.contains("gave up"))
     );
-    e.tdb.cleanup().await;
     Ok(())
 }
 
 /// An age limit dead-letters a message the peer keeps failing once it is
 /// older than the limit, whatever its attempt count.
 async fn age_limit_dead_letters(backend: Backend) -> Result<()> {
-    let e = env(backend).await?;
-    let (url, peer, _p) = start_peer().await?;
-    peer.failing.store(true, Ordering::SeqCst);
-    let outbox = Outbox::new(e.db.clone());
-    enqueue(&outbox, &url, 1, "x").await?;
-    let stop = Shutdown::new();
     let cfg = RelayConfig {
         max_age: Some(Duration::from_millis(400)),
         ..relay_config("relay")
     };
-    let relay = start_relay(&outbox, cfg, &stop)?;
-    wait_db(
-        &e.db,
-        "dead letter",
-        "SELECT COUNT(*) FROM outbox WHERE status = 'dead'",
-        1,
-    )
-    .await?;
-    stop.trigger();
-    relay.await?;
-    let dead = outbox.dead_letters(10).await?;
+    let (dead, seen) = dead_letter_under(backend, cfg).await?;
     ensure!(
         dead[0].attempts >= 1
             && dead[0]
@@ -390,8 +386,7 @@ async fn age_limit_dead_letters(backend: Backend) -> Result<()> {
                 .is_some_and(|r| r.contains("gave up after")),
         "{dead:?}"
     );
-    ensure!(peer.total() >= 1, "the peer saw {} attempts", peer.total());
-    e.tdb.cleanup().await;
+    ensure!(seen >= 1, "the peer saw {seen} attempts");
     Ok(())
 }
 

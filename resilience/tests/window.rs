@@ -17,6 +17,24 @@ fn naive(evs: &[Ev]) -> Totals {
     }
 }
 
+/// Records `evs` one by one, checking after each that the window holds
+/// exactly the last `size` of them; returns them all.
+fn record_and_compare(
+    w: &CountWindow,
+    epoch: u16,
+    size: usize,
+    evs: &[Ev],
+) -> Result<Vec<Ev>, TestCaseError> {
+    let mut all = Vec::new();
+    for e in evs {
+        all.push(*e);
+        let got = w.record(epoch, e.failure, e.slow).expect("current epoch");
+        let start = all.len().saturating_sub(size);
+        prop_assert_eq!(got, naive(&all[start..]));
+    }
+    Ok(all)
+}
+
 fn ev() -> impl Strategy<Value = Ev> {
     (any::<bool>(), prop::bool::weighted(0.2)).prop_map(|(failure, slow)| Ev { failure, slow })
 }
@@ -28,13 +46,7 @@ proptest! {
     #[test]
     fn count_window_matches_last_n(size in 1usize..40, evs in prop::collection::vec(ev(), 0..300)) {
         let w = CountWindow::new(size, 7);
-        let mut all = Vec::new();
-        for e in &evs {
-            all.push(*e);
-            let got = w.record(7, e.failure, e.slow).expect("current epoch");
-            let start = all.len().saturating_sub(size);
-            prop_assert_eq!(got, naive(&all[start..]));
-        }
+        let all = record_and_compare(&w, 7, size, &evs)?;
         // Stale epochs are dropped and do not disturb the window.
         prop_assert!(w.record(6, true, true).is_none());
         let start = all.len().saturating_sub(size);
@@ -59,13 +71,7 @@ proptest! {
         ),
     ) {
         let w = CountWindow::new(size, 3);
-        let mut all = Vec::new();
-        for e in &evs {
-            all.push(*e);
-            let got = w.record(3, e.failure, e.slow).expect("current epoch");
-            let start = all.len().saturating_sub(size);
-            prop_assert_eq!(got, naive(&all[start..]));
-        }
+        record_and_compare(&w, 3, size, &evs)?;
     }
 
     #[test]
