@@ -194,6 +194,101 @@ fn summarize(
     inv
 }
 
+/// The story of each order that broke its mode's promise, read from both
+/// databases: the order row, its shipments, and the outbox rows on both sides
+/// (at most `max` orders). Printed when an invariant breaks, so a failed run
+/// says why without keeping its databases.
+pub async fn evidence(order_db: &Db, shipping_db: &Db, max: usize) -> anyhow::Result<Vec<String>> {
+    let orders = load_orders(order_db).await?;
+    let per_order = load_shipments(order_db, shipping_db, &orders).await?;
+    let empty = PerOrder::default();
+    let mut broken: Vec<(&String, &OrderRow)> = orders
+        .iter()
+        .filter(|(id, o)| {
+            let p = per_order.get(*id).unwrap_or(&empty);
+            let lost = p.shipments == 0;
+            let unacked = p.any_shipped && o.status != "shipped";
+            match o.mode.as_str() {
+                "at-least-once" => lost || unacked,
+                "effectively-once" => lost || unacked || p.shipments > 1,
+                _ => p.shipments > 1,
+            }
+        })
+        .collect();
+    broken.sort_by_key(|(_, o)| o.created_at);
+    let mut out = Vec::new();
+    for (id, o) in broken.into_iter().take(max) {
+        let mut story = format!("order {id} ({}): status {}", o.mode, o.status);
+        let row = sqlx::query(
+            "SELECT shipment_id, last_error, created_at, accepted_at, shipped_at FROM orders \
+             WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(order_db.pool())
+        .await?;
+        let opt = |c: &str| -> anyhow::Result<String> {
+            Ok(match row.try_get::<Option<i64>, _>(c)? {
+                Some(t) => format!("+{} ms", t - o.created_at),
+                None => "-".into(),
+            })
+        };
+        story += &format!(
+            ", shipment_id {:?}, accepted {}, shipped {}, last_error {:?}",
+            row.try_get::<Option<String>, _>("shipment_id")?,
+            opt("accepted_at")?,
+            opt("shipped_at")?,
+            row.try_get::<Option<String>, _>("last_error")?,
+        );
+        story += &outbox_rows(order_db, id, o.created_at).await?;
+        let shipments = sqlx::query(
+            "SELECT id, status, created_at, report_error FROM shipments WHERE order_id = $1 \
+             ORDER BY created_at",
+        )
+        .bind(id)
+        .fetch_all(shipping_db.pool())
+        .await?;
+        for s in shipments {
+            let sid: String = s.try_get("id")?;
+            story += &format!(
+                "\n    shipment {sid}: {} (created +{} ms), report_error {:?}",
+                s.try_get::<String, _>("status")?,
+                s.try_get::<i64, _>("created_at")? - o.created_at,
+                s.try_get::<Option<String>, _>("report_error")?,
+            );
+            story += &outbox_rows(shipping_db, &sid, o.created_at).await?;
+        }
+        out.push(story);
+    }
+    Ok(out)
+}
+
+/// The outbox rows of one correlation id, one line each.
+async fn outbox_rows(db: &Db, correlation: &str, t0: i64) -> anyhow::Result<String> {
+    let rows = sqlx::query(
+        "SELECT id, kind, status, attempts, last_status, last_error, created_at, updated_at \
+         FROM outbox WHERE correlation_id = $1 ORDER BY created_at",
+    )
+    .bind(correlation)
+    .fetch_all(db.pool())
+    .await?;
+    let mut out = String::new();
+    for r in rows {
+        out += &format!(
+            "\n      outbox {}: {} after {} attempts (created +{} ms, updated +{} ms), \
+             last status {:?}, last error {:?}, id {}",
+            r.try_get::<String, _>("kind")?,
+            r.try_get::<String, _>("status")?,
+            r.try_get::<i64, _>("attempts")?,
+            r.try_get::<i64, _>("created_at")? - t0,
+            r.try_get::<i64, _>("updated_at")? - t0,
+            r.try_get::<Option<i64>, _>("last_status")?,
+            r.try_get::<Option<String>, _>("last_error")?,
+            r.try_get::<String, _>("id")?,
+        );
+    }
+    Ok(out)
+}
+
 /// Nearest-rank percentile of sorted values.
 pub fn percentile(sorted: &[i64], p: f64) -> Option<i64> {
     if sorted.is_empty() {

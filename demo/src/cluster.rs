@@ -155,9 +155,14 @@ impl Process {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("opening {}", self.log.display()))?;
+        // The outbox's retries are logged too, so a broken run's logs tell
+        // what each attempt met (RUST_LOG, when set, wins).
+        let filter = std::env::var("RUST_LOG")
+            .unwrap_or_else(|_| "info,sqlx=warn,hyper=warn,resilience::outbox=debug".into());
         let child = Command::new(&self.exe)
             .arg(self.kind.name())
             .args(&self.args)
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -201,6 +201,10 @@ pub struct LabReport {
     pub rows: Vec<Invariants>,
     /// Broken invariants of hardened modes (empty: all held).
     pub violations: Vec<String>,
+    /// When an invariant broke: what both databases hold about the first
+    /// offending orders (their rows, shipments and outbox messages).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub evidence: Vec<String>,
 }
 
 /// The invariants a mode promises (DESIGN.md), as broken-rule messages.
@@ -371,7 +375,12 @@ impl Lab {
                 .and_then(|m| DeliveryMode::ALL.iter().position(|x| x.as_str() == m))
                 .unwrap_or(usize::MAX)
         });
-        let violations = rows.iter().flat_map(violations).collect();
+        let violations: Vec<String> = rows.iter().flat_map(violations).collect();
+        let evidence = if violations.is_empty() {
+            Vec::new()
+        } else {
+            crate::audit::evidence(&self.order_db, &self.shipping_db, 5).await?
+        };
         Ok(LabReport {
             seed: cfg.seed,
             backend: match cfg.storage {
@@ -387,6 +396,7 @@ impl Lab {
             elapsed_secs: started.elapsed().as_secs_f64(),
             rows,
             violations,
+            evidence,
         })
     }
 

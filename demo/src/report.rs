@@ -134,6 +134,9 @@ pub fn render(report: &LabReport) -> String {
         out.push_str("Every hardened mode kept its promise.\n");
     } else {
         let _ = writeln!(out, "BROKEN INVARIANTS: {}", report.violations.join("; "));
+        for story in &report.evidence {
+            let _ = writeln!(out, "  {story}");
+        }
     }
     out
 }
@@ -170,6 +173,7 @@ mod tests {
                 row("effectively-once", 0, 0),
             ],
             violations: Vec::new(),
+            evidence: Vec::new(),
         };
         let text = render(&report);
         assert!(text.contains("loses (as designed)"), "{text}");

@@ -353,6 +353,16 @@ impl Stack {
         )
         .await
     }
+
+    /// What both databases hold about the orders that broke their promise.
+    pub async fn evidence(&self) -> anyhow::Result<Vec<String>> {
+        audit::evidence(
+            &self.dbs.order_db().await?,
+            &self.dbs.shipping_db().await?,
+            10,
+        )
+        .await
+    }
 }
 
 /// A valid order body.

@@ -41,10 +41,35 @@ async fn run(cfg: LabConfig) -> anyhow::Result<LabReport> {
     let lab = Lab::start(cfg).await?;
     let report = lab.run().await;
     let logs = lab.log_paths().await;
+    if let Ok(r) = &report {
+        print_logs_of(&r.evidence, &logs);
+    }
     lab.shutdown(false).await?;
     let report = report.map_err(|e| e.context(format!("seed {seed}; logs {logs:?}")))?;
     eprintln!("{}", demo::report::render(&report));
     Ok(report)
+}
+
+/// The services' log lines that mention an order or shipment of the
+/// evidence (there is evidence only when an invariant broke).
+fn print_logs_of(evidence: &[String], logs: &[std::path::PathBuf]) {
+    let ids: Vec<&str> = evidence
+        .iter()
+        .flat_map(|story| story.split(|c: char| !(c.is_ascii_hexdigit() || c == '-')))
+        .filter(|t| uuid::Uuid::parse_str(t).is_ok())
+        .collect();
+    if ids.is_empty() {
+        return;
+    }
+    for path in logs {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        eprintln!("--- {} (lines about {} ids)", path.display(), ids.len());
+        for line in text.lines().filter(|l| ids.iter().any(|id| l.contains(id))) {
+            eprintln!("{line}");
+        }
+    }
 }
 
 /// The table of DESIGN.md, row by row, plus: the chaos really happened.

@@ -306,7 +306,59 @@ async fn faults_over_the_admin_api(backend: TestBackend) -> anyhow::Result<()> {
     stack.shutdown().await
 }
 
+/// A broken invariant comes with its story from both databases: the order,
+/// its shipments, the outbox messages on each side.
+async fn broken_orders_come_with_evidence(backend: TestBackend) -> anyhow::Result<()> {
+    let stack = Stack::start(backend, StackOptions::default()).await?;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            stack.create_order("at-least-once").await?["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    all_shipped(&stack, &ids).await?;
+    ensure!(stack.evidence().await?.is_empty(), "nothing is broken yet");
+    // Break two promises behind the services' backs: an acknowledgement
+    // forgotten, a shipment lost.
+    let order_db = stack.dbs.order_db().await?;
+    sqlx::query("UPDATE orders SET status = 'accepted' WHERE id = $1")
+        .bind(&ids[0])
+        .execute(order_db.pool())
+        .await?;
+    let shipping_db = stack.dbs.shipping_db().await?;
+    sqlx::query("DELETE FROM shipments WHERE order_id = $1")
+        .bind(&ids[1])
+        .execute(shipping_db.pool())
+        .await?;
+    let inv = stack.audit(Some("at-least-once")).await?;
+    ensure!(inv.unacknowledged == 1 && inv.lost == 1, "{inv:?}");
+    let evidence = stack.evidence().await?;
+    eprintln!("{}", evidence.join("\n"));
+    ensure!(evidence.len() == 2, "{evidence:#?}");
+    let of = |id: &str| evidence.iter().find(|s| s.contains(id)).cloned();
+    let unacked = of(&ids[0]).unwrap_or_default();
+    for part in [
+        "status accepted",
+        "outbox create-shipment: delivered after 1 attempts",
+        ": shipped (created +",
+        "outbox shipped-report: delivered",
+    ] {
+        ensure!(unacked.contains(part), "{part:?} missing from:\n{unacked}");
+    }
+    let lost = of(&ids[1]).unwrap_or_default();
+    ensure!(
+        lost.contains("status shipped") && !lost.contains("    shipment "),
+        "{lost}"
+    );
+    ensure!(of(&ids[2]).is_none(), "a healthy order is not evidence");
+    stack.shutdown().await
+}
+
 both_backends!(
+    broken_orders_come_with_evidence,
     outage_then_recovery,
     lost_responses_duplicate_at_least_once,
     dead_letters_over_the_admin_api,
