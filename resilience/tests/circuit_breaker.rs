@@ -496,6 +496,38 @@ async fn per_authority_isolates_destinations() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn per_authority_checks_the_circuit_before_inner_readiness() {
+    let reg = BreakerRegistry::new(cfg().build().unwrap(), 16);
+    reg.get_or_create("down").transition_to_forced_open();
+    let (inner, mut handle) =
+        tower_test::mock::pair::<http::Request<Bytes>, http::Response<Bytes>>();
+    handle.allow(0); // the inner service is not ready
+    let mut svc = PerAuthorityLayer::new(reg.clone()).layer(inner);
+    let req = |host: &str| {
+        http::Request::get(format!("http://{host}/x"))
+            .body(Bytes::new())
+            .unwrap()
+    };
+    // An open circuit answers at once, without waiting for the inner service.
+    let rejected = tokio::time::timeout(Duration::from_secs(1), async {
+        svc.ready().await.unwrap().call(req("down")).await
+    })
+    .await
+    .expect("the rejection waited for the inner service's readiness");
+    assert!(CircuitOpen::find(&*rejected.unwrap_err()).is_some());
+    // An admitted request waits for the inner service's readiness in its future.
+    let call = tokio::spawn(svc.ready().await.unwrap().call(req("up")));
+    let early = tokio::time::timeout(Duration::from_millis(50), handle.next_request()).await;
+    assert!(early.is_err(), "called before the inner service was ready");
+    handle.allow(1);
+    let (got, respond) = handle.next_request().await.unwrap();
+    assert_eq!(got.uri().host(), Some("up"));
+    respond.send_response(http::Response::new(Bytes::new()));
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    assert_eq!(reg.get("up").unwrap().snapshot().calls, 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn inner_breaker_rejection_is_ignored_by_outer_http_breaker() {
     // Outer breaker with the default HttpClassifier sees the inner
     // breaker's CircuitOpen errors and must not count them.

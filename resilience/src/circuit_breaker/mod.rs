@@ -21,7 +21,10 @@
 //!   per-request errors: a `tower::buffer::Buffer` in front stays usable
 //!   (a `poll_ready` error would kill it), and a retry layer above sees a
 //!   normal error it can inspect. If `poll_ready` is called again before
-//!   `call`, the admission is re-evaluated.
+//!   `call`, the admission is re-evaluated. [`PerAuthority`] learns the
+//!   destination only in `call`: it checks that destination's circuit there,
+//!   and an admitted request waits for a clone of the inner service to be
+//!   ready inside its future.
 //! - Time-based transitions (open → half-open, half-open maximum wait) are
 //!   made lazily by the next admission; there is no background task.
 //!
@@ -55,7 +58,7 @@ pub use error::{CircuitOpen, ConfigError};
 pub use future::ResponseFuture;
 pub use handle::{BreakerHandle, CallPermit, Snapshot, State, StateChange};
 pub use layer::CircuitBreakerLayer;
-pub use registry::{BreakerRegistry, PerAuthority, PerAuthorityLayer};
+pub use registry::{BreakerRegistry, PerAuthority, PerAuthorityFuture, PerAuthorityLayer};
 
 use handle::Permit;
 

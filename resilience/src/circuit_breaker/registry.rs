@@ -2,16 +2,19 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
+use pin_project_lite::pin_project;
 use tower::{BoxError, Layer, Service};
 
 use super::classify::{Classifier, HttpClassifier};
 use super::config::CircuitBreakerConfig;
-use super::future::ResponseFuture;
-use super::handle::{BreakerHandle, State};
+use super::error::CircuitOpen;
+use super::handle::{BreakerHandle, Permit, State};
 
 struct Entry {
     handle: BreakerHandle,
@@ -182,10 +185,13 @@ impl<S, K: Clone> Layer<S> for PerAuthorityLayer<K> {
 /// Guards each `http::Request` with the breaker of its URI authority (or
 /// `Host` header; requests with neither share the breaker keyed `""`).
 ///
-/// Unlike [`CircuitBreaker`](super::CircuitBreaker), the destination is only
-/// known in `call`, so here the inner service's readiness is polled first
-/// and the circuit is checked in `call`; a rejected request then leaves the
-/// inner service's reserved readiness unused.
+/// The destination is only known in `call`, so `poll_ready` is always ready
+/// and `call` checks the circuit first: a rejected request never touches the
+/// inner service. An admitted one drives a clone of the inner service to
+/// readiness inside its future, then calls it (tower's clone-in-`call`
+/// pattern; the inner service must be `Clone`). As with
+/// [`CircuitBreaker`](super::CircuitBreaker), the circuit is checked before
+/// the inner service's readiness is polled.
 #[derive(Debug, Clone)]
 pub struct PerAuthority<S, K = HttpClassifier> {
     inner: S,
@@ -215,23 +221,112 @@ pub fn authority_of<B>(req: &http::Request<B>) -> &str {
 
 impl<S, K, B> Service<http::Request<B>> for PerAuthority<S, K>
 where
-    S: Service<http::Request<B>>,
+    S: Service<http::Request<B>> + Clone,
     S::Error: Into<BoxError>,
     K: Classifier<S::Response, BoxError> + Clone,
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future, K>;
+    type Future = PerAuthorityFuture<S, http::Request<B>, S::Future, K>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness is the admitted request's business (see the type's docs).
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let handle = self.registry.get_or_create(authority_of(&req));
+        let classifier = self.classifier.clone();
         match handle.shared.try_acquire() {
-            Ok(p) => ResponseFuture::called(self.inner.call(req), p, self.classifier.clone()),
-            Err(e) => ResponseFuture::rejected(Box::new(e), self.classifier.clone()),
+            Ok(permit) => PerAuthorityFuture {
+                state: PaState::Waiting {
+                    svc: self.inner.clone(),
+                    req: Some(req),
+                },
+                permit: Some(permit),
+                classifier,
+            },
+            Err(open) => PerAuthorityFuture {
+                state: PaState::Done {
+                    err: Some(Box::new(open)),
+                },
+                permit: None,
+                classifier,
+            },
         }
     }
 }
+
+pin_project! {
+    /// Future of [`PerAuthority`]: an immediate [`CircuitOpen`], or the
+    /// admitted request waiting for the inner service's readiness, then its
+    /// call, recorded on completion.
+    ///
+    /// Dropping it before completion records nothing; a half-open probe
+    /// permit it holds is given back.
+    pub struct PerAuthorityFuture<S, R, F, K> {
+        #[pin]
+        state: PaState<S, R, F>,
+        permit: Option<Permit>,
+        classifier: K,
+    }
+}
+
+pin_project! {
+    #[project = PaStateProj]
+    enum PaState<S, R, F> {
+        Waiting { svc: S, req: Option<R> },
+        Called { #[pin] fut: F },
+        Done { err: Option<Box<CircuitOpen>> },
+    }
+}
+
+impl<S, R, F, K> fmt::Debug for PerAuthorityFuture<S, R, F, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PerAuthorityFuture")
+            .field("permit", &self.permit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, R, K> Future for PerAuthorityFuture<S, R, S::Future, K>
+where
+    S: Service<R>,
+    S::Error: Into<BoxError>,
+    K: Classifier<S::Response, BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let res = match this.state.as_mut().project() {
+                PaStateProj::Waiting { svc, req } => match ready!(svc.poll_ready(cx)) {
+                    Ok(()) => match req.take() {
+                        Some(req) => {
+                            let fut = svc.call(req);
+                            this.state.set(PaState::Called { fut });
+                            continue;
+                        }
+                        None => Err(BoxError::from(AFTER_COMPLETION)),
+                    },
+                    Err(e) => Err(e.into()),
+                },
+                PaStateProj::Called { fut } => ready!(fut.poll(cx)).map_err(Into::into),
+                PaStateProj::Done { err } => {
+                    return Poll::Ready(Err(match err.take() {
+                        Some(open) => open,
+                        None => AFTER_COMPLETION.into(),
+                    }))
+                }
+            };
+            if let Some(permit) = this.permit.take() {
+                permit.complete(this.classifier.classify(res.as_ref()));
+            }
+            this.state.set(PaState::Done { err: None });
+            return Poll::Ready(res);
+        }
+    }
+}
+
+const AFTER_COMPLETION: &str = "circuit breaker response future polled after completion";
