@@ -28,6 +28,9 @@ pub struct Invariants {
     pub unacknowledged: usize,
     /// HTTP attempts spent, both directions (plain calls and outbox sends).
     pub attempts: i64,
+    /// Outbox messages of these orders the relays gave up on (dead letters),
+    /// both directions.
+    pub dead_letters: usize,
     /// Order created → first shipment created, 50th percentile, ms.
     pub latency_p50_ms: Option<i64>,
     /// Order created → first shipment created, 99th percentile, ms.
@@ -48,6 +51,7 @@ struct PerOrder {
     any_shipped: bool,
     first_created: Option<i64>,
     attempts: i64,
+    dead: usize,
 }
 
 /// Counts the invariants of every mode present, plus one row for `None` (all).
@@ -111,24 +115,31 @@ async fn load_shipments(
 ) -> anyhow::Result<HashMap<String, PerOrder>> {
     let mut per_order: HashMap<String, PerOrder> = HashMap::new();
     // Requests order → shipping sent through the outbox, per order.
-    let rows =
-        sqlx::query("SELECT correlation_id, attempts FROM outbox WHERE kind = 'create-shipment'")
-            .fetch_all(order_db.pool())
-            .await?;
+    let rows = sqlx::query(
+        "SELECT correlation_id, attempts, status FROM outbox WHERE kind = 'create-shipment'",
+    )
+    .fetch_all(order_db.pool())
+    .await?;
     for r in rows {
         if let Some(id) = r.try_get::<Option<String>, _>("correlation_id")? {
-            per_order.entry(id).or_default().attempts += r.try_get::<i64, _>("attempts")?;
+            let e = per_order.entry(id).or_default();
+            e.attempts += r.try_get::<i64, _>("attempts")?;
+            e.dead += usize::from(r.try_get::<String, _>("status")? == "dead");
         }
     }
     // Shipped reports shipping → order sent through the outbox, per shipment.
-    let rows =
-        sqlx::query("SELECT correlation_id, attempts FROM outbox WHERE kind = 'shipped-report'")
-            .fetch_all(shipping_db.pool())
-            .await?;
-    let mut report_attempts: HashMap<String, i64> = HashMap::new();
+    let rows = sqlx::query(
+        "SELECT correlation_id, attempts, status FROM outbox WHERE kind = 'shipped-report'",
+    )
+    .fetch_all(shipping_db.pool())
+    .await?;
+    // Per shipment: attempts and dead letters.
+    let mut reports: HashMap<String, (i64, usize)> = HashMap::new();
     for r in rows {
         if let Some(id) = r.try_get::<Option<String>, _>("correlation_id")? {
-            *report_attempts.entry(id).or_default() += r.try_get::<i64, _>("attempts")?;
+            let e = reports.entry(id).or_default();
+            e.0 += r.try_get::<i64, _>("attempts")?;
+            e.1 += usize::from(r.try_get::<String, _>("status")? == "dead");
         }
     }
     let rows =
@@ -149,10 +160,13 @@ async fn load_shipments(
         e.first_created = Some(e.first_created.map_or(created, |f| f.min(created)));
         // Reports sent through the outbox are counted there (the shipment's
         // column is a copy made at the end); at-most-once ones on the row.
-        e.attempts += match report_attempts.get(&id) {
-            Some(n) => *n,
-            None => r.try_get::<i64, _>("report_attempts")?,
-        };
+        match reports.get(&id) {
+            Some((attempts, dead)) => {
+                e.attempts += attempts;
+                e.dead += dead;
+            }
+            None => e.attempts += r.try_get::<i64, _>("report_attempts")?,
+        }
     }
     Ok(per_order)
 }
@@ -176,6 +190,7 @@ fn summarize(
         let p = per_order.get(id).unwrap_or(&empty);
         inv.shipments += p.shipments;
         inv.attempts += o.attempts + p.attempts;
+        inv.dead_letters += p.dead;
         match p.shipments {
             0 => inv.lost += 1,
             1 => {}

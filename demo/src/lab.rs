@@ -36,6 +36,8 @@ use tokio::sync::Mutex;
 use crate::audit::{audit_all, Invariants};
 use crate::cluster::{Cluster, ClusterConfig, Kind};
 
+/// How long "nothing left to deliver" must hold before the lab counts.
+const QUIET: Duration = Duration::from_secs(1);
 /// Fault rates of both services' outgoing stacks. Serialized, it is the body
 /// of the services' `PUT /admin/faults`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -459,16 +461,29 @@ impl Lab {
     }
 
     /// Waits until nothing is left to deliver: no pending outbox message in
-    /// either database and no shipment still packing.
+    /// either database and no shipment still packing, seen on two probes in a
+    /// row, [`QUIET`] apart (a request a relay gave up on may still be
+    /// committing at its peer).
     async fn settle(&self, bars: &Bars) -> anyhow::Result<bool> {
         let deadline = Instant::now() + self.config.settle_timeout;
         bars.settling();
+        let mut quiet_since: Option<Instant> = None;
         loop {
-            let left = self.undelivered().await;
-            match left {
-                Ok(0) => return Ok(true),
-                Ok(n) => bars.left(n),
-                Err(e) => tracing::debug!(error = %e, "settle probe failed"),
+            match self.undelivered().await {
+                Ok(0) => {
+                    let since = *quiet_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= QUIET {
+                        return Ok(true);
+                    }
+                }
+                Ok(n) => {
+                    quiet_since = None;
+                    bars.left(n);
+                }
+                Err(e) => {
+                    quiet_since = None;
+                    tracing::debug!(error = %e, "settle probe failed");
+                }
             }
             if Instant::now() > deadline {
                 return Ok(false);
@@ -477,21 +492,29 @@ impl Lab {
         }
     }
 
+    /// Work not yet done, counted stage by stage in the direction the work
+    /// flows: order-service's outbox, then packing shipments, then
+    /// shipping-service's outbox. The stages are separate queries (separate
+    /// databases on SQLite), so the order matters: an item that moves to
+    /// the next stage between two queries is then counted in that stage, not
+    /// missed by both. (Counting shipping's outbox before the packing
+    /// shipments missed a shipment shipped in between: its report was still
+    /// pending when the audit ran.)
     async fn undelivered(&self) -> anyhow::Result<i64> {
         let pending = "SELECT COUNT(*) FROM outbox WHERE status = 'pending'";
-        let a: i64 = sqlx::query(pending)
+        let orders: i64 = sqlx::query(pending)
             .fetch_one(self.order_db.pool())
             .await?
             .try_get(0)?;
-        let b: i64 = sqlx::query(pending)
+        let packing: i64 = sqlx::query("SELECT COUNT(*) FROM shipments WHERE status = 'packing'")
             .fetch_one(self.shipping_db.pool())
             .await?
             .try_get(0)?;
-        let c: i64 = sqlx::query("SELECT COUNT(*) FROM shipments WHERE status = 'packing'")
+        let reports: i64 = sqlx::query(pending)
             .fetch_one(self.shipping_db.pool())
             .await?
             .try_get(0)?;
-        Ok(a + b + c)
+        Ok(orders + packing + reports)
     }
 
     /// Stops both services and drops a Postgres database (`keep`: leave it).

@@ -75,11 +75,12 @@ pub fn render(report: &LabReport) -> String {
         "duplicated",
         "unacked",
         "attempts",
+        "dead",
         "p50",
         "p99",
         "",
     ];
-    let rows: Vec<[String; 10]> = report
+    let rows: Vec<[String; 11]> = report
         .rows
         .iter()
         .map(|r| {
@@ -91,6 +92,7 @@ pub fn render(report: &LabReport) -> String {
                 r.duplicated.to_string(),
                 r.unacknowledged.to_string(),
                 r.attempts.to_string(),
+                r.dead_letters.to_string(),
                 ms(r.latency_p50_ms),
                 ms(r.latency_p99_ms),
                 verdict(r).to_string(),
@@ -127,7 +129,7 @@ pub fn render(report: &LabReport) -> String {
     out.push_str(
         "\nlost: order with no shipment. duplicated: order with more than one shipment. \
          unacked: shipment shipped, order not `shipped`.\nattempts: HTTP calls spent in both \
-         directions. p50/p99: order committed -> shipment committed.\nCounted from both databases \
+         directions. dead: outbox messages given up on (dead letters). p50/p99: order committed -> shipment committed.\nCounted from both databases \
          after the faults stopped and delivery settled.\n",
     );
     if report.violations.is_empty() {
