@@ -517,15 +517,23 @@ impl Lab {
         Ok(orders + packing + reports)
     }
 
-    /// Stops both services and drops a Postgres database (`keep`: leave it).
-    pub async fn shutdown(self, keep: bool) -> anyhow::Result<()> {
+    /// Stops both services, then removes the lab's state: the directory of
+    /// logs (and SQLite files) and a Postgres database. With `keep`, nothing
+    /// is removed and the answer says where it is.
+    pub async fn shutdown(self, keep: bool) -> anyhow::Result<Option<String>> {
         self.cluster.lock().await.stop().await?;
         self.order_db.close().await;
         self.shipping_db.close().await;
         if !keep {
             self.database.cleanup().await;
+            return Ok(None);
         }
-        Ok(())
+        let logs = self._dir.keep();
+        let data = self.database.keep();
+        Ok(Some(format!(
+            "service logs in {}; databases: {data}",
+            logs.display()
+        )))
     }
 }
 

@@ -84,6 +84,11 @@ struct Args {
     #[arg(long)]
     serve: bool,
 
+    /// Keep the service logs and the databases (SQLite files or the Postgres
+    /// database) after the run, and print where they are.
+    #[arg(long)]
+    keep: bool,
+
     /// order-service's port with --serve.
     #[arg(long, default_value_t = 8080)]
     order_port: u16,
@@ -178,10 +183,10 @@ async fn lab(args: Args) -> anyhow::Result<bool> {
     let report = match lab.run().await {
         Ok(r) => r,
         Err(e) => {
-            for log in lab.log_paths().await {
-                eprintln!("service log: {}", log.display());
+            match lab.shutdown(args.keep).await {
+                Ok(Some(kept)) => eprintln!("kept: {kept}"),
+                _ => eprintln!("(the logs are removed; --keep leaves them for a closer look)"),
             }
-            let _ = lab.shutdown(false).await;
             return Err(e);
         }
     };
@@ -208,11 +213,18 @@ async fn lab(args: Args) -> anyhow::Result<bool> {
             lab.order_url, lab.shipping_url, lab.order_url, lab.order_url
         );
         if let Some(db) = lab.postgres_database() {
-            eprintln!("  Postgres database {db} (dropped on exit)");
+            let fate = if args.keep { "kept" } else { "dropped" };
+            eprintln!("  Postgres database {db} ({fate} on exit)");
         }
         resilience::service::shutdown_signal().await;
         eprintln!("stopping");
     }
-    lab.shutdown(false).await?;
+    match lab.shutdown(args.keep).await? {
+        Some(kept) => eprintln!("kept: {kept}"),
+        None if !ok => {
+            eprintln!("(the logs and databases are removed; --keep leaves them for a closer look)")
+        }
+        None => {}
+    }
     Ok(ok)
 }

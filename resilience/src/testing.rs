@@ -89,6 +89,16 @@ impl TestDatabase {
         Db::connect(&opts).await
     }
 
+    /// Keeps the state instead of removing it, and says where it is: the
+    /// SQLite directory, or the Postgres database's name.
+    pub fn keep(mut self) -> String {
+        match (self.dir.take(), &self.pg_name) {
+            (Some(dir), _) => format!("SQLite files in {}", dir.keep().display()),
+            (None, Some(name)) => format!("Postgres database {name}"),
+            (None, None) => String::new(),
+        }
+    }
+
     /// Drops the Postgres database (forcing connections off); SQLite files go
     /// with the directory when `self` is dropped.
     pub async fn cleanup(self) {
