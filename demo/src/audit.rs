@@ -171,6 +171,22 @@ async fn load_shipments(
     Ok(per_order)
 }
 
+/// The invariants of a single order: the one place that says what lost,
+/// duplicated and unacknowledged mean for an order.
+fn one_order(o: &OrderRow, p: &PerOrder) -> Invariants {
+    Invariants {
+        mode: Some(o.mode.clone()),
+        orders: 1,
+        shipments: p.shipments,
+        lost: usize::from(p.shipments == 0),
+        duplicated: usize::from(p.shipments > 1),
+        unacknowledged: usize::from(p.any_shipped && o.status != "shipped"),
+        attempts: o.attempts + p.attempts,
+        dead_letters: p.dead,
+        ..Default::default()
+    }
+}
+
 fn summarize(
     orders: &HashMap<String, OrderRow>,
     per_order: &HashMap<String, PerOrder>,
@@ -186,19 +202,15 @@ fn summarize(
         .iter()
         .filter(|(_, o)| mode.is_none_or(|m| o.mode == m))
     {
-        inv.orders += 1;
         let p = per_order.get(id).unwrap_or(&empty);
-        inv.shipments += p.shipments;
-        inv.attempts += o.attempts + p.attempts;
-        inv.dead_letters += p.dead;
-        match p.shipments {
-            0 => inv.lost += 1,
-            1 => {}
-            _ => inv.duplicated += 1,
-        }
-        if p.any_shipped && o.status != "shipped" {
-            inv.unacknowledged += 1;
-        }
+        let one = one_order(o, p);
+        inv.orders += one.orders;
+        inv.shipments += one.shipments;
+        inv.attempts += one.attempts;
+        inv.dead_letters += one.dead_letters;
+        inv.lost += one.lost;
+        inv.duplicated += one.duplicated;
+        inv.unacknowledged += one.unacknowledged;
         if let Some(first) = p.first_created {
             latencies.push((first - o.created_at).max(0));
         }
@@ -221,13 +233,7 @@ pub async fn evidence(order_db: &Db, shipping_db: &Db, max: usize) -> anyhow::Re
         .iter()
         .filter(|(id, o)| {
             let p = per_order.get(*id).unwrap_or(&empty);
-            let lost = p.shipments == 0;
-            let unacked = p.any_shipped && o.status != "shipped";
-            match o.mode.as_str() {
-                "at-least-once" => lost || unacked,
-                "effectively-once" => lost || unacked || p.shipments > 1,
-                _ => p.shipments > 1,
-            }
+            !crate::lab::violations(&one_order(o, p)).is_empty()
         })
         .collect();
     broken.sort_by_key(|(_, o)| o.created_at);

@@ -253,7 +253,7 @@ pub struct Lab {
     database: TestDatabase,
     order_db: Db,
     shipping_db: Db,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl std::fmt::Debug for Lab {
@@ -318,7 +318,7 @@ impl Lab {
             database,
             order_db,
             shipping_db,
-            _dir: dir,
+            dir,
         })
     }
 
@@ -461,9 +461,9 @@ impl Lab {
     }
 
     /// Waits until nothing is left to deliver: no pending outbox message in
-    /// either database and no shipment still packing, seen on two probes in a
-    /// row, [`QUIET`] apart (a request a relay gave up on may still be
-    /// committing at its peer).
+    /// either database and no shipment still packing, on every probe for
+    /// [`QUIET`] (a request a relay gave up on may still be committing at its
+    /// peer).
     async fn settle(&self, bars: &Bars) -> anyhow::Result<bool> {
         let deadline = Instant::now() + self.config.settle_timeout;
         bars.settling();
@@ -528,7 +528,7 @@ impl Lab {
             self.database.cleanup().await;
             return Ok(None);
         }
-        let logs = self._dir.keep();
+        let logs = self.dir.keep();
         let data = self.database.keep();
         Ok(Some(format!(
             "service logs in {}; databases: {data}",

@@ -183,10 +183,7 @@ async fn lab(args: Args) -> anyhow::Result<bool> {
     let report = match lab.run().await {
         Ok(r) => r,
         Err(e) => {
-            match lab.shutdown(args.keep).await {
-                Ok(Some(kept)) => eprintln!("kept: {kept}"),
-                _ => eprintln!("(the logs are removed; --keep leaves them for a closer look)"),
-            }
+            say_kept(lab.shutdown(args.keep).await.ok().flatten(), true);
             return Err(e);
         }
     };
@@ -219,12 +216,17 @@ async fn lab(args: Args) -> anyhow::Result<bool> {
         resilience::service::shutdown_signal().await;
         eprintln!("stopping");
     }
-    match lab.shutdown(args.keep).await? {
+    say_kept(lab.shutdown(args.keep).await?, !ok);
+    Ok(ok)
+}
+
+/// Where `--keep` left the lab's state; after a failure without it, that it exists.
+fn say_kept(kept: Option<String>, failed: bool) {
+    match kept {
         Some(kept) => eprintln!("kept: {kept}"),
-        None if !ok => {
+        None if failed => {
             eprintln!("(the logs and databases are removed; --keep leaves them for a closer look)")
         }
         None => {}
     }
-    Ok(ok)
 }

@@ -262,6 +262,16 @@ impl Stack {
         Ok(res.json().await?)
     }
 
+    /// Creates `n` orders in `mode`, one after another; their ids.
+    pub async fn create_orders(&self, mode: &str, n: usize) -> anyhow::Result<Vec<String>> {
+        let mut ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            let order = self.create_order(mode).await?;
+            ids.push(order["id"].as_str().unwrap_or_default().to_string());
+        }
+        Ok(ids)
+    }
+
     /// `GET /orders/{id}` as JSON (panics on a non-200 answer).
     pub async fn order(&self, id: &str) -> anyhow::Result<Value> {
         let res = self

@@ -261,15 +261,7 @@ async fn pagination(backend: TestBackend) -> anyhow::Result<()> {
         },
     )
     .await?;
-    let mut ids = Vec::new();
-    for _ in 0..7 {
-        ids.push(
-            stack.create_order("at-most-once").await?["id"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        );
-    }
+    let ids = stack.create_orders("at-most-once", 7).await?;
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;
     let mut pages = 0;

@@ -110,15 +110,7 @@ async fn lost_responses_duplicate_at_least_once(backend: TestBackend) -> anyhow:
         },
     )
     .await?;
-    let mut ids = Vec::new();
-    for _ in 0..25 {
-        ids.push(
-            stack.create_order("at-least-once").await?["id"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        );
-    }
+    let ids = stack.create_orders("at-least-once", 25).await?;
     all_shipped(&stack, &ids).await?;
     let inv = stack.audit(Some("at-least-once")).await?;
     ensure!(
@@ -310,15 +302,7 @@ async fn faults_over_the_admin_api(backend: TestBackend) -> anyhow::Result<()> {
 /// its shipments, the outbox messages on each side.
 async fn broken_orders_come_with_evidence(backend: TestBackend) -> anyhow::Result<()> {
     let stack = Stack::start(backend, StackOptions::default()).await?;
-    let mut ids = Vec::new();
-    for _ in 0..3 {
-        ids.push(
-            stack.create_order("at-least-once").await?["id"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        );
-    }
+    let ids = stack.create_orders("at-least-once", 3).await?;
     all_shipped(&stack, &ids).await?;
     ensure!(stack.evidence().await?.is_empty(), "nothing is broken yet");
     // Break two promises behind the services' backs: an acknowledgement
