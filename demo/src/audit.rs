@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use resilience::store::Db;
 use serde::Serialize;
+use service_kit::DeliveryMode;
 use sqlx::Row;
 
 /// What the databases say about the orders of one delivery mode.
@@ -233,7 +234,7 @@ pub async fn evidence(order_db: &Db, shipping_db: &Db, max: usize) -> anyhow::Re
         .iter()
         .filter(|(id, o)| {
             let p = per_order.get(*id).unwrap_or(&empty);
-            !crate::lab::violations(&one_order(o, p)).is_empty()
+            !violations(&one_order(o, p)).is_empty()
         })
         .collect();
     broken.sort_by_key(|(_, o)| o.created_at);
@@ -328,5 +329,58 @@ mod tests {
         assert_eq!(super::percentile(&v, 99.0), Some(99));
         assert_eq!(super::percentile(&[7], 99.0), Some(7));
         assert_eq!(super::percentile(&[], 50.0), None);
+    }
+}
+
+/// The invariants a mode promises (DESIGN.md), as broken-rule messages.
+pub fn violations(inv: &Invariants) -> Vec<String> {
+    let Some(mode) = inv
+        .mode
+        .as_deref()
+        .and_then(|m| m.parse::<DeliveryMode>().ok())
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut check = |what: &str, n: usize| {
+        if n > 0 {
+            out.push(format!("{mode}: {n} {what}"));
+        }
+    };
+    match mode {
+        DeliveryMode::AtMostOnce => check("duplicated", inv.duplicated),
+        DeliveryMode::AtLeastOnce => {
+            check("lost", inv.lost);
+            check("unacknowledged", inv.unacknowledged);
+        }
+        DeliveryMode::EffectivelyOnce => {
+            check("lost", inv.lost);
+            check("duplicated", inv.duplicated);
+            check("unacknowledged", inv.unacknowledged);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod violation_tests {
+    use super::*;
+
+    #[test]
+    fn hardened_modes_report_violations() {
+        let inv = |mode: &str, lost, duplicated, unacknowledged| Invariants {
+            mode: Some(mode.into()),
+            lost,
+            duplicated,
+            unacknowledged,
+            ..Default::default()
+        };
+        assert!(violations(&inv("at-most-once", 5, 0, 3)).is_empty());
+        assert_eq!(violations(&inv("at-most-once", 0, 1, 0)).len(), 1);
+        assert!(violations(&inv("at-least-once", 0, 4, 0)).is_empty());
+        assert_eq!(violations(&inv("at-least-once", 1, 0, 1)).len(), 2);
+        assert_eq!(violations(&inv("effectively-once", 0, 1, 0)).len(), 1);
+        assert!(violations(&inv("effectively-once", 0, 0, 0)).is_empty());
+        assert!(violations(&Invariants::default()).is_empty());
     }
 }

@@ -25,21 +25,21 @@ pub fn serve_main(args: &[String]) -> Option<anyhow::Result<()>> {
     let run = match name.as_str() {
         "order-service" => {
             let config = <order_service::Config as clap::Parser>::parse_from(argv);
-            resilience::service::init_tracing(config.log_format);
+            service_kit::init_tracing(config.log_format);
             runtime(async move {
                 order_service::Application::build(config)
                     .await?
-                    .run_until_stopped(resilience::service::shutdown_signal())
+                    .run_until_stopped(service_kit::shutdown_signal())
                     .await
             })
         }
         "shipping-service" => {
             let config = <shipping_service::Config as clap::Parser>::parse_from(argv);
-            resilience::service::init_tracing(config.log_format);
+            service_kit::init_tracing(config.log_format);
             runtime(async move {
                 shipping_service::Application::build(config)
                     .await?
-                    .run_until_stopped(resilience::service::shutdown_signal())
+                    .run_until_stopped(service_kit::shutdown_signal())
                     .await
             })
         }
@@ -323,7 +323,7 @@ impl Cluster {
     }
 
     /// Sets the fault rates of both services' outgoing stacks (admin endpoint).
-    pub async fn set_faults(&self, faults: &crate::lab::FaultProfile) -> anyhow::Result<()> {
+    pub async fn set_faults(&self, faults: &crate::faults::FaultProfile) -> anyhow::Result<()> {
         for p in [&self.order, &self.shipping] {
             let res = self
                 .http

@@ -27,72 +27,19 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use resilience::store::{Backend, Db, DbOptions};
-use resilience::testing::TestDatabase;
-use resilience::DeliveryMode;
 use serde::Serialize;
+use service_kit::testing::TestDatabase;
+use service_kit::DeliveryMode;
 use sqlx::Row;
 use tokio::sync::Mutex;
 
+pub use crate::audit::violations;
 use crate::audit::{audit_all, Invariants};
 use crate::cluster::{Cluster, ClusterConfig, Kind};
+pub use crate::faults::FaultProfile;
 
 /// How long "nothing left to deliver" must hold before the lab counts.
 const QUIET: Duration = Duration::from_secs(1);
-/// Fault rates of both services' outgoing stacks. Serialized, it is the body
-/// of the services' `PUT /admin/faults`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct FaultProfile {
-    /// Requests dropped before they reach the peer.
-    pub drop_request: f64,
-    /// Responses lost after the peer processed the request.
-    pub drop_response: f64,
-    /// Calls answered 503 without reaching the peer.
-    pub error_503: f64,
-    /// Calls delayed by `latency` before they are sent.
-    pub latency_rate: f64,
-    /// The added latency (past the request timeout, it is a timeout).
-    #[serde(with = "millis")]
-    pub latency: Duration,
-}
-
-impl Default for FaultProfile {
-    fn default() -> Self {
-        Self {
-            drop_request: 0.1,
-            drop_response: 0.1,
-            error_503: 0.0,
-            latency_rate: 0.0,
-            latency: Duration::ZERO,
-        }
-    }
-}
-
-impl FaultProfile {
-    /// No faults.
-    pub const NONE: Self = Self {
-        drop_request: 0.0,
-        drop_response: 0.0,
-        error_503: 0.0,
-        latency_rate: 0.0,
-        latency: Duration::ZERO,
-    };
-
-    fn args(&self) -> Vec<String> {
-        vec![
-            "--fault-drop-request".into(),
-            self.drop_request.to_string(),
-            "--fault-drop-response".into(),
-            self.drop_response.to_string(),
-            "--fault-503".into(),
-            self.error_503.to_string(),
-            "--fault-latency-rate".into(),
-            self.latency_rate.to_string(),
-            "--fault-latency".into(),
-            format!("{}ms", self.latency.as_millis()),
-        ]
-    }
-}
-
 /// Where the services keep their state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Storage {
@@ -207,36 +154,6 @@ pub struct LabReport {
     /// offending orders (their rows, shipments and outbox messages).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub evidence: Vec<String>,
-}
-
-/// The invariants a mode promises (DESIGN.md), as broken-rule messages.
-pub fn violations(inv: &Invariants) -> Vec<String> {
-    let Some(mode) = inv
-        .mode
-        .as_deref()
-        .and_then(|m| m.parse::<DeliveryMode>().ok())
-    else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    let mut check = |what: &str, n: usize| {
-        if n > 0 {
-            out.push(format!("{mode}: {n} {what}"));
-        }
-    };
-    match mode {
-        DeliveryMode::AtMostOnce => check("duplicated", inv.duplicated),
-        DeliveryMode::AtLeastOnce => {
-            check("lost", inv.lost);
-            check("unacknowledged", inv.unacknowledged);
-        }
-        DeliveryMode::EffectivelyOnce => {
-            check("lost", inv.lost);
-            check("duplicated", inv.duplicated);
-            check("unacknowledged", inv.unacknowledged);
-        }
-    }
-    out
 }
 
 /// A running lab: the cluster and its databases. Dropping it removes SQLite
@@ -724,14 +641,6 @@ impl Bars {
     }
 }
 
-mod millis {
-    use std::time::Duration;
-
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -754,23 +663,5 @@ mod tests {
         assert!(a.windows(2).all(|w| w[0].0 <= w[1].0));
         cfg.seed += 1;
         assert_ne!(a, schedule(&cfg, span));
-    }
-
-    #[test]
-    fn hardened_modes_report_violations() {
-        let inv = |mode: &str, lost, duplicated, unacknowledged| Invariants {
-            mode: Some(mode.into()),
-            lost,
-            duplicated,
-            unacknowledged,
-            ..Default::default()
-        };
-        assert!(violations(&inv("at-most-once", 5, 0, 3)).is_empty());
-        assert_eq!(violations(&inv("at-most-once", 0, 1, 0)).len(), 1);
-        assert!(violations(&inv("at-least-once", 0, 4, 0)).is_empty());
-        assert_eq!(violations(&inv("at-least-once", 1, 0, 1)).len(), 2);
-        assert_eq!(violations(&inv("effectively-once", 0, 1, 0)).len(), 1);
-        assert!(violations(&inv("effectively-once", 0, 0, 0)).is_empty());
-        assert!(violations(&Invariants::default()).is_empty());
     }
 }

@@ -5,11 +5,14 @@
 //! # Layout
 //!
 //! - [`cluster`]: both services as real OS processes (killable, restartable).
-//! - [`audit`]: the invariants, counted from both databases.
+//! - [`faults`]: the fault profile applied to both services.
+//! - [`audit`]: the invariants, counted from both databases, and what each
+//!   mode promises about them.
 //! - [`lab`]: the scenario: traffic, faults, outage, kills, settling.
 //! - [`report`]: the table (and JSON) the lab prints.
 
 pub mod audit;
 pub mod cluster;
+pub mod faults;
 pub mod lab;
 pub mod report;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use demo::lab::{FaultProfile, Lab, LabConfig, Storage};
-use resilience::DeliveryMode;
+use service_kit::DeliveryMode;
 
 /// The admin token of the lab's services unless one is given.
 const DEFAULT_ADMIN_TOKEN: &str = "lab-admin-token";
@@ -213,7 +213,7 @@ async fn lab(args: Args) -> anyhow::Result<bool> {
             let fate = if args.keep { "kept" } else { "dropped" };
             eprintln!("  Postgres database {db} ({fate} on exit)");
         }
-        resilience::service::shutdown_signal().await;
+        service_kit::shutdown_signal().await;
         eprintln!("stopping");
     }
     say_kept(lab.shutdown(args.keep).await?, !ok);

@@ -12,7 +12,7 @@ fn ms(v: Option<i64>) -> String {
 fn verdict(inv: &Invariants) -> &'static str {
     match inv.mode.as_deref() {
         None => "",
-        Some(_) if !crate::lab::violations(inv).is_empty() => "BROKEN",
+        Some(_) if !crate::audit::violations(inv).is_empty() => "BROKEN",
         Some("at-most-once") if inv.lost > 0 || inv.unacknowledged > 0 => "loses (as designed)",
         Some("at-least-once") if inv.duplicated > 0 => "duplicates (as designed)",
         Some(_) => "exactly the orders sent",
@@ -146,7 +146,7 @@ pub fn render(report: &LabReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::FaultProfile;
+    use crate::faults::FaultProfile;
 
     #[test]
     fn renders_every_mode_and_the_verdict() {

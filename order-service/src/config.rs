@@ -4,9 +4,9 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use resilience::config::DeliveryArgs;
-use resilience::service::LogFormat;
-use resilience::DeliveryMode;
+use service_kit::config::DeliveryArgs;
+use service_kit::DeliveryMode;
+use service_kit::LogFormat;
 
 /// order-service configuration. Every flag can also be set by the
 /// environment variable named in `--help`.

@@ -4,8 +4,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use resilience::DeliveryMode;
 use serde::{Deserialize, Serialize};
+use service_kit::DeliveryMode;
 use uuid::Uuid;
 
 /// Limits on what an order may contain.

@@ -5,17 +5,16 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use resilience::outbox::{DeliveryHandler, OutboxError, OutgoingRequest, SentMessage};
-use resilience::stack::SendService;
-use resilience::DeliveryMode;
 use serde::{Deserialize, Serialize};
+use service_kit::stack::SendService;
+use service_kit::DeliveryMode;
 use sqlx::{Any, Transaction};
 use tower::ServiceExt;
 
 use crate::domain::{Item, Order, OrderId};
 use crate::store::OrderStore;
 
-/// The outbox message kind of a shipment request.
-pub const KIND_CREATE_SHIPMENT: &str = "create-shipment";
+pub use crate::store::KIND_CREATE_SHIPMENT;
 /// Who order-service is, to the services it calls (their idempotency scope).
 pub const CLIENT_ID: &str = "order-service";
 
@@ -89,7 +88,7 @@ pub async fn send_once(
         .clone()
         .oneshot(req)
         .await
-        .map_err(|e| SendError::Transport(resilience::service::error_chain(e.as_ref())))?;
+        .map_err(|e| SendError::Transport(service_kit::error_chain(e.as_ref())))?;
     if !res.status().is_success() {
         let body = String::from_utf8_lossy(&res.body()[..res.body().len().min(200)]).into_owned();
         return Err(SendError::Status {

@@ -2,13 +2,17 @@
 //! writers racing on one order can never make an illegal transition.
 
 use resilience::store::{now_ms, rfc3339, Db};
-use resilience::DeliveryMode;
+use service_kit::DeliveryMode;
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
 use crate::domain::{
     IllegalTransition, NewOrder, Order, OrderId, OrderStatus, ShipmentEvent, Transition,
 };
+
+/// The outbox message kind of a shipment request (enqueued here, sent by
+/// [`crate::shipping`]).
+pub const KIND_CREATE_SHIPMENT: &str = "create-shipment";
 
 const COLUMNS: &str = "id, customer_id, items, delivery_mode, status, shipment_id, last_error, \
                        send_attempts, created_at, accepted_at, shipped_at";
@@ -107,7 +111,7 @@ impl OrderStore {
                  WHERE correlation_id = $1 AND kind = $2 ORDER BY created_at LIMIT 1",
             )
             .bind(id.to_string())
-            .bind(crate::shipping::KIND_CREATE_SHIPMENT)
+            .bind(KIND_CREATE_SHIPMENT)
             .fetch_optional(self.db.pool())
             .await?;
             if let Some(row) = row {

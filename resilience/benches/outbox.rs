@@ -26,10 +26,10 @@ use axum::Router;
 use resilience::circuit_breaker::BreakerRegistry;
 use resilience::fault::{FaultConfig, FaultHandle};
 use resilience::outbox::{NoopHandler, Outbox, OutgoingRequest, Relay, RelayConfig};
-use resilience::service::Shutdown;
-use resilience::stack::{self, StackConfig};
 use resilience::store::Backend;
-use resilience::testing::TestDatabase;
+use service_kit::stack::{self, StackConfig};
+use service_kit::testing::TestDatabase;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Default)]
 struct Peer {
@@ -129,7 +129,7 @@ async fn measure(backend: Backend, name: &'static str, messages: usize) -> Resul
         }
         tx.commit().await?;
     }
-    let stop = Shutdown::new();
+    let stop = CancellationToken::new();
     let started = Instant::now();
     let task = tokio::spawn(relay(&outbox)?.run(stop.clone()));
     wait_for(&peer, messages, Duration::from_secs(600)).await?;
@@ -164,7 +164,7 @@ async fn measure(backend: Backend, name: &'static str, messages: usize) -> Resul
     lat.sort();
     let pct = |p: f64| lat[((p / 100.0 * n as f64).ceil() as usize).clamp(1, n) - 1];
 
-    stop.trigger();
+    stop.cancel();
     let _ = task.await;
     db.close().await;
     tdb.cleanup().await;

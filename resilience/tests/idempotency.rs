@@ -24,8 +24,8 @@ use resilience::idempotency::{
     reap_expired, spawn_reaper, IdempotencyConfig, IdempotencyLayer, IdempotencyReaper, KeyPolicy,
     Tx, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
 };
-use resilience::service::{internal_error, Problem, PROBLEM_JSON};
 use resilience::store::{now_ms, Backend, Db, DbOptions};
+use service_kit::{internal_error, Problem, PROBLEM_JSON};
 use sqlx::{Connection, Executor};
 use tokio::sync::Notify;
 use tower::ServiceExt;

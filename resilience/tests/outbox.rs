@@ -18,12 +18,12 @@ use resilience::circuit_breaker::BreakerRegistry;
 use resilience::fault::{FaultConfig, FaultHandle};
 use resilience::outbox::{DeadLetter, NoopHandler, Outbox, OutgoingRequest, Relay, RelayConfig};
 use resilience::retry::Backoff;
-use resilience::service::Shutdown;
-use resilience::stack::{self, StackConfig};
 use resilience::store::{Backend, Db};
-use resilience::testing::TestDatabase;
+use service_kit::stack::{self, StackConfig};
+use service_kit::testing::TestDatabase;
 use sqlx::Row;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -98,7 +98,7 @@ async fn env(backend: Backend) -> Result<Env> {
     Ok(Env { tdb, db })
 }
 
-fn service(timeout: Duration) -> Result<resilience::stack::SendService> {
+fn service(timeout: Duration) -> Result<service_kit::stack::SendService> {
     let cfg = StackConfig {
         timeout,
         faults: FaultHandle::new(FaultConfig::default(), 1)?,
@@ -118,7 +118,11 @@ fn relay_config(owner: &str) -> RelayConfig {
     }
 }
 
-fn start_relay(outbox: &Outbox, config: RelayConfig, stop: &Shutdown) -> Result<JoinHandle<()>> {
+fn start_relay(
+    outbox: &Outbox,
+    config: RelayConfig,
+    stop: &CancellationToken,
+) -> Result<JoinHandle<()>> {
     let relay = Relay::new(
         outbox.clone(),
         service(Duration::from_secs(2))?,
@@ -186,7 +190,7 @@ async fn two_relays_drain_a_backlog(backend: Backend) -> Result<()> {
     let outbox_b = Outbox::new(db_b);
     enqueue(&outbox_a, &url, 1000, "x").await?;
 
-    let stop = Shutdown::new();
+    let stop = CancellationToken::new();
     let a = start_relay(&outbox_a, relay_config("relay-a"), &stop)?;
     let b = start_relay(&outbox_b, relay_config("relay-b"), &stop)?;
     wait_db(
@@ -196,7 +200,7 @@ async fn two_relays_drain_a_backlog(backend: Backend) -> Result<()> {
         1000,
     )
     .await?;
-    stop.trigger();
+    stop.cancel();
     a.await?;
     b.await?;
 
@@ -233,7 +237,7 @@ async fn resends_happen_only_after_a_lease_expired(backend: Backend) -> Result<(
         lease: Duration::from_millis(300),
         ..relay_config(owner)
     };
-    let stop = Shutdown::new();
+    let stop = CancellationToken::new();
     let a = start_relay(&outbox_a, short("relay-a"), &stop)?;
     let b = start_relay(&outbox_b, short("relay-b"), &stop)?;
     wait_db(
@@ -243,7 +247,7 @@ async fn resends_happen_only_after_a_lease_expired(backend: Backend) -> Result<(
         20,
     )
     .await?;
-    stop.trigger();
+    stop.cancel();
     a.await?;
     b.await?;
 
@@ -274,7 +278,7 @@ async fn poison_is_dead_lettered_and_requeued(backend: Backend) -> Result<()> {
     let outbox = Outbox::new(e.db.clone());
     enqueue(&outbox, &url, 3, "fine").await?;
     enqueue(&outbox, &url, 1, "poison").await?;
-    let stop = Shutdown::new();
+    let stop = CancellationToken::new();
     let relay = start_relay(&outbox, relay_config("relay"), &stop)?;
     wait_db(
         &e.db,
@@ -317,7 +321,7 @@ async fn poison_is_dead_lettered_and_requeued(backend: Backend) -> Result<()> {
         4,
     )
     .await?;
-    stop.trigger();
+    stop.cancel();
     relay.await?;
     e.tdb.cleanup().await;
     Ok(())
@@ -335,7 +339,7 @@ async fn dead_letter_under(
     peer.failing.store(true, Ordering::SeqCst);
     let outbox = Outbox::new(e.db.clone());
     enqueue(&outbox, &url, 1, "x").await?;
-    let stop = Shutdown::new();
+    let stop = CancellationToken::new();
     let relay = start_relay(&outbox, limits, &stop)?;
     wait_db(
         &e.db,
@@ -344,7 +348,7 @@ async fn dead_letter_under(
         1,
     )
     .await?;
-    stop.trigger();
+    stop.cancel();
     relay.await?;
     let dead = outbox.dead_letters(10).await?;
     let seen = peer.total();
@@ -398,7 +402,7 @@ async fn open_breaker_defers_without_spending_attempts(backend: Backend) -> Resu
     peer.failing.store(true, Ordering::SeqCst);
     let outbox = Outbox::new(e.db.clone());
     enqueue(&outbox, &url, 50, "x").await?;
-    let stop = Shutdown::new();
+    let stop = CancellationToken::new();
     let relay = start_relay(&outbox, relay_config("relay"), &stop)?;
     let outage = Duration::from_secs(3);
     tokio::time::sleep(outage).await; // the outage itself: a fixed span is the scenario
@@ -420,7 +424,7 @@ async fn open_breaker_defers_without_spending_attempts(backend: Backend) -> Resu
         50,
     )
     .await?;
-    stop.trigger();
+    stop.cancel();
     relay.await?;
     ensure!(peer.distinct() == 50);
     e.tdb.cleanup().await;
@@ -433,7 +437,7 @@ async fn wakes_up_on_commit(backend: Backend) -> Result<()> {
     let e = env(backend).await?;
     let (url, peer, _p) = start_peer().await?;
     let relay_outbox = Outbox::new(e.db.clone());
-    let stop = Shutdown::new();
+    let stop = CancellationToken::new();
     let cfg = RelayConfig {
         poll_interval: Duration::from_secs(60),
         ..relay_config("relay")
@@ -454,7 +458,7 @@ async fn wakes_up_on_commit(backend: Backend) -> Result<()> {
         "not woken: {:?}",
         started.elapsed()
     );
-    stop.trigger();
+    stop.cancel();
     relay.await?;
     e.tdb.cleanup().await;
     Ok(())
@@ -466,7 +470,7 @@ async fn graceful_shutdown_with_sends_in_flight(backend: Backend) -> Result<()> 
     let (url, peer, _p) = start_peer().await?;
     peer.slow_first_ms.store(700, Ordering::SeqCst);
     let outbox = Outbox::new(e.db.clone());
-    let stop = Shutdown::new();
+    let stop = CancellationToken::new();
     let cfg = RelayConfig {
         concurrency: 2,
         ..relay_config("relay")
@@ -474,7 +478,7 @@ async fn graceful_shutdown_with_sends_in_flight(backend: Backend) -> Result<()> 
     let relay = start_relay(&outbox, cfg, &stop)?;
     enqueue(&outbox, &url, 10, "x").await?;
     wait_for("sends in flight", || peer.total() >= 1).await?;
-    stop.trigger();
+    stop.cancel();
     tokio::time::timeout(Duration::from_secs(10), relay).await??;
 
     let delivered = count(
@@ -499,7 +503,7 @@ async fn graceful_shutdown_with_sends_in_flight(backend: Backend) -> Result<()> 
         "shutdown should not drain the whole backlog"
     );
     // A new relay picks up the rest at once (no lease to wait for).
-    let stop2 = Shutdown::new();
+    let stop2 = CancellationToken::new();
     let relay2 = start_relay(&outbox, relay_config("relay-2"), &stop2)?;
     wait_db(
         &e.db,
@@ -508,7 +512,7 @@ async fn graceful_shutdown_with_sends_in_flight(backend: Backend) -> Result<()> 
         10,
     )
     .await?;
-    stop2.trigger();
+    stop2.cancel();
     relay2.await?;
     e.tdb.cleanup().await;
     Ok(())
@@ -525,7 +529,7 @@ async fn purge_and_stats(backend: Backend) -> Result<()> {
         s.pending == 5 && s.delivered == 0 && s.oldest_pending_ms.is_some(),
         "{s:?}"
     );
-    let stop = Shutdown::new();
+    let stop = CancellationToken::new();
     let relay = start_relay(&outbox, relay_config("relay"), &stop)?;
     wait_db(
         &e.db,
@@ -534,7 +538,7 @@ async fn purge_and_stats(backend: Backend) -> Result<()> {
         5,
     )
     .await?;
-    stop.trigger();
+    stop.cancel();
     relay.await?;
     let s = outbox.stats().await?;
     ensure!(

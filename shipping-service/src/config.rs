@@ -4,8 +4,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use resilience::config::DeliveryArgs;
-use resilience::service::LogFormat;
+use service_kit::config::DeliveryArgs;
+use service_kit::LogFormat;
 
 /// shipping-service configuration. Every flag can also be set by the
 /// environment variable named in `--help`.

@@ -3,8 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use resilience::DeliveryMode;
 use serde::{Deserialize, Serialize};
+use service_kit::DeliveryMode;
 use uuid::Uuid;
 
 const MAX_ITEMS: usize = 100;

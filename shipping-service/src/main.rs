@@ -4,8 +4,7 @@ use shipping_service::{Application, Config};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    resilience::service::init_tracing(config.log_format);
+    service_kit::init_tracing(config.log_format);
     let app = Application::build(config).await?;
-    app.run_until_stopped(resilience::service::shutdown_signal())
-        .await
+    app.run_until_stopped(service_kit::shutdown_signal()).await
 }

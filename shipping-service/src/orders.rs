@@ -5,8 +5,8 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use resilience::outbox::{DeliveryHandler, OutboxError, OutgoingRequest, SentMessage};
-use resilience::stack::SendService;
 use serde::Serialize;
+use service_kit::stack::SendService;
 use sqlx::{Any, Transaction};
 use tower::ServiceExt;
 use uuid::Uuid;
@@ -79,7 +79,7 @@ pub async fn report_once(
         .clone()
         .oneshot(req)
         .await
-        .map_err(|e| ReportError::Transport(resilience::service::error_chain(e.as_ref())))?;
+        .map_err(|e| ReportError::Transport(service_kit::error_chain(e.as_ref())))?;
     if res.status().is_success() {
         return Ok(());
     }

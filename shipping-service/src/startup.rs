@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use resilience::outbox::Relay;
-use resilience::service::{serve, Shutdown};
-use resilience::stack::Delivery;
 use resilience::store::{Db, DbOptions};
+use service_kit::stack::Delivery;
+use service_kit::{serve, Shutdown};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -117,7 +117,7 @@ impl Application {
                 .spawn(background.wait()),
         );
         if self.state.config.delivery.relay_enabled {
-            tasks.push(tokio::spawn(self.relay.run(background.clone())));
+            tasks.push(tokio::spawn(self.relay.run(background.token())));
         }
         serve(
             self.listener,

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use resilience::store::{now_ms, rfc3339, Db};
-use resilience::DeliveryMode;
+use service_kit::DeliveryMode;
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 use uuid::Uuid;

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use resilience::outbox::Outbox;
-use resilience::stack::SendService;
+use service_kit::stack::SendService;
 
 use crate::domain::Shipment;
 use crate::orders::{report_once, shipped_report};

@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use resilience::store::Backend as TestBackend;
-use resilience::testing::TestDatabase;
+use service_kit::testing::TestDatabase;
 
 /// The databases of one test (both services share one Postgres database in
 /// schemas of their own, or have a SQLite file each).

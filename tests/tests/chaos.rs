@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::ensure;
 use demo::lab::{FaultProfile, Lab, LabConfig, LabReport, Storage};
-use resilience::testing::postgres_admin_url;
+use service_kit::testing::postgres_admin_url;
 
 const EXE: &str = env!("CARGO_BIN_EXE_svc");
 

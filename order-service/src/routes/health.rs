@@ -1,7 +1,7 @@
 use axum::extract::State;
 use axum::Json;
-use resilience::service::Problem;
 use serde_json::{json, Value};
+use service_kit::Problem;
 
 use super::AppState;
 

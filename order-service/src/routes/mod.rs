@@ -8,13 +8,13 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
-use resilience::service::{detach, method_not_allowed, not_found};
+use service_kit::{detach, method_not_allowed, not_found};
 use tower_http::trace::TraceLayer;
 
-use resilience::admin::{self, AdminState};
 use resilience::idempotency::IdempotencyLayer;
 use resilience::outbox::Outbox;
-use resilience::stack::SendService;
+use service_kit::admin::{self, AdminState};
+use service_kit::stack::SendService;
 
 use crate::config::Config;
 use crate::store::OrderStore;

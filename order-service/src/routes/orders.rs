@@ -2,8 +2,8 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::Json;
 use resilience::idempotency::Tx;
-use resilience::service::{cursor, internal_error, ApiJson, ApiQuery, Problem};
 use serde::{Deserialize, Serialize};
+use service_kit::{cursor, internal_error, ApiJson, ApiQuery, Problem};
 
 use super::AppState;
 use crate::domain::{CreateOrderRequest, NewOrder, Order, OrderId, OrderStatus, ShipmentEvent};

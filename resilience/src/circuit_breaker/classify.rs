@@ -7,7 +7,9 @@ use http::StatusCode;
 use tower::BoxError;
 
 use super::error::CircuitOpen;
+#[cfg(feature = "client")]
 use crate::client::ClientError;
+#[cfg(feature = "fault")]
 use crate::fault::InjectedFault;
 
 /// How a call's result counts for the breaker.
@@ -102,6 +104,7 @@ pub fn classify_error(err: &(dyn Error + 'static)) -> Outcome {
         if e.is::<CircuitOpen>() {
             return Outcome::Ignored;
         }
+        #[cfg(feature = "client")]
         if let Some(c) = e.downcast_ref::<ClientError>() {
             return if c.is_request() {
                 Outcome::Ignored
@@ -109,7 +112,11 @@ pub fn classify_error(err: &(dyn Error + 'static)) -> Outcome {
                 Outcome::Failure
             };
         }
-        if e.is::<tower::timeout::error::Elapsed>() || e.is::<InjectedFault>() {
+        #[cfg(feature = "fault")]
+        if e.is::<InjectedFault>() {
+            return Outcome::Failure;
+        }
+        if e.is::<tower::timeout::error::Elapsed>() {
             return Outcome::Failure;
         }
         cur = e.source();

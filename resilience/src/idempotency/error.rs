@@ -1,7 +1,7 @@
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 
-use crate::service::Problem;
+use crate::problem::Problem;
 
 /// Errors of the idempotency store (reaper, record access).
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +30,7 @@ impl From<TxError> for Problem {
                 tracing::warn!(error = %err, "database busy");
                 Problem::unavailable("the database is busy; retry later").retry_after(1)
             }
-            _ => crate::service::internal_error(err),
+            _ => crate::problem::internal_error(err),
         }
     }
 }
@@ -59,7 +59,7 @@ pub(crate) fn begin_failed(err: sqlx::Error, retry_after: u64) -> Problem {
         tracing::warn!(error = %err, "cannot begin transaction: database busy");
         Problem::unavailable("the database is busy; retry later").retry_after(retry_after)
     } else {
-        crate::service::internal_error(format_args!("cannot begin transaction: {err}"))
+        crate::problem::internal_error(format_args!("cannot begin transaction: {err}"))
     }
 }
 

@@ -4,7 +4,7 @@ use http::{HeaderMap, Method, StatusCode};
 use sha2::{Digest, Sha256};
 
 use super::IDEMPOTENCY_KEY;
-use crate::service::Problem;
+use crate::problem::Problem;
 
 /// Longest key accepted, in characters.
 pub(crate) const MAX_KEY_LEN: usize = 255;

@@ -18,7 +18,7 @@ use super::error::{begin_failed, commit_failed};
 use super::key::{fingerprint, lock_id, parse_key};
 use super::record::{self, NewRecord, Stored};
 use super::tx::Tx;
-use crate::service::{internal_error, Problem};
+use crate::problem::{internal_error, Problem};
 use crate::store::{is_unique_violation, now_ms, Backend};
 
 /// Wraps axum routes in [`Idempotency`]: a transaction per request and,

@@ -14,7 +14,7 @@
 //! ```no_run
 //! use axum::{http::StatusCode, routing::post, Router};
 //! use resilience::idempotency::{IdempotencyConfig, IdempotencyLayer, KeyPolicy, Tx};
-//! use resilience::service::{internal_error, Problem};
+//! use resilience::problem::{internal_error, Problem};
 //! use resilience::store::Db;
 //!
 //! async fn create(tx: Tx, body: String) -> Result<(StatusCode, String), Problem> {

@@ -12,7 +12,7 @@ use sqlx::{Any, Transaction};
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
 use super::error::TxError;
-use crate::service::Problem;
+use crate::problem::Problem;
 use crate::store::Db;
 
 /// A hook run after a successful commit.

@@ -128,7 +128,7 @@ impl OutgoingRequest {
         self
     }
 
-    /// The request as an `http::Request`, ready for a [`crate::stack`] service.
+    /// The request as an `http::Request`, ready for a [`crate::SendService`].
     pub fn to_http(&self) -> Result<http::Request<Bytes>, OutboxError> {
         let invalid = |e: &dyn std::fmt::Display| OutboxError::Invalid(e.to_string());
         let uri = format!("{}{}", self.destination.trim_end_matches('/'), self.path);

@@ -15,9 +15,9 @@ use super::{Outbox, OutboxError, OutgoingRequest};
 use crate::circuit_breaker::CircuitOpen;
 use crate::idempotency::IdempotencyKey;
 use crate::retry::{parse_retry_after, Backoff};
-use crate::service::Shutdown;
-use crate::stack::SendService;
 use crate::store::{now_ms, Backend};
+use crate::SendService;
+use tokio_util::sync::CancellationToken;
 
 /// How a relay behaves.
 #[derive(Debug, Clone)]
@@ -189,7 +189,7 @@ pub(crate) fn classify(
             },
             None => DeliveryOutcome::Retry {
                 delay: backoff.delay_for(attempt),
-                reason: crate::service::error_chain(e.as_ref()),
+                reason: crate::error_chain(e.as_ref()),
                 status: None,
             },
         },
@@ -250,13 +250,16 @@ impl Relay {
     /// it claims nothing more, lets sends in flight finish, and releases the
     /// leases it still holds so another relay (or the next start) takes over
     /// at once.
-    pub async fn run(self, stop: Shutdown) {
+    pub async fn run(self, stop: CancellationToken) {
         let wake = self.outbox.wake_handle();
+        #[cfg(feature = "postgres")]
         let listener = (self.outbox.db().backend() == Backend::Postgres)
             .then(|| tokio::spawn(listen(self.outbox.clone(), stop.clone())));
+        #[cfg(not(feature = "postgres"))]
+        let listener: Option<tokio::task::JoinHandle<()>> = None;
         let mut last_purge = tokio::time::Instant::now();
         tracing::info!(owner = %self.config.owner, "relay started");
-        while !stop.is_triggered() {
+        while !stop.is_cancelled() {
             let claimed = match self.run_once(&stop).await {
                 Ok(n) => n,
                 Err(e) => {
@@ -273,7 +276,7 @@ impl Relay {
             }
             let idle = self.idle_time().await;
             tokio::select! {
-                () = stop.wait() => break,
+                () = stop.cancelled() => break,
                 () = wake.notified() => {}
                 () = tokio::time::sleep(idle) => {}
             }
@@ -288,12 +291,12 @@ impl Relay {
     }
 
     /// Claims one batch and delivers it. Returns how many were claimed.
-    pub async fn run_once(&self, stop: &Shutdown) -> Result<usize, OutboxError> {
+    pub async fn run_once(&self, stop: &CancellationToken) -> Result<usize, OutboxError> {
         let batch = self.claim().await?;
         let n = batch.len();
         futures::stream::iter(batch)
             .for_each_concurrent(self.config.concurrency, |c| async move {
-                if stop.is_triggered() {
+                if stop.is_cancelled() {
                     // Not started: leave it for whoever runs next.
                     if let Err(e) = self.release(&c.msg.id).await {
                         tracing::warn!(id = %c.msg.id, error = %e, "could not release lease");
@@ -581,7 +584,8 @@ impl Relay {
 }
 
 /// Postgres: wake the relay when another replica (or this one) commits work.
-async fn listen(outbox: Outbox, stop: Shutdown) {
+#[cfg(feature = "postgres")]
+async fn listen(outbox: Outbox, stop: CancellationToken) {
     let wake = outbox.wake_handle();
     loop {
         let connected = async {
@@ -590,13 +594,13 @@ async fn listen(outbox: Outbox, stop: Shutdown) {
             Ok::<_, sqlx::Error>(l)
         };
         let mut listener = tokio::select! {
-            () = stop.wait() => return,
+            () = stop.cancelled() => return,
             res = connected => match res {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::warn!(error = %e, "outbox LISTEN failed; polling meanwhile");
                     tokio::select! {
-                        () = stop.wait() => return,
+                        () = stop.cancelled() => return,
                         () = tokio::time::sleep(Duration::from_secs(1)) => continue,
                     }
                 }
@@ -604,7 +608,7 @@ async fn listen(outbox: Outbox, stop: Shutdown) {
         };
         loop {
             tokio::select! {
-                () = stop.wait() => return,
+                () = stop.cancelled() => return,
                 n = listener.recv() => match n {
                     Ok(_) => wake.notify_one(),
                     Err(e) => {

@@ -6,5 +6,7 @@
 //! re-exports them for convenience.
 
 pub use crate::circuit_breaker::CircuitOpen;
+#[cfg(feature = "client")]
 pub use crate::client::ClientError;
+#[cfg(feature = "fault")]
 pub use crate::fault::InjectedFault;

@@ -21,7 +21,9 @@ pub use future::ResponseFuture;
 pub use layer::RetryLayer;
 
 use crate::circuit_breaker::CircuitOpen;
+#[cfg(feature = "client")]
 use crate::client::ClientError;
+#[cfg(feature = "fault")]
 use crate::fault::InjectedFault;
 
 /// Header that makes a non-idempotent request safe to repeat.
@@ -66,12 +68,14 @@ pub fn is_retryable_status(status: StatusCode) -> bool {
 pub fn is_retryable_error(err: &(dyn Error + 'static)) -> bool {
     let mut cur: Option<&(dyn Error + 'static)> = Some(err);
     while let Some(e) = cur {
-        if e.is::<CircuitOpen>()
-            || e.is::<InjectedFault>()
-            || e.is::<tower::timeout::error::Elapsed>()
-        {
+        if e.is::<CircuitOpen>() || e.is::<tower::timeout::error::Elapsed>() {
             return true;
         }
+        #[cfg(feature = "fault")]
+        if e.is::<InjectedFault>() {
+            return true;
+        }
+        #[cfg(feature = "client")]
         if let Some(c) = e.downcast_ref::<ClientError>() {
             return !c.is_request();
         }
@@ -86,11 +90,14 @@ pub fn is_retryable_error(err: &(dyn Error + 'static)) -> bool {
 pub fn never_sent(err: &(dyn Error + 'static)) -> bool {
     let mut cur: Option<&(dyn Error + 'static)> = Some(err);
     while let Some(e) = cur {
-        if e.is::<CircuitOpen>()
-            || e.downcast_ref::<InjectedFault>() == Some(&InjectedFault::RequestDropped)
-        {
+        if e.is::<CircuitOpen>() {
             return true;
         }
+        #[cfg(feature = "fault")]
+        if e.downcast_ref::<InjectedFault>() == Some(&InjectedFault::RequestDropped) {
+            return true;
+        }
+        #[cfg(feature = "client")]
         if let Some(c) = e.downcast_ref::<ClientError>() {
             return c.is_connect();
         }

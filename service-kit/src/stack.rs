@@ -14,20 +14,17 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response};
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 
-use crate::circuit_breaker::{
+use resilience::circuit_breaker::{
     BreakerRegistry, CircuitBreakerConfig, OpenDuration, PerAuthorityLayer,
 };
-use crate::client::{ClientError, HttpClient};
-use crate::fault::{FaultHandle, FaultLayer};
-use crate::idempotency::IdempotencyKeyLayer;
+use resilience::client::{ClientError, HttpClient};
+use resilience::fault::{FaultHandle, FaultLayer};
+use resilience::idempotency::IdempotencyKeyLayer;
 
-/// A stack: `http::Request<Bytes>` in, `http::Response<Bytes>` out, errors boxed.
-pub type SendService = BoxCloneSyncService<Request<Bytes>, Response<Bytes>, BoxError>;
+pub use resilience::SendService;
 
 /// What the stacks are made from.
 #[derive(Debug, Clone)]
@@ -102,7 +99,7 @@ pub fn durable(cfg: &StackConfig, breakers: BreakerRegistry) -> Result<SendServi
 pub enum BuildError {
     /// The fault settings are out of range.
     #[error(transparent)]
-    Faults(#[from] crate::fault::InvalidFaultConfig),
+    Faults(#[from] resilience::fault::InvalidFaultConfig),
     /// The HTTP client could not be created.
     #[error(transparent)]
     Client(#[from] ClientError),
@@ -113,11 +110,11 @@ pub enum BuildError {
 #[derive(Debug)]
 pub struct Delivery {
     /// Enqueue here, in the business transaction.
-    pub outbox: crate::outbox::Outbox,
+    pub outbox: resilience::outbox::Outbox,
     /// The at-most-once stack.
     pub plain: SendService,
     /// The relay; run it as a background task.
-    pub relay: crate::outbox::Relay,
+    pub relay: resilience::outbox::Relay,
     /// What the /admin endpoints act on.
     pub admin: crate::admin::AdminState,
 }
@@ -125,18 +122,18 @@ pub struct Delivery {
 impl Delivery {
     /// Builds the stacks and the relay from the shared settings.
     pub fn build(
-        db: &crate::store::Db,
+        db: &resilience::store::Db,
         args: &crate::config::DeliveryArgs,
         timeout: Duration,
-        handler: std::sync::Arc<dyn crate::outbox::DeliveryHandler>,
+        handler: std::sync::Arc<dyn resilience::outbox::DeliveryHandler>,
     ) -> Result<Self, BuildError> {
         let cfg = StackConfig {
             timeout,
             faults: args.faults()?,
         };
         let breakers = BreakerRegistry::new(default_breaker(), 64);
-        let outbox = crate::outbox::Outbox::new(db.clone());
-        let relay = crate::outbox::Relay::new(
+        let outbox = resilience::outbox::Outbox::new(db.clone());
+        let relay = resilience::outbox::Relay::new(
             outbox.clone(),
             durable(&cfg, breakers.clone())?,
             handler,

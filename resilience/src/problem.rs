@@ -1,3 +1,7 @@
+//! RFC 9457 problem details (`application/problem+json`): the one shape of
+//! every error answer the server-side layers (idempotency) produce, exported
+//! so an application can answer its own errors the same way.
+
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;

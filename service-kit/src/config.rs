@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::fault::{FaultConfig, FaultHandle, InvalidFaultConfig};
-use crate::idempotency::{IdempotencyConfig, IdempotencyReaper};
-use crate::outbox::RelayConfig;
-use crate::retry::Backoff;
-use crate::store::Db;
+use resilience::fault::{FaultConfig, FaultHandle, InvalidFaultConfig};
+use resilience::idempotency::{IdempotencyConfig, IdempotencyReaper};
+use resilience::outbox::RelayConfig;
+use resilience::retry::Backoff;
+use resilience::store::Db;
 
 /// Outbox relay, retry, admin and fault-injection settings.
 #[derive(Debug, Clone, Args)]

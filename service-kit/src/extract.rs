@@ -4,7 +4,7 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
-use super::Problem;
+use resilience::problem::Problem;
 
 /// `axum::Json`, but bad input is answered with a problem: 400 for malformed
 /// JSON, 415 for a wrong content type, 413 for an oversized body, 422 for a

@@ -3,7 +3,7 @@
 
 use sqlx::{Connection, Executor};
 
-use crate::store::{Backend, Db, DbOptions, StoreError};
+use resilience::store::{Backend, Db, DbOptions, StoreError};
 
 /// The admin URL of the test Postgres server: `TEST_POSTGRES_URL`, default
 /// `postgres://postgres@127.0.0.1:5432/postgres`.

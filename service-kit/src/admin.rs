@@ -16,10 +16,10 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::circuit_breaker::BreakerRegistry;
-use crate::fault::{FaultConfig, FaultHandle};
-use crate::outbox::Outbox;
-use crate::service::{internal_error, ApiJson, Problem};
+use crate::{internal_error, ApiJson, Problem};
+use resilience::circuit_breaker::BreakerRegistry;
+use resilience::fault::{FaultConfig, FaultHandle};
+use resilience::outbox::Outbox;
 
 /// What the admin endpoints act on.
 #[derive(Debug, Clone)]

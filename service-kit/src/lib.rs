@@ -1,28 +1,41 @@
-//! Plumbing every HTTP service in this project shares: RFC 9457 problem
-//! responses, extractors that answer bad input with them, log set-up, the
-//! shutdown signal and opaque pagination cursors.
+//! What order-service and shipping-service share and no library user needs.
+//!
+//! `resilience` is the library: layers and delivery machinery, nothing an
+//! application owns. This crate is the other half, the application plumbing
+//! both services (and the lab, and the tests) are built from.
+//!
+//! # Layout
+//!
+//! - problem+json: [`Problem`] (from `resilience`), extractors that answer bad
+//!   input with it ([`ApiJson`], [`ApiQuery`]), router fallbacks, [`detach`].
+//! - [`cursor`]: opaque keyset pagination cursors.
+//! - [`telemetry`](init_tracing): the log subscriber.
+//! - [`Shutdown`], [`shutdown_signal`], [`serve`]: SIGINT/SIGTERM and the drain.
+//! - [`mode`]: the delivery modes an order can travel with.
+//! - [`config`]: clap settings of the relay, retries, admin token and faults.
+//! - [`stack`]: the outgoing client stacks, assembled and commented in one place.
+//! - [`admin`]: operator endpoints (outbox, dead letters, breakers, faults).
+//! - [`testing`]: throw-away SQLite or Postgres databases for tests and the lab.
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+#![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod config;
 mod extract;
-mod problem;
+pub mod mode;
 mod shutdown;
+pub mod stack;
 mod telemetry;
+pub mod testing;
 
 pub use extract::{ApiJson, ApiQuery};
-pub use problem::{internal_error, method_not_allowed, not_found, Problem, PROBLEM_JSON};
+pub use mode::DeliveryMode;
+pub use resilience::error_chain;
+pub use resilience::problem::{
+    internal_error, method_not_allowed, not_found, Problem, PROBLEM_JSON,
+};
 pub use shutdown::{serve, shutdown_signal, Shutdown};
 pub use telemetry::{init_tracing, LogFormat};
-
-/// An error and its sources, joined with `: ` (for logs and stored reasons).
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
 
 /// An opaque keyset cursor: `(created_at_ms, id)` of the last row of a page.
 pub mod cursor {

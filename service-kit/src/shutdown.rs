@@ -56,6 +56,11 @@ impl Shutdown {
         self.token.is_cancelled()
     }
 
+    /// The underlying token, for machinery that takes one (the outbox relay).
+    pub fn token(&self) -> CancellationToken {
+        self.token.clone()
+    }
+
     /// Resolves when the signal fires.
     pub fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
         self.token.clone().cancelled_owned()
