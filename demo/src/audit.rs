@@ -347,17 +347,15 @@ pub fn violations(inv: &Invariants) -> Vec<String> {
             out.push(format!("{mode}: {n} {what}"));
         }
     };
-    match mode {
-        DeliveryMode::AtMostOnce => check("duplicated", inv.duplicated),
-        DeliveryMode::AtLeastOnce => {
-            check("lost", inv.lost);
-            check("unacknowledged", inv.unacknowledged);
-        }
-        DeliveryMode::EffectivelyOnce => {
-            check("lost", inv.lost);
-            check("duplicated", inv.duplicated);
-            check("unacknowledged", inv.unacknowledged);
-        }
+    // DESIGN.md's table: every mode but at-most-once loses nothing and
+    // leaves nothing unacknowledged; at-most-once, effectively-once and
+    // pull-effectively-once never duplicate.
+    if mode.promises_no_loss() {
+        check("lost", inv.lost);
+        check("unacknowledged", inv.unacknowledged);
+    }
+    if mode.promises_no_duplicates() {
+        check("duplicated", inv.duplicated);
     }
     out
 }
@@ -381,6 +379,12 @@ mod violation_tests {
         assert_eq!(violations(&inv("at-least-once", 1, 0, 1)).len(), 2);
         assert_eq!(violations(&inv("effectively-once", 0, 1, 0)).len(), 1);
         assert!(violations(&inv("effectively-once", 0, 0, 0)).is_empty());
+        assert!(violations(&inv("memory-dedupe", 0, 3, 0)).is_empty());
+        assert_eq!(violations(&inv("memory-dedupe", 1, 0, 0)).len(), 1);
+        assert!(violations(&inv("pull-at-least-once", 0, 2, 0)).is_empty());
+        assert_eq!(violations(&inv("pull-at-least-once", 0, 0, 1)).len(), 1);
+        assert_eq!(violations(&inv("pull-effectively-once", 0, 1, 0)).len(), 1);
+        assert_eq!(violations(&inv("pull-effectively-once", 1, 1, 1)).len(), 3);
         assert!(violations(&Invariants::default()).is_empty());
     }
 }

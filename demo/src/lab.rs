@@ -94,11 +94,7 @@ impl LabConfig {
         Self {
             exe,
             orders: 300,
-            modes: vec![
-                DeliveryMode::AtMostOnce,
-                DeliveryMode::AtLeastOnce,
-                DeliveryMode::EffectivelyOnce,
-            ],
+            modes: DeliveryMode::ALL.to_vec(),
             seed: 42,
             faults: FaultProfile::default(),
             outage: Duration::from_secs(5),
@@ -156,6 +152,32 @@ pub struct LabReport {
     pub evidence: Vec<String>,
 }
 
+/// Events of `resource`'s pull feeds in `producer` that the consumer has not
+/// committed yet: not yet numbered, or above the consumer's offset. The
+/// offset is read first, so an event consumed in between is counted (as
+/// pending, and perhaps in the next stage too), never missed.
+async fn unread(producer: &Db, consumer: &Db, resource: &str) -> anyhow::Result<i64> {
+    let mut n = 0;
+    for mode in DeliveryMode::PULL {
+        let feed = service_kit::feeds::feed_name(resource, mode);
+        let offset: Option<i64> =
+            sqlx::query_scalar("SELECT position FROM feed_offsets WHERE feed = $1")
+                .bind(&feed)
+                .fetch_optional(consumer.pool())
+                .await?;
+        let left: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM feed_events WHERE feed = $1 \
+             AND (position IS NULL OR position > $2)",
+        )
+        .bind(&feed)
+        .bind(offset.unwrap_or(0))
+        .fetch_one(producer.pool())
+        .await?;
+        n += left;
+    }
+    Ok(n)
+}
+
 /// A running lab: the cluster and its databases. Dropping it removes SQLite
 /// files; call [`Lab::shutdown`] to stop the processes and drop a Postgres
 /// database.
@@ -208,6 +230,12 @@ impl Lab {
             // delivery for the default 30 s.
             "--relay-lease".into(),
             "5s".into(),
+            // The same for a SIGKILLed feed consumer's lease (it must stay
+            // above the long-poll wait plus the request timeout).
+            "--feed-lease".into(),
+            "5s".into(),
+            "--feed-wait".into(),
+            "1s".into(),
             "--fault-seed".into(),
             config.seed.to_string(),
         ];
@@ -410,8 +438,9 @@ impl Lab {
     }
 
     /// Work not yet done, counted stage by stage in the direction the work
-    /// flows: order-service's outbox, then packing shipments, then
-    /// shipping-service's outbox. The stages are separate queries (separate
+    /// flows: order-service's outbox and unread orders-feed events, then
+    /// packing shipments, then shipping-service's outbox and unread
+    /// shipments-feed events. The stages are separate queries (separate
     /// databases on SQLite), so the order matters: an item that moves to
     /// the next stage between two queries is then counted in that stage, not
     /// missed by both. (Counting shipping's outbox before the packing
@@ -423,6 +452,7 @@ impl Lab {
             .fetch_one(self.order_db.pool())
             .await?
             .try_get(0)?;
+        let order_events = unread(&self.order_db, &self.shipping_db, "orders").await?;
         let packing: i64 = sqlx::query("SELECT COUNT(*) FROM shipments WHERE status = 'packing'")
             .fetch_one(self.shipping_db.pool())
             .await?
@@ -431,7 +461,8 @@ impl Lab {
             .fetch_one(self.shipping_db.pool())
             .await?
             .try_get(0)?;
-        Ok(orders + packing + reports)
+        let shipment_events = unread(&self.shipping_db, &self.order_db, "shipments").await?;
+        Ok(orders + order_events + packing + reports + shipment_events)
     }
 
     /// Stops both services, then removes the lab's state: the directory of

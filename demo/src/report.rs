@@ -14,7 +14,8 @@ fn verdict(inv: &Invariants) -> &'static str {
         None => "",
         Some(_) if !crate::audit::violations(inv).is_empty() => "BROKEN",
         Some("at-most-once") if inv.lost > 0 || inv.unacknowledged > 0 => "loses (as designed)",
-        Some("at-least-once") if inv.duplicated > 0 => "duplicates (as designed)",
+        Some("memory-dedupe") if inv.duplicated > 0 => "forgot keys on restart (as designed)",
+        Some(_) if inv.duplicated > 0 => "duplicates (as designed)",
         Some(_) => "exactly the orders sent",
     }
 }

@@ -5,13 +5,15 @@
 //! - [`config`]: flags and environment variables.
 //! - [`domain`]: orders, their items and the status machine; parsing at the edge.
 //! - [`store`]: the `orders` table.
-//! - [`shipping`]: the outgoing call to shipping-service.
+//! - [`shipping`]: the outgoing call to shipping-service (push modes).
+//! - [`pull`]: the orders feed it keeps and the shipments feed it reads (pull modes).
 //! - [`routes`]: the HTTP API.
 //! - [`startup`]: build, bind, run until a shutdown future resolves.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod domain;
+pub mod pull;
 pub mod routes;
 pub mod shipping;
 pub mod startup;

@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use resilience::outbox::{DeliveryHandler, OutboxError, OutgoingRequest, SentMessage};
 use serde::{Deserialize, Serialize};
+use service_kit::memory_dedupe::MEMORY_DEDUPE_HEADER;
 use service_kit::stack::SendService;
 use service_kit::DeliveryMode;
 use sqlx::{Any, Transaction};
@@ -36,20 +37,30 @@ pub struct ShipmentCreated {
     pub id: String,
 }
 
-/// The shipment request for an order, as an outgoing HTTP request. In
-/// effectively-once mode every attempt carries the message's idempotency key.
-pub fn shipment_request(shipping_url: &str, order: &Order) -> Result<OutgoingRequest, OutboxError> {
-    let body = ShipmentRequest {
+/// What shipping needs to know of an order: the body of `POST /shipments`,
+/// and the data of an `order-created` feed event.
+pub fn shipment_body(order: &Order) -> ShipmentRequest<'_> {
+    ShipmentRequest {
         order_id: order.id,
         items: &order.items,
         delivery_mode: order.delivery_mode,
-    };
-    Ok(
+    }
+}
+
+/// The shipment request for an order, as an outgoing HTTP request. In
+/// effectively-once (and memory-dedupe) mode every attempt carries the
+/// message's idempotency key.
+pub fn shipment_request(shipping_url: &str, order: &Order) -> Result<OutgoingRequest, OutboxError> {
+    let body = shipment_body(order);
+    let mut req =
         OutgoingRequest::post_json(shipping_url, "/shipments", &body, KIND_CREATE_SHIPMENT)?
             .correlate(order.id.to_string())
             .header("x-client-id", CLIENT_ID)
-            .with_idempotency_key(order.delivery_mode.uses_idempotency_key()),
-    )
+            .with_idempotency_key(order.delivery_mode.uses_idempotency_key());
+    if order.delivery_mode.dedupes_in_memory() {
+        req = req.header(MEMORY_DEDUPE_HEADER, "memory");
+    }
+    Ok(req)
 }
 
 /// Why the at-most-once call failed.

@@ -6,13 +6,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use resilience::feed::{FeedConsumer, FeedHandler};
 use resilience::outbox::Relay;
 use resilience::store::{Db, DbOptions};
+use service_kit::feeds::{feed_name, spawn_producer, PullSource};
+use service_kit::memory_dedupe::MemoryDedupe;
 use service_kit::stack::Delivery;
+use service_kit::DeliveryMode;
 use service_kit::{serve, Shutdown};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
+use crate::pull::{self, ShipmentFeedHandler};
 use crate::routes::{router, AppState};
 use crate::shipping::ShipmentAcks;
 use crate::store::OrderStore;
@@ -24,6 +29,7 @@ pub struct Application {
     addr: SocketAddr,
     state: AppState,
     relay: Relay,
+    consumers: Vec<FeedConsumer>,
 }
 
 impl Application {
@@ -51,11 +57,27 @@ impl Application {
             .await
             .context("applying the outbox migrations")?;
         let store = OrderStore::new(db.clone());
+        // Pull modes: read shipping's shipments feeds, one per mode.
+        let pull = PullSource {
+            url: format!(
+                "{}/shipments/feed",
+                config.shipping_url.trim_end_matches('/')
+            ),
+            resource: pull::SHIPMENTS,
+            handlers: DeliveryMode::PULL
+                .iter()
+                .map(|m| {
+                    let h: Arc<dyn FeedHandler> = Arc::new(ShipmentFeedHandler::new(store.clone()));
+                    (*m, h)
+                })
+                .collect(),
+        };
         let delivery = Delivery::build(
             &db,
             &config.delivery,
             config.request_timeout,
             Arc::new(ShipmentAcks::new(store.clone())),
+            pull,
         )
         .context("building the delivery stack")?;
         let addr = listener.local_addr()?;
@@ -64,6 +86,8 @@ impl Application {
             store,
             outbox: delivery.outbox,
             plain: delivery.plain,
+            feed: delivery.feed,
+            memory: MemoryDedupe::new(),
             admin: delivery.admin,
             config: Arc::new(config),
         };
@@ -72,6 +96,7 @@ impl Application {
             addr,
             state,
             relay: delivery.relay,
+            consumers: delivery.consumers,
         })
     }
 
@@ -108,8 +133,21 @@ impl Application {
                 .idempotency_reaper(db.clone())
                 .spawn(background.wait()),
         );
+        let feeds = DeliveryMode::PULL
+            .iter()
+            .map(|m| feed_name(pull::RESOURCE, *m))
+            .collect();
+        tasks.extend(spawn_producer(
+            &self.state.feed,
+            feeds,
+            self.state.config.delivery.feed.feed_retention,
+            background.token(),
+        ));
         if self.state.config.delivery.relay_enabled {
             tasks.push(tokio::spawn(self.relay.run(background.token())));
+            for c in self.consumers {
+                tasks.push(tokio::spawn(c.run(background.token())));
+            }
         }
         serve(
             self.listener,

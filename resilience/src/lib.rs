@@ -22,6 +22,7 @@
 //! | `sqlite`, `postgres` | [`store`] | sqlx with that driver |
 //! | `idempotency` | [`idempotency`] | axum, sqlx |
 //! | `outbox` | [`outbox`] | sqlx (and `retry`, `idempotency`) |
+//! | `feed` | [`feed`] | sqlx (and `retry`) |
 //!
 //! `default-features = false, features = ["circuit-breaker"]` builds the
 //! breaker on tower alone.
@@ -41,6 +42,8 @@
 //! - [`idempotency`]: `Idempotency-Key` layers: server-side transaction per
 //!   request with stored, replayed responses; client-side key stamping.
 //! - [`outbox`]: the transactional outbox and its relay (the durable retry loop).
+//! - [`feed`]: pull delivery: an event log served as a feed, and a leased
+//!   consumer that keeps its offset in its own database.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![forbid(unsafe_code)]
 
@@ -50,6 +53,8 @@ pub mod circuit_breaker;
 pub mod client;
 #[cfg(feature = "fault")]
 pub mod fault;
+#[cfg(feature = "feed")]
+pub mod feed;
 #[cfg(feature = "idempotency")]
 pub mod idempotency;
 #[cfg(feature = "outbox")]

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::{internal_error, ApiJson, Problem};
 use resilience::circuit_breaker::BreakerRegistry;
 use resilience::fault::{FaultConfig, FaultHandle};
+use resilience::feed::FeedConsumer;
 use resilience::outbox::Outbox;
 
 /// What the admin endpoints act on.
@@ -32,6 +33,10 @@ pub struct AdminState {
     pub faults: FaultHandle,
     /// The configured token (`None`: admin is off).
     pub token: Option<Arc<str>>,
+    /// The running feed consumers (pull modes).
+    pub feeds: crate::feeds::Consumers,
+    /// The service's database (feed offsets and dead events live there).
+    pub db: resilience::store::Db,
 }
 
 /// `/admin/...` routes; merge into the service's router.
@@ -43,6 +48,13 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/dead-letters/{id}/requeue", post(requeue_one))
         .route("/admin/breakers", get(breakers))
         .route("/admin/faults", get(get_faults).put(put_faults))
+        .route("/admin/feeds", get(feeds))
+        .route("/admin/feeds/{feed}/dead", get(feed_dead))
+        .route("/admin/feeds/{feed}/dead/requeue", post(feed_requeue_all))
+        .route(
+            "/admin/feeds/{feed}/dead/{id}/requeue",
+            post(feed_requeue_one),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
 }
@@ -137,4 +149,65 @@ async fn put_faults(
         .map_err(|e| Problem::unprocessable(e.to_string()))?;
     tracing::info!(?cfg, "fault injection changed");
     Ok(Json(json!({ "config": s.faults.get() })))
+}
+
+/// The consumers' status (offset, lag, holder) and the offset rows of every
+/// feed this service reads.
+async fn feeds(State(s): State<AdminState>) -> Result<Json<Value>, Problem> {
+    let consumers: Vec<_> = s.feeds.iter().map(|h| h.status()).collect();
+    let offsets = FeedConsumer::offsets(&s.db).await.map_err(internal_error)?;
+    Ok(Json(json!({ "consumers": consumers, "offsets": offsets })))
+}
+
+/// A feed name this service consumes, or 404.
+fn known_feed(s: &AdminState, feed: &str) -> Result<(), Problem> {
+    if s.feeds.iter().any(|h| h.status().feed == feed) {
+        Ok(())
+    } else {
+        Err(Problem::not_found(format!(
+            "this service consumes no feed {feed:?}"
+        )))
+    }
+}
+
+async fn feed_dead(
+    State(s): State<AdminState>,
+    Path(feed): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    known_feed(&s, &feed)?;
+    let dead = FeedConsumer::dead_events(&s.db, &feed, 100)
+        .await
+        .map_err(internal_error)?;
+    Ok(Json(json!({ "dead_events": dead })))
+}
+
+async fn feed_requeue_one(
+    State(s): State<AdminState>,
+    Path((feed, id)): Path<(String, String)>,
+) -> Result<Json<Value>, Problem> {
+    known_feed(&s, &feed)?;
+    if uuid::Uuid::parse_str(&id).is_err() {
+        return Err(Problem::bad_request(format!(
+            "{id:?} is not a valid event id (expected a UUID)"
+        )));
+    }
+    if FeedConsumer::requeue(&s.db, &feed, &id)
+        .await
+        .map_err(internal_error)?
+    {
+        Ok(Json(json!({ "requeued": 1 })))
+    } else {
+        Err(Problem::not_found(format!("no dead event {id} in {feed}")))
+    }
+}
+
+async fn feed_requeue_all(
+    State(s): State<AdminState>,
+    Path(feed): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    known_feed(&s, &feed)?;
+    let n = FeedConsumer::requeue_all(&s.db, &feed)
+        .await
+        .map_err(internal_error)?;
+    Ok(Json(json!({ "requeued": n })))
 }

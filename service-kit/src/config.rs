@@ -91,6 +91,10 @@ pub struct DeliveryArgs {
     /// Fault injection: seed of the random source (same seed, same faults).
     #[arg(long, env = "FAULT_SEED", default_value_t = 1)]
     pub fault_seed: u64,
+
+    /// Pull delivery: feed retention and the consumers' settings.
+    #[command(flatten)]
+    pub feed: crate::feeds::FeedArgs,
 }
 
 impl DeliveryArgs {

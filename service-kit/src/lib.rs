@@ -12,6 +12,9 @@
 //! - [`telemetry`](init_tracing): the log subscriber.
 //! - [`Shutdown`], [`shutdown_signal`], [`serve`]: SIGINT/SIGTERM and the drain.
 //! - [`mode`]: the delivery modes an order can travel with.
+//! - [`memory_dedupe`]: the counter-example receiver that forgets on restart.
+//! - [`feeds`]: pull delivery as the services use it: a feed per pull mode,
+//!   a consumer per pull mode, their settings and tasks.
 //! - [`config`]: clap settings of the relay, retries, admin token and faults.
 //! - [`stack`]: the outgoing client stacks, assembled and commented in one place.
 //! - [`admin`]: operator endpoints (outbox, dead letters, breakers, faults).
@@ -22,6 +25,8 @@
 pub mod admin;
 pub mod config;
 mod extract;
+pub mod feeds;
+pub mod memory_dedupe;
 pub mod mode;
 mod shutdown;
 pub mod stack;

@@ -115,17 +115,24 @@ pub struct Delivery {
     pub plain: SendService,
     /// The relay; run it as a background task.
     pub relay: resilience::outbox::Relay,
+    /// This service's event log (pull modes, producer side).
+    pub feed: resilience::feed::FeedLog,
+    /// The consumers of the other service's feeds (pull modes); run each as
+    /// a background task.
+    pub consumers: Vec<resilience::feed::FeedConsumer>,
     /// What the /admin endpoints act on.
     pub admin: crate::admin::AdminState,
 }
 
 impl Delivery {
-    /// Builds the stacks and the relay from the shared settings.
+    /// Builds the stacks, the relay and the feed consumers of `pull` from
+    /// the shared settings.
     pub fn build(
         db: &resilience::store::Db,
         args: &crate::config::DeliveryArgs,
         timeout: Duration,
         handler: std::sync::Arc<dyn resilience::outbox::DeliveryHandler>,
+        pull: crate::feeds::PullSource,
     ) -> Result<Self, BuildError> {
         let cfg = StackConfig {
             timeout,
@@ -139,6 +146,17 @@ impl Delivery {
             handler,
             args.relay(),
         );
+        // The consumers long-poll: their requests may take the long-poll
+        // wait plus the usual timeout. Same breakers, same faults.
+        let feed_stack = durable(
+            &StackConfig {
+                timeout: timeout + args.feed.feed_wait,
+                faults: cfg.faults.clone(),
+            },
+            breakers.clone(),
+        )?;
+        let consumers = args.feed.consumers(db, &feed_stack, pull);
+        let handles: Vec<_> = consumers.iter().map(|c| c.handle()).collect();
         Ok(Self {
             plain: plain(&cfg)?,
             admin: crate::admin::AdminState {
@@ -147,7 +165,11 @@ impl Delivery {
                 faults: cfg.faults,
                 // An empty token is refused by the admin middleware itself.
                 token: args.admin_token.as_deref().map(std::sync::Arc::from),
+                feeds: std::sync::Arc::new(handles),
+                db: db.clone(),
             },
+            feed: resilience::feed::FeedLog::new(db.clone()),
+            consumers,
             outbox,
             relay,
         })

@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use resilience::outbox::{DeliveryHandler, OutboxError, OutgoingRequest, SentMessage};
 use serde::Serialize;
+use service_kit::memory_dedupe::MEMORY_DEDUPE_HEADER;
 use service_kit::stack::SendService;
 use sqlx::{Any, Transaction};
 use tower::ServiceExt;
@@ -39,12 +40,14 @@ pub fn shipped_report(
         status: "shipped",
     };
     let path = format!("/orders/{}/shipment-events", shipment.order_id);
-    Ok(
-        OutgoingRequest::post_json(order_url, path, &body, KIND_SHIPPED_REPORT)?
-            .correlate(shipment.id.to_string())
-            .header("x-client-id", CLIENT_ID)
-            .with_idempotency_key(shipment.delivery_mode.uses_idempotency_key()),
-    )
+    let mut req = OutgoingRequest::post_json(order_url, path, &body, KIND_SHIPPED_REPORT)?
+        .correlate(shipment.id.to_string())
+        .header("x-client-id", CLIENT_ID)
+        .with_idempotency_key(shipment.delivery_mode.uses_idempotency_key());
+    if shipment.delivery_mode.dedupes_in_memory() {
+        req = req.header(MEMORY_DEDUPE_HEADER, "memory");
+    }
+    Ok(req)
 }
 
 /// Why the at-most-once report failed.

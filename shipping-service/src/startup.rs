@@ -6,14 +6,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use resilience::feed::{FeedConsumer, FeedHandler, FeedLog};
 use resilience::outbox::Relay;
 use resilience::store::{Db, DbOptions};
+use service_kit::feeds::{feed_name, spawn_producer, PullSource};
+use service_kit::memory_dedupe::MemoryDedupe;
 use service_kit::stack::Delivery;
+use service_kit::DeliveryMode;
 use service_kit::{serve, Shutdown};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::orders::ReportAcks;
+use crate::pull::{self, OrderFeedHandler};
 use crate::routes::{router, AppState};
 use crate::store::ShipmentStore;
 use crate::warehouse::Warehouse;
@@ -25,6 +30,7 @@ pub struct Application {
     addr: SocketAddr,
     state: AppState,
     relay: Relay,
+    consumers: Vec<FeedConsumer>,
 }
 
 impl Application {
@@ -54,21 +60,44 @@ impl Application {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, backend = ?db.backend(), "shipping-service listening");
         let store = ShipmentStore::new(db.clone());
+        // Pull modes: read order-service's orders feeds, one per mode. The
+        // handlers append to this service's own feeds, so they share its log.
+        let feed = FeedLog::new(db.clone());
+        let pull = PullSource {
+            url: format!("{}/orders/feed", config.order_url.trim_end_matches('/')),
+            resource: pull::ORDERS,
+            handlers: DeliveryMode::PULL
+                .iter()
+                .map(|m| {
+                    let h: Arc<dyn FeedHandler> = Arc::new(OrderFeedHandler::new(
+                        store.clone(),
+                        feed.clone(),
+                        config.warehouse_delay,
+                        *m,
+                    ));
+                    (*m, h)
+                })
+                .collect(),
+        };
         let delivery = Delivery::build(
             &db,
             &config.delivery,
             config.request_timeout,
             Arc::new(ReportAcks::new(store.clone())),
+            pull,
         )
         .context("building the delivery stack")?;
         let warehouse = Warehouse::new(
             store.clone(),
             delivery.outbox,
+            feed.clone(),
             delivery.plain,
             &config.order_url,
         );
         let state = AppState {
             warehouse,
+            feed,
+            memory: MemoryDedupe::new(),
             store,
             admin: delivery.admin,
             config: Arc::new(config),
@@ -78,6 +107,7 @@ impl Application {
             addr,
             state,
             relay: delivery.relay,
+            consumers: delivery.consumers,
         })
     }
 
@@ -116,8 +146,21 @@ impl Application {
                 .idempotency_reaper(db.clone())
                 .spawn(background.wait()),
         );
+        let feeds = DeliveryMode::PULL
+            .iter()
+            .map(|m| feed_name(pull::RESOURCE, *m))
+            .collect();
+        tasks.extend(spawn_producer(
+            &self.state.feed,
+            feeds,
+            self.state.config.delivery.feed.feed_retention,
+            background.token(),
+        ));
         if self.state.config.delivery.relay_enabled {
             tasks.push(tokio::spawn(self.relay.run(background.token())));
+            for c in self.consumers {
+                tasks.push(tokio::spawn(c.run(background.token())));
+            }
         }
         serve(
             self.listener,

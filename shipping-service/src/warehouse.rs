@@ -5,7 +5,9 @@
 //! one database never ship a shipment twice. In the durable modes the shipped
 //! report is enqueued in the outbox in that same transaction; in at-most-once
 //! mode it follows the commit as one plain call: if this process dies in
-//! between, or the call fails, the report is lost, by design.
+//! between, or the call fails, the report is lost, by design. In the pull
+//! modes a `shipment-shipped` event is appended to the mode's feed in that
+//! same transaction instead.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -16,8 +18,10 @@ use resilience::store::now_ms;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use resilience::feed::FeedLog;
 use resilience::outbox::Outbox;
 use service_kit::stack::SendService;
+use service_kit::DeliveryMode;
 
 use crate::domain::Shipment;
 use crate::orders::{report_once, shipped_report};
@@ -36,6 +40,7 @@ const REPORT_CONCURRENCY: usize = 16;
 pub struct Warehouse {
     store: ShipmentStore,
     outbox: Outbox,
+    feed: FeedLog,
     plain: SendService,
     order_url: Arc<str>,
     wake: Arc<Notify>,
@@ -44,10 +49,17 @@ pub struct Warehouse {
 impl Warehouse {
     /// A warehouse over a store, reporting to the order-service at
     /// `order_url` through the outbox or the plain stack.
-    pub fn new(store: ShipmentStore, outbox: Outbox, plain: SendService, order_url: &str) -> Self {
+    pub fn new(
+        store: ShipmentStore,
+        outbox: Outbox,
+        feed: FeedLog,
+        plain: SendService,
+        order_url: &str,
+    ) -> Self {
         Self {
             store,
             outbox,
+            feed,
             plain,
             order_url: Arc::from(order_url),
             wake: Arc::new(Notify::new()),
@@ -92,7 +104,11 @@ impl Warehouse {
         if shipped.iter().any(|s| s.delivery_mode.uses_outbox()) {
             self.outbox.notify();
         }
-        shipped.retain(|s| !s.delivery_mode.uses_outbox());
+        if shipped.iter().any(|s| s.delivery_mode.uses_feed()) {
+            self.feed.notify();
+        }
+        // What is left is at-most-once: one plain call each.
+        shipped.retain(|s| s.delivery_mode == DeliveryMode::AtMostOnce);
         futures::stream::iter(shipped)
             .for_each_concurrent(REPORT_CONCURRENCY, |s| self.report(s))
             .await;
@@ -106,6 +122,10 @@ impl Warehouse {
             // Shipped and "tell order-service" commit together.
             let report = shipped_report(&self.order_url, s)?;
             self.outbox.enqueue(&mut tx, report).await?;
+        } else if let Some(s) = shipment.as_ref().filter(|s| s.delivery_mode.uses_feed()) {
+            // Pull: shipped and its event commit together; order-service
+            // reads it from the feed.
+            crate::pull::append(&self.feed, &mut tx, s, crate::pull::SHIPMENT_SHIPPED).await?;
         }
         tx.commit().await?;
         if let Some(s) = &shipment {

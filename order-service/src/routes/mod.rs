@@ -11,9 +11,11 @@ use axum::Router;
 use service_kit::{detach, method_not_allowed, not_found};
 use tower_http::trace::TraceLayer;
 
+use resilience::feed::FeedLog;
 use resilience::idempotency::IdempotencyLayer;
 use resilience::outbox::Outbox;
 use service_kit::admin::{self, AdminState};
+use service_kit::memory_dedupe::{self, MemoryDedupe};
 use service_kit::stack::SendService;
 
 use crate::config::Config;
@@ -28,6 +30,10 @@ pub struct AppState {
     pub outbox: Outbox,
     /// The plain client stack (at-most-once orders).
     pub plain: SendService,
+    /// The event log behind `GET /orders/feed/{mode}` (pull modes).
+    pub feed: FeedLog,
+    /// The receiver's memory of keys in `memory-dedupe` mode (process-local).
+    pub memory: MemoryDedupe,
     /// What the /admin endpoints act on.
     pub admin: AdminState,
     /// The configuration the service started with.
@@ -45,15 +51,23 @@ pub fn router(state: AppState) -> Router {
             .delivery
             .idempotency(state.store.db().clone(), max_body),
     );
+    // The memory-dedupe counter-example sits outside the persisted layer and
+    // hides the key from it (only for requests marked `x-dedupe: memory`).
+    let memory =
+        axum::middleware::from_fn_with_state(state.memory.clone(), memory_dedupe::middleware);
     Router::new()
         .route(
             "/orders",
-            post(orders::create).layer(idem.clone()).get(orders::list),
+            post(orders::create)
+                .layer(idem.clone())
+                .layer(memory.clone())
+                .get(orders::list),
         )
+        .route("/orders/feed/{mode}", get(orders::feed))
         .route("/orders/{id}", get(orders::get_one))
         .route(
             "/orders/{id}/shipment-events",
-            post(orders::shipment_event).layer(idem),
+            post(orders::shipment_event).layer(idem).layer(memory),
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

@@ -1,13 +1,16 @@
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::Json;
+use resilience::feed::{FeedQuery, Page};
 use resilience::idempotency::Tx;
 use serde::{Deserialize, Serialize};
+use service_kit::feeds::{feed_name, parse_feed_mode};
 use service_kit::{cursor, internal_error, ApiJson, ApiQuery, Problem};
 
 use super::AppState;
 use crate::domain::{CreateOrderRequest, NewOrder, Order, OrderId, OrderStatus, ShipmentEvent};
-use crate::shipping::{send_once, shipment_request};
+use crate::pull;
+use crate::shipping::{send_once, shipment_body, shipment_request};
 use crate::store::ApplyError;
 
 const DEFAULT_PAGE: u32 = 20;
@@ -36,7 +39,24 @@ pub(super) async fn create(
         .insert(&mut conn, &new)
         .await
         .map_err(internal_error)?;
-    if order.delivery_mode.uses_outbox() {
+    if order.delivery_mode.uses_feed() {
+        // Pull: the order and its event commit together; shipping reads the
+        // event from the feed at its own offset.
+        let feed = feed_name(pull::RESOURCE, order.delivery_mode);
+        let body = shipment_body(&order);
+        app.feed
+            .append(
+                &mut conn,
+                &feed,
+                pull::ORDER_CREATED,
+                &order.id.to_string(),
+                &body,
+            )
+            .await
+            .map_err(internal_error)?;
+        let log = app.feed.clone();
+        tx.after_commit(move || Box::pin(async move { log.notify() }));
+    } else if order.delivery_mode.uses_outbox() {
         // The order and the message to shipping commit together, or not at all.
         let msg = shipment_request(&app.config.shipping_url, &order).map_err(internal_error)?;
         app.outbox
@@ -85,6 +105,17 @@ async fn deliver_at_most_once(app: AppState, order: Order) {
     if let Err(e) = recorded {
         tracing::error!(order_id = %id, error = %e, "could not record the delivery outcome");
     }
+}
+
+/// `GET /orders/feed/{mode}?after=&limit=&wait=`: the pull modes' event log
+/// (`order-created` events), long-polled; see `service_kit::feeds`.
+pub(super) async fn feed(
+    State(app): State<AppState>,
+    Path(mode): Path<String>,
+    ApiQuery(q): ApiQuery<FeedQuery>,
+) -> Result<Json<Page>, Problem> {
+    let mode = parse_feed_mode(&mode)?;
+    service_kit::feeds::page(&app.feed, &feed_name(pull::RESOURCE, mode), &q).await
 }
 
 /// `GET /orders/{id}`.

@@ -11,8 +11,10 @@ use axum::Router;
 use service_kit::{detach, method_not_allowed, not_found};
 use tower_http::trace::TraceLayer;
 
+use resilience::feed::FeedLog;
 use resilience::idempotency::IdempotencyLayer;
 use service_kit::admin::{self, AdminState};
+use service_kit::memory_dedupe::{self, MemoryDedupe};
 
 use crate::config::Config;
 use crate::store::ShipmentStore;
@@ -25,6 +27,10 @@ pub struct AppState {
     pub store: ShipmentStore,
     /// The warehouse, woken when a shipment is created.
     pub warehouse: Warehouse,
+    /// The event log behind `GET /shipments/feed/{mode}` (pull modes).
+    pub feed: FeedLog,
+    /// The receiver's memory of keys in `memory-dedupe` mode (process-local).
+    pub memory: MemoryDedupe,
     /// What the /admin endpoints act on.
     pub admin: AdminState,
     /// The configuration the service started with.
@@ -42,11 +48,19 @@ pub fn router(state: AppState) -> Router {
             .delivery
             .idempotency(state.store.db().clone(), max_body),
     );
+    // The memory-dedupe counter-example sits outside the persisted layer and
+    // hides the key from it (only for requests marked `x-dedupe: memory`).
+    let memory =
+        axum::middleware::from_fn_with_state(state.memory.clone(), memory_dedupe::middleware);
     Router::new()
         .route(
             "/shipments",
-            post(shipments::create).layer(idem).get(shipments::list),
+            post(shipments::create)
+                .layer(idem)
+                .layer(memory)
+                .get(shipments::list),
         )
+        .route("/shipments/feed/{mode}", get(shipments::feed))
         .route("/shipments/{id}", get(shipments::get_one))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

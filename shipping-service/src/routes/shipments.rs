@@ -1,8 +1,10 @@
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::Json;
+use resilience::feed::{FeedQuery, Page};
 use resilience::idempotency::Tx;
 use serde::{Deserialize, Serialize};
+use service_kit::feeds::{feed_name, parse_feed_mode};
 use service_kit::{cursor, internal_error, ApiJson, ApiQuery, Problem};
 
 use super::AppState;
@@ -38,6 +40,18 @@ pub(super) async fn create(
         headers.insert(header::LOCATION, loc);
     }
     Ok((StatusCode::CREATED, headers, Json(shipment)))
+}
+
+/// `GET /shipments/feed/{mode}?after=&limit=&wait=`: the pull modes' event
+/// log (`shipment-created`, `shipment-shipped`), long-polled; see
+/// `service_kit::feeds`.
+pub(super) async fn feed(
+    State(app): State<AppState>,
+    Path(mode): Path<String>,
+    ApiQuery(q): ApiQuery<FeedQuery>,
+) -> Result<Json<Page>, Problem> {
+    let mode = parse_feed_mode(&mode)?;
+    service_kit::feeds::page(&app.feed, &feed_name(crate::pull::RESOURCE, mode), &q).await
 }
 
 /// `GET /shipments/{id}`.

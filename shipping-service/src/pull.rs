@@ -1,0 +1,112 @@
+//! Pull delivery, shipping-service's half: the handler of order-service's
+//! `orders.<mode>` feeds (an `order-created` event becomes a packing
+//! shipment), and the `shipments.<mode>` feeds it keeps (`shipment-created`
+//! when it takes an order on, `shipment-shipped` when the warehouse ships).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use resilience::feed::{ApplyError, FeedEvent, FeedHandler, FeedLog};
+use serde::Serialize;
+use service_kit::feeds::feed_name;
+use service_kit::DeliveryMode;
+use sqlx::{Any, Transaction};
+use uuid::Uuid;
+
+use crate::domain::{CreateShipmentRequest, NewShipment, Shipment};
+use crate::store::ShipmentStore;
+
+/// The producer's resource name: feeds `shipments.pull-at-least-once` and
+/// `shipments.pull-effectively-once`, at `GET /shipments/feed/{mode}`.
+pub const RESOURCE: &str = "shipments";
+/// order-service's resource name (its feeds).
+pub const ORDERS: &str = "orders";
+/// The event type of a shipment taken on.
+pub const SHIPMENT_CREATED: &str = "shipment-created";
+/// The event type of a shipment shipped.
+pub const SHIPMENT_SHIPPED: &str = "shipment-shipped";
+
+/// The data of this service's feed events.
+#[derive(Debug, Serialize)]
+pub struct ShipmentData {
+    /// The order the shipment is for.
+    pub order_id: String,
+    /// The shipment.
+    pub shipment_id: String,
+}
+
+/// Appends `event_type` for `shipment` to its mode's feed, inside `tx`.
+pub async fn append(
+    feed: &FeedLog,
+    tx: &mut Transaction<'static, Any>,
+    shipment: &Shipment,
+    event_type: &str,
+) -> Result<(), resilience::feed::FeedError> {
+    let data = ShipmentData {
+        order_id: shipment.order_id.to_string(),
+        shipment_id: shipment.id.to_string(),
+    };
+    feed.append(
+        tx,
+        &feed_name(RESOURCE, shipment.delivery_mode),
+        event_type,
+        &Uuid::now_v7().to_string(),
+        &data,
+    )
+    .await
+}
+
+/// Applies order-service's `order-created` events: a packing shipment, and
+/// its `shipment-created` event, in the consumer's transaction (which, in
+/// pull-effectively-once, also moves the offset).
+///
+/// NOTE: it does not look for an earlier shipment of the same order. In
+/// pull-at-least-once an event read again after a crash makes a second
+/// shipment, which is what that mode shows; pull-effectively-once never
+/// reads an event again, because its offset commits with the shipment.
+#[derive(Debug, Clone)]
+pub struct OrderFeedHandler {
+    store: ShipmentStore,
+    feed: FeedLog,
+    delay: Duration,
+    mode: DeliveryMode,
+}
+
+impl OrderFeedHandler {
+    /// A handler of `mode`'s feed, creating shipments due after `delay`.
+    pub fn new(store: ShipmentStore, feed: FeedLog, delay: Duration, mode: DeliveryMode) -> Self {
+        Self {
+            store,
+            feed,
+            delay,
+            mode,
+        }
+    }
+}
+
+#[async_trait]
+impl FeedHandler for OrderFeedHandler {
+    async fn apply(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        event: &FeedEvent,
+    ) -> Result<(), ApplyError> {
+        if event.event_type != "order-created" {
+            return Err(ApplyError::Refused(format!(
+                "unknown event type {:?}",
+                event.event_type
+            )));
+        }
+        let req: CreateShipmentRequest = serde_json::from_value(event.data.clone())
+            .map_err(|e| ApplyError::Refused(format!("unreadable event data: {e}")))?;
+        let mut new = NewShipment::parse(req).map_err(ApplyError::Refused)?;
+        // The feed decides the mode the report travels back in.
+        new.mode = self.mode;
+        let shipment = self.store.insert(tx, &new, self.delay).await?;
+        append(&self.feed, tx, &shipment, SHIPMENT_CREATED)
+            .await
+            .map_err(|e| ApplyError::Retry(e.to_string()))?;
+        tracing::info!(shipment_id = %shipment.id, order_id = %shipment.order_id, position = event.position, "shipment created from the orders feed");
+        Ok(())
+    }
+}
