@@ -1,8 +1,8 @@
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::Json;
 use resilience::idempotency::Tx;
-use resilience::service::{cursor, internal_error, ApiJson, ApiQuery, Problem};
+use resilience::service::{cursor, internal_error, ApiJson, ApiPath, ApiQuery, Problem};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
@@ -90,7 +90,7 @@ async fn deliver_at_most_once(app: AppState, order: Order) {
 /// `GET /orders/{id}`.
 pub(super) async fn get_one(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Order>, Problem> {
     let id = parse_id(&id)?;
     match app
@@ -155,7 +155,7 @@ pub(super) async fn list(
 pub(super) async fn shipment_event(
     State(app): State<AppState>,
     tx: Tx,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(event): ApiJson<ShipmentEvent>,
 ) -> Result<Json<Order>, Problem> {
     let id = parse_id(&id)?;
@@ -176,7 +176,8 @@ pub(super) async fn shipment_event(
         Err(ApplyError::Illegal(e)) => Err(Problem::conflict(
             "illegal status transition",
             e.to_string(),
-        )),
+        )
+        .kind("illegal-transition")),
         Err(ApplyError::Db(e)) => Err(internal_error(e)),
     }
 }

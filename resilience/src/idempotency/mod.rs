@@ -141,7 +141,8 @@ mod tx;
 
 pub use client::{IdempotencyKey, IdempotencyKeyLayer, SetIdempotencyKey};
 pub use config::{
-    client_id_scope, IdempotencyConfig, KeyPolicy, ScopeFn, ANONYMOUS_SCOPE, CLIENT_ID_HEADER,
+    client_id_scope, scope_key, IdempotencyConfig, KeyPolicy, ScopeFn, ANONYMOUS_SCOPE,
+    CLIENT_ID_HEADER, MAX_VERBATIM_SCOPE,
 };
 pub use error::{IdempotencyError, TxError};
 pub use layer::{Idempotency, IdempotencyLayer};

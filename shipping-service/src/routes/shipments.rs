@@ -1,8 +1,8 @@
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::Json;
 use resilience::idempotency::Tx;
-use resilience::service::{cursor, internal_error, ApiJson, ApiQuery, Problem};
+use resilience::service::{cursor, internal_error, ApiJson, ApiPath, ApiQuery, Problem};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
@@ -43,7 +43,7 @@ pub(super) async fn create(
 /// `GET /shipments/{id}`.
 pub(super) async fn get_one(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Shipment>, Problem> {
     let id = parse_uuid(&id, "shipment id").map_err(Problem::bad_request)?;
     match app.store.get(id).await.map_err(internal_error)? {
