@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::circuit_breaker::BreakerRegistry;
 use crate::fault::{FaultConfig, FaultHandle};
 use crate::outbox::Outbox;
-use crate::service::{internal_error, ApiJson, Problem};
+use crate::service::{internal_error, ApiJson, ApiPath, Problem};
 
 /// What the admin endpoints act on.
 #[derive(Debug, Clone)]
@@ -35,7 +35,14 @@ pub struct AdminState {
 }
 
 /// `/admin/...` routes; merge into the service's router.
+///
+/// With admin off (no token, or a blank one) there are no admin routes at
+/// all, so every method on every admin path falls through to the service's
+/// 404 fallback: nothing says the endpoints exist.
 pub fn router(state: AdminState) -> Router {
+    if configured_token(&state).is_none() {
+        return Router::new();
+    }
     Router::new()
         .route("/admin/outbox", get(outbox_stats))
         .route("/admin/dead-letters", get(dead_letters))
@@ -47,25 +54,47 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-async fn authorize(State(state): State<AdminState>, req: Request, next: Next) -> Response {
-    use axum::response::IntoResponse;
+/// The token, unless admin is off.
+fn configured_token(state: &AdminState) -> Option<&str> {
     // NOTE: an empty token would match an empty or missing header; it
     // counts as no token at all.
-    let Some(token) = state.token.as_deref().filter(|t| !t.trim().is_empty()) else {
-        return Problem::not_found("admin endpoints are disabled (no ADMIN_TOKEN)").into_response();
+    state.token.as_deref().filter(|t| !t.trim().is_empty())
+}
+
+/// The credentials of an `Authorization: Bearer <token>` header; the scheme
+/// is case-insensitive (RFC 9110 section 11.1), separated by one or more
+/// spaces.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim_start().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = rest.trim_matches(' ');
+    (!token.is_empty()).then_some(token)
+}
+
+async fn authorize(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    use axum::response::IntoResponse;
+    let Some(token) = configured_token(&state) else {
+        return Problem::not_found("no such resource").into_response();
     };
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_token)
         .unwrap_or_default();
     // Compare digests so the comparison takes the same time whatever matches.
     let ok = Sha256::digest(given.as_bytes()) == Sha256::digest(token.as_bytes());
     if !ok {
-        return Problem::new(StatusCode::UNAUTHORIZED, "unauthorized")
+        let mut res = Problem::new(StatusCode::UNAUTHORIZED, "unauthorized")
             .detail("a valid `Authorization: Bearer <ADMIN_TOKEN>` header is required")
             .into_response();
+        res.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"admin\""),
+        );
+        return res;
     }
     next.run(req).await
 }
@@ -82,7 +111,7 @@ async fn dead_letters(State(s): State<AdminState>) -> Result<Json<Value>, Proble
 
 async fn requeue_one(
     State(s): State<AdminState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, Problem> {
     // Message ids are UUIDs; anything else cannot name one.
     if uuid::Uuid::parse_str(&id).is_err() {
@@ -137,4 +166,19 @@ async fn put_faults(
         .map_err(|e| Problem::unprocessable(e.to_string()))?;
     tracing::info!(?cfg, "fault injection changed");
     Ok(Json(json!({ "config": s.faults.get() })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer t", "bearer t", "BEARER t", "bEaReR   t"] {
+            assert_eq!(bearer_token(v), Some("t"), "{v}");
+        }
+        for v in ["Basic t", "Bearer", "Bearer ", "Bearert", ""] {
+            assert_eq!(bearer_token(v), None, "{v}");
+        }
+    }
 }
