@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use resilience::outbox::Relay;
-use resilience::service::{serve, Shutdown};
+use resilience::service::{serve_with_limits, Shutdown};
 use resilience::stack::Delivery;
 use resilience::store::{Db, DbOptions};
 use tokio::net::TcpListener;
@@ -111,9 +111,11 @@ impl Application {
         if self.state.config.delivery.relay_enabled {
             tasks.push(tokio::spawn(self.relay.run(background.clone())));
         }
-        serve(
+        let limits = self.state.config.delivery.server_limits();
+        serve_with_limits(
             self.listener,
             router(self.state),
+            limits,
             shutdown,
             grace,
             background,

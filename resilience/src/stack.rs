@@ -106,6 +106,9 @@ pub enum BuildError {
     /// The HTTP client could not be created.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The settings contradict each other.
+    #[error(transparent)]
+    Config(#[from] crate::config::InvalidDeliveryArgs),
 }
 
 /// Everything a service needs to send: the outbox, its relay, the plain
@@ -130,6 +133,7 @@ impl Delivery {
         timeout: Duration,
         handler: std::sync::Arc<dyn crate::outbox::DeliveryHandler>,
     ) -> Result<Self, BuildError> {
+        args.validate()?;
         let cfg = StackConfig {
             timeout,
             faults: args.faults()?,

@@ -11,7 +11,7 @@ pub use extract::{ApiJson, ApiPath, ApiQuery};
 pub use problem::{
     internal_error, method_not_allowed, not_found, Problem, PROBLEM_JSON, PROBLEM_TYPE_BASE,
 };
-pub use shutdown::{serve, shutdown_signal, Shutdown};
+pub use shutdown::{serve, serve_with_limits, shutdown_signal, ServerLimits, Shutdown};
 pub use telemetry::{init_tracing, LogFormat};
 
 /// An error and its sources, joined with `: ` (for logs and stored reasons).
