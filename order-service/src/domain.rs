@@ -170,7 +170,7 @@ impl NewOrder {
         if customer_id.is_empty() {
             return Err("customer_id must not be empty".into());
         }
-        if customer_id.len() > MAX_ID_LEN || customer_id.chars().any(char::is_control) {
+        if customer_id.chars().count() > MAX_ID_LEN || customer_id.chars().any(char::is_control) {
             return Err(format!(
                 "customer_id must be at most {MAX_ID_LEN} printable characters"
             ));
@@ -183,7 +183,10 @@ impl NewOrder {
         }
         for (i, item) in req.items.iter().enumerate() {
             let sku = item.sku.trim();
-            if sku.is_empty() || sku.len() > MAX_ID_LEN || sku.chars().any(char::is_control) {
+            if sku.is_empty()
+                || sku.chars().count() > MAX_ID_LEN
+                || sku.chars().any(char::is_control)
+            {
                 return Err(format!(
                     "items[{i}].sku must be 1 to {MAX_ID_LEN} printable characters"
                 ));

@@ -13,7 +13,7 @@ use service_kit::feeds::{feed_name, spawn_producer, PullSource};
 use service_kit::memory_dedupe::MemoryDedupe;
 use service_kit::stack::Delivery;
 use service_kit::DeliveryMode;
-use service_kit::{serve, Shutdown};
+use service_kit::{serve_with_limits, Shutdown};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -149,9 +149,11 @@ impl Application {
                 tasks.push(tokio::spawn(c.run(background.token())));
             }
         }
-        serve(
+        let limits = self.state.config.delivery.server_limits();
+        serve_with_limits(
             self.listener,
             router(self.state),
+            limits,
             shutdown,
             grace,
             background,

@@ -9,6 +9,34 @@ use serde::Serialize;
 /// The media type of a problem answer.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
+/// Where problem type URIs live: `type` is this followed by a kebab-case
+/// slug (`validation`, `idempotency-key-reused`, ...). The URIs identify a
+/// kind of problem (RFC 9457 section 3.1.1); they are stable but not meant
+/// to be dereferenced.
+pub const PROBLEM_TYPE_BASE: &str = "https://reliable-delivery.example/problems/";
+
+/// The default slug of a status: the kind of problem a bare status means.
+fn default_slug(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad-request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not-found",
+        405 => "method-not-allowed",
+        408 => "request-timeout",
+        409 => "conflict",
+        413 => "payload-too-large",
+        415 => "unsupported-media-type",
+        422 => "validation",
+        429 => "too-many-requests",
+        500 => "internal",
+        503 => "unavailable",
+        504 => "timeout",
+        s if s >= 500 => "server-error",
+        _ => "client-error",
+    }
+}
+
 /// An RFC 9457 problem details answer.
 ///
 /// Every error a service sends is one of these, so a client can rely on one
@@ -29,12 +57,24 @@ impl Problem {
     /// A problem with a status and a short, stable title.
     pub fn new(status: StatusCode, title: impl Into<String>) -> Self {
         Self {
-            kind: "about:blank".into(),
+            kind: format!("{PROBLEM_TYPE_BASE}{}", default_slug(status)),
             title: title.into(),
             status: status.as_u16(),
             detail: None,
             retry_after: None,
         }
+    }
+
+    /// Sets the kind of problem: `type` becomes [`PROBLEM_TYPE_BASE`] followed
+    /// by `slug` (by default the slug follows the status).
+    pub fn kind(mut self, slug: &str) -> Self {
+        self.kind = format!("{PROBLEM_TYPE_BASE}{slug}");
+        self
+    }
+
+    /// The `type` URI.
+    pub fn type_uri(&self) -> &str {
+        &self.kind
     }
 
     /// Adds a human-readable explanation of this occurrence.

@@ -20,7 +20,7 @@ use resilience::feed::{
 };
 use resilience::retry::Backoff;
 use resilience::store::{now_ms, Backend, Db, DbOptions};
-use resilience::testing::TestDatabase;
+use service_kit::testing::TestDatabase;
 use sqlx::{Any, Transaction};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -67,6 +67,12 @@ async fn append_one(log: &FeedLog, id: &str, data: serde_json::Value) -> Result<
 /// feed that numbered rows at insert would have given A the lower position,
 /// B's read would have moved the offset past it, and A would be lost.
 /// SQLite: the second writer cannot even begin while the first is open.
+///
+/// Checked to fail without the protection: with `FeedLog::read` changed to
+/// the classic `SELECT seq AS position … WHERE seq > $after` (numbered at
+/// insert, no sequencer), the Postgres case fails with "the reader skipped
+/// or repeated an event: [(3, \"b\")]", and the concurrent test below with
+/// "gap or disorder".
 async fn late_committer_is_not_skipped(backend: Backend) -> Result<()> {
     let tdb = TestDatabase::create(backend).await?;
     let db = open(&tdb, "producer", "producer", 8).await?;

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::{internal_error, ApiJson, Problem};
+use crate::{internal_error, ApiJson, ApiPath, Problem};
 use resilience::circuit_breaker::BreakerRegistry;
 use resilience::fault::{FaultConfig, FaultHandle};
 use resilience::feed::FeedConsumer;
@@ -40,7 +40,14 @@ pub struct AdminState {
 }
 
 /// `/admin/...` routes; merge into the service's router.
+///
+/// With admin off (no token, or a blank one) there are no admin routes at
+/// all, so every method on every admin path falls through to the service's
+/// 404 fallback: nothing says the endpoints exist.
 pub fn router(state: AdminState) -> Router {
+    if configured_token(&state).is_none() {
+        return Router::new();
+    }
     Router::new()
         .route("/admin/outbox", get(outbox_stats))
         .route("/admin/dead-letters", get(dead_letters))
@@ -59,25 +66,47 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-async fn authorize(State(state): State<AdminState>, req: Request, next: Next) -> Response {
-    use axum::response::IntoResponse;
+/// The token, unless admin is off.
+fn configured_token(state: &AdminState) -> Option<&str> {
     // NOTE: an empty token would match an empty or missing header; it
     // counts as no token at all.
-    let Some(token) = state.token.as_deref().filter(|t| !t.trim().is_empty()) else {
-        return Problem::not_found("admin endpoints are disabled (no ADMIN_TOKEN)").into_response();
+    state.token.as_deref().filter(|t| !t.trim().is_empty())
+}
+
+/// The credentials of an `Authorization: Bearer <token>` header; the scheme
+/// is case-insensitive (RFC 9110 section 11.1), separated by one or more
+/// spaces.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim_start().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = rest.trim_matches(' ');
+    (!token.is_empty()).then_some(token)
+}
+
+async fn authorize(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    use axum::response::IntoResponse;
+    let Some(token) = configured_token(&state) else {
+        return Problem::not_found("no such resource").into_response();
     };
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_token)
         .unwrap_or_default();
     // Compare digests so the comparison takes the same time whatever matches.
     let ok = Sha256::digest(given.as_bytes()) == Sha256::digest(token.as_bytes());
     if !ok {
-        return Problem::new(StatusCode::UNAUTHORIZED, "unauthorized")
+        let mut res = Problem::new(StatusCode::UNAUTHORIZED, "unauthorized")
             .detail("a valid `Authorization: Bearer <ADMIN_TOKEN>` header is required")
             .into_response();
+        res.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"admin\""),
+        );
+        return res;
     }
     next.run(req).await
 }
@@ -94,7 +123,7 @@ async fn dead_letters(State(s): State<AdminState>) -> Result<Json<Value>, Proble
 
 async fn requeue_one(
     State(s): State<AdminState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, Problem> {
     // Message ids are UUIDs; anything else cannot name one.
     if uuid::Uuid::parse_str(&id).is_err() {
@@ -172,7 +201,7 @@ fn known_feed(s: &AdminState, feed: &str) -> Result<(), Problem> {
 
 async fn feed_dead(
     State(s): State<AdminState>,
-    Path(feed): Path<String>,
+    ApiPath(feed): ApiPath<String>,
 ) -> Result<Json<Value>, Problem> {
     known_feed(&s, &feed)?;
     let dead = FeedConsumer::dead_events(&s.db, &feed, 100)
@@ -183,7 +212,7 @@ async fn feed_dead(
 
 async fn feed_requeue_one(
     State(s): State<AdminState>,
-    Path((feed, id)): Path<(String, String)>,
+    ApiPath((feed, id)): ApiPath<(String, String)>,
 ) -> Result<Json<Value>, Problem> {
     known_feed(&s, &feed)?;
     if uuid::Uuid::parse_str(&id).is_err() {
@@ -203,11 +232,26 @@ async fn feed_requeue_one(
 
 async fn feed_requeue_all(
     State(s): State<AdminState>,
-    Path(feed): Path<String>,
+    ApiPath(feed): ApiPath<String>,
 ) -> Result<Json<Value>, Problem> {
     known_feed(&s, &feed)?;
     let n = FeedConsumer::requeue_all(&s.db, &feed)
         .await
         .map_err(internal_error)?;
     Ok(Json(json!({ "requeued": n })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer t", "bearer t", "BEARER t", "bEaReR   t"] {
+            assert_eq!(bearer_token(v), Some("t"), "{v}");
+        }
+        for v in ["Basic t", "Bearer", "Bearer ", "Bearert", ""] {
+            assert_eq!(bearer_token(v), None, "{v}");
+        }
+    }
 }

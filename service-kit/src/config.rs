@@ -48,8 +48,9 @@ pub struct DeliveryArgs {
     pub max_attempts: u32,
 
     /// Dead-letter a message still undelivered this long after it was
-    /// enqueued (0s: no age limit).
-    #[arg(long, env = "MAX_AGE", default_value = "0s", value_parser = humantime::parse_duration)]
+    /// enqueued (0s: no age limit). The sender's retry horizon: the
+    /// receiver's IDEMPOTENCY_TTL must outlast it (checked at start-up).
+    #[arg(long, env = "MAX_AGE", default_value = "23h", value_parser = humantime::parse_duration)]
     pub max_age: Duration,
 
     /// Delivered outbox rows are deleted after this long.
@@ -57,12 +58,23 @@ pub struct DeliveryArgs {
     pub outbox_retention: Duration,
 
     /// How long a completed idempotency key is remembered (and replayed).
-    #[arg(long, env = "IDEMPOTENCY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    /// Must be above zero, and above MAX_AGE.
+    #[arg(long, env = "IDEMPOTENCY_TTL", default_value = "24h", value_parser = parse_ttl)]
     pub idempotency_ttl: Duration,
 
     /// How often expired idempotency keys are deleted.
     #[arg(long, env = "IDEMPOTENCY_REAP_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub idempotency_reap_interval: Duration,
+
+    /// Close a connection that has not sent a whole request head this long
+    /// after it was ready for one (slowloris).
+    #[arg(long, env = "SERVER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_ttl)]
+    pub server_header_timeout: Duration,
+
+    /// Answer 503 to a request not answered this long after its head
+    /// arrived (slow bodies, stuck handlers).
+    #[arg(long, env = "SERVER_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_ttl)]
+    pub server_request_timeout: Duration,
 
     /// Bearer token of the /admin endpoints (unset: admin endpoints are off).
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
@@ -97,7 +109,72 @@ pub struct DeliveryArgs {
     pub feed: crate::feeds::FeedArgs,
 }
 
+/// A duration above zero: a zero idempotency TTL would forget every key at
+/// once, which turns deduplication off.
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err(
+            "must be above zero (a zero TTL forgets every key at once and turns \
+                    deduplication off)"
+                .into(),
+        );
+    }
+    Ok(d)
+}
+
+/// Delivery settings that contradict each other.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidDeliveryArgs {
+    /// IDEMPOTENCY_TTL is zero.
+    #[error("IDEMPOTENCY_TTL must be above zero: a zero TTL turns deduplication off")]
+    ZeroTtl,
+    /// A retry could arrive after the receiver forgot the key.
+    #[error(
+        "MAX_AGE ({max_age}) must be shorter than IDEMPOTENCY_TTL ({ttl}): a message retried \
+         after the receiver forgot its key would be processed twice"
+    )]
+    MaxAgeOutlastsTtl {
+        /// MAX_AGE, formatted.
+        max_age: String,
+        /// IDEMPOTENCY_TTL, formatted.
+        ttl: String,
+    },
+}
+
 impl DeliveryArgs {
+    /// Checks the settings against each other: the idempotency TTL is above
+    /// zero and outlasts the retry horizon (`MAX_AGE`), assuming the peer
+    /// runs with the same settings (the receiver's TTL must outlast the
+    /// sender's `MAX_AGE`). `MAX_AGE=0s` (no limit) is allowed with a
+    /// warning: retries past the TTL are then not de-duplicated.
+    pub fn validate(&self) -> Result<(), InvalidDeliveryArgs> {
+        if self.idempotency_ttl.is_zero() {
+            return Err(InvalidDeliveryArgs::ZeroTtl);
+        }
+        if self.max_age.is_zero() {
+            tracing::warn!(
+                idempotency_ttl = %humantime::format_duration(self.idempotency_ttl),
+                "MAX_AGE=0s: messages are retried forever, but idempotency keys are \
+                 remembered only for IDEMPOTENCY_TTL; a retry after that is not de-duplicated"
+            );
+        } else if self.max_age >= self.idempotency_ttl {
+            return Err(InvalidDeliveryArgs::MaxAgeOutlastsTtl {
+                max_age: humantime::format_duration(self.max_age).to_string(),
+                ttl: humantime::format_duration(self.idempotency_ttl).to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The server's time limits.
+    pub fn server_limits(&self) -> crate::ServerLimits {
+        crate::ServerLimits {
+            header_read_timeout: self.server_header_timeout,
+            request_timeout: self.server_request_timeout,
+        }
+    }
+
     /// The fault handle these settings describe.
     pub fn faults(&self) -> Result<FaultHandle, InvalidFaultConfig> {
         let cfg = FaultConfig {
@@ -136,5 +213,54 @@ impl DeliveryArgs {
             retention: self.outbox_retention,
             ..RelayConfig::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        delivery: DeliveryArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<DeliveryArgs, clap::Error> {
+        let argv = std::iter::once("svc").chain(args.iter().copied());
+        Cli::try_parse_from(argv).map(|c| c.delivery)
+    }
+
+    #[test]
+    fn defaults_are_consistent() {
+        let d = parse(&[]).unwrap();
+        assert!(d.max_age > Duration::ZERO && d.max_age < d.idempotency_ttl);
+        assert_eq!(d.validate(), Ok(()));
+    }
+
+    #[test]
+    fn zero_ttl_is_refused() {
+        for ttl in ["0s", "0ms", "0h"] {
+            let err = parse(&["--idempotency-ttl", ttl]).unwrap_err();
+            assert!(err.to_string().contains("above zero"), "{err}");
+        }
+        let mut d = parse(&[]).unwrap();
+        d.idempotency_ttl = Duration::ZERO;
+        assert_eq!(d.validate(), Err(InvalidDeliveryArgs::ZeroTtl));
+    }
+
+    #[test]
+    fn max_age_must_be_shorter_than_ttl() {
+        let d = parse(&["--max-age", "48h", "--idempotency-ttl", "24h"]).unwrap();
+        assert!(matches!(
+            d.validate(),
+            Err(InvalidDeliveryArgs::MaxAgeOutlastsTtl { .. })
+        ));
+        let d = parse(&["--max-age", "1h", "--idempotency-ttl", "2h"]).unwrap();
+        assert_eq!(d.validate(), Ok(()));
+        let d = parse(&["--max-age", "0s"]).unwrap();
+        assert_eq!(d.validate(), Ok(()));
     }
 }

@@ -1,4 +1,4 @@
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -35,7 +35,13 @@ fn json_problem(rejection: JsonRejection) -> Problem {
         StatusCode::UNPROCESSABLE_ENTITY => "invalid request body",
         _ => "malformed request body",
     };
-    Problem::new(status, title).detail(rejection.body_text())
+    let problem = Problem::new(status, title);
+    let problem = if status == StatusCode::BAD_REQUEST {
+        problem.kind("malformed-body")
+    } else {
+        problem
+    };
+    problem.detail(rejection.body_text())
 }
 
 /// `axum::extract::Query`, answering a malformed query string with a 400 problem.
@@ -58,5 +64,38 @@ where
 }
 
 fn query_problem(rejection: QueryRejection) -> Problem {
-    Problem::new(StatusCode::BAD_REQUEST, "invalid query string").detail(rejection.body_text())
+    Problem::new(StatusCode::BAD_REQUEST, "invalid query string")
+        .kind("invalid-query")
+        .detail(rejection.body_text())
+}
+
+/// `axum::extract::Path`, answering a path parameter that cannot be decoded
+/// (invalid percent-encoding or UTF-8, wrong type) with a 400 problem.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            Err(rejection) => Err(path_problem(rejection)),
+        }
+    }
+}
+
+fn path_problem(rejection: PathRejection) -> Problem {
+    let status = rejection.status();
+    if status.is_server_error() {
+        // A route declared without the parameter: the service's bug.
+        return super::internal_error(rejection.body_text());
+    }
+    Problem::new(status, "invalid path parameter")
+        .kind("invalid-path")
+        .detail(rejection.body_text())
 }

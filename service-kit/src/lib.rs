@@ -33,13 +33,13 @@ pub mod stack;
 mod telemetry;
 pub mod testing;
 
-pub use extract::{ApiJson, ApiQuery};
+pub use extract::{ApiJson, ApiPath, ApiQuery};
 pub use mode::DeliveryMode;
 pub use resilience::error_chain;
 pub use resilience::problem::{
-    internal_error, method_not_allowed, not_found, Problem, PROBLEM_JSON,
+    internal_error, method_not_allowed, not_found, Problem, PROBLEM_JSON, PROBLEM_TYPE_BASE,
 };
-pub use shutdown::{serve, shutdown_signal, Shutdown};
+pub use shutdown::{serve, serve_with_limits, shutdown_signal, ServerLimits, Shutdown};
 pub use telemetry::{init_tracing, LogFormat};
 
 /// An opaque keyset cursor: `(created_at_ms, id)` of the last row of a page.
@@ -52,26 +52,47 @@ pub mod cursor {
         URL_SAFE_NO_PAD.encode(format!("{created_at}:{id}"))
     }
 
-    /// Decodes a cursor made by [`encode`]; `None` if it is not one.
+    /// Decodes a cursor made by [`encode`]; `None` if it is not one. Row ids
+    /// are UUIDs, so the id must be one in the form [`encode`] writes
+    /// (hyphenated, lower case): nothing else, a NUL byte or an oversized
+    /// string say, ever reaches a query.
     pub fn decode(cursor: &str) -> Option<(i64, String)> {
+        if cursor.len() > 128 {
+            return None;
+        }
         let raw = URL_SAFE_NO_PAD.decode(cursor).ok()?;
         let text = String::from_utf8(raw).ok()?;
         let (ts, id) = text.split_once(':')?;
         let ts = ts.parse().ok()?;
-        if id.is_empty() || id.len() > 64 {
+        let canonical = uuid::Uuid::try_parse(id).ok()?.hyphenated().to_string();
+        if canonical != id {
             return None;
         }
-        Some((ts, id.to_string()))
+        Some((ts, canonical))
     }
 
     #[cfg(test)]
     mod tests {
         #[test]
         fn round_trips_and_rejects_garbage() {
-            let c = super::encode(42, "abc");
-            assert_eq!(super::decode(&c), Some((42, "abc".into())));
+            let id = "0b6d5f0e-5c1a-4f0e-9a57-3c2f6d1e8a90";
+            let c = super::encode(42, id);
+            assert_eq!(super::decode(&c), Some((42, id.into())));
             assert_eq!(super::decode("!!"), None);
             assert_eq!(super::decode("bm9jb2xvbg"), None);
+        }
+
+        #[test]
+        fn refuses_ids_that_are_not_uuids() {
+            // "0:\0": a NUL byte, which Postgres TEXT refuses with an error.
+            assert_eq!(super::decode("MDoA"), None);
+            assert_eq!(super::decode(&super::encode(1, "abc")), None);
+            let upper = "0B6D5F0E-5C1A-4F0E-9A57-3C2F6D1E8A90";
+            assert_eq!(super::decode(&super::encode(1, upper)), None);
+            let simple = "0b6d5f0e5c1a4f0e9a573c2f6d1e8a90";
+            assert_eq!(super::decode(&super::encode(1, simple)), None);
+            let long = format!("0b6d5f0e-5c1a-4f0e-9a57-3c2f6d1e8a90{}", "0".repeat(500));
+            assert_eq!(super::decode(&super::encode(1, &long)), None);
         }
     }
 }

@@ -103,6 +103,9 @@ pub enum BuildError {
     /// The HTTP client could not be created.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The settings contradict each other.
+    #[error(transparent)]
+    Config(#[from] crate::config::InvalidDeliveryArgs),
 }
 
 /// Everything a service needs to send: the outbox, its relay, the plain
@@ -134,6 +137,7 @@ impl Delivery {
         handler: std::sync::Arc<dyn resilience::outbox::DeliveryHandler>,
         pull: crate::feeds::PullSource,
     ) -> Result<Self, BuildError> {
+        args.validate()?;
         let cfg = StackConfig {
             timeout,
             faults: args.faults()?,

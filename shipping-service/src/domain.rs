@@ -96,7 +96,10 @@ impl NewShipment {
         }
         for (i, item) in req.items.iter().enumerate() {
             let sku = item.sku.trim();
-            if sku.is_empty() || sku.len() > MAX_SKU_LEN || sku.chars().any(char::is_control) {
+            if sku.is_empty()
+                || sku.chars().count() > MAX_SKU_LEN
+                || sku.chars().any(char::is_control)
+            {
                 return Err(format!(
                     "items[{i}].sku must be 1 to {MAX_SKU_LEN} printable characters"
                 ));

@@ -1,11 +1,11 @@
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::Json;
 use resilience::feed::{FeedQuery, Page};
 use resilience::idempotency::Tx;
 use serde::{Deserialize, Serialize};
 use service_kit::feeds::{feed_name, parse_feed_mode};
-use service_kit::{cursor, internal_error, ApiJson, ApiQuery, Problem};
+use service_kit::{cursor, internal_error, ApiJson, ApiPath, ApiQuery, Problem};
 
 use super::AppState;
 use crate::domain::{CreateOrderRequest, NewOrder, Order, OrderId, OrderStatus, ShipmentEvent};
@@ -111,7 +111,7 @@ async fn deliver_at_most_once(app: AppState, order: Order) {
 /// (`order-created` events), long-polled; see `service_kit::feeds`.
 pub(super) async fn feed(
     State(app): State<AppState>,
-    Path(mode): Path<String>,
+    ApiPath(mode): ApiPath<String>,
     ApiQuery(q): ApiQuery<FeedQuery>,
 ) -> Result<Json<Page>, Problem> {
     let mode = parse_feed_mode(&mode)?;
@@ -121,7 +121,7 @@ pub(super) async fn feed(
 /// `GET /orders/{id}`.
 pub(super) async fn get_one(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Order>, Problem> {
     let id = parse_id(&id)?;
     match app
@@ -186,7 +186,7 @@ pub(super) async fn list(
 pub(super) async fn shipment_event(
     State(app): State<AppState>,
     tx: Tx,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(event): ApiJson<ShipmentEvent>,
 ) -> Result<Json<Order>, Problem> {
     let id = parse_id(&id)?;
@@ -207,7 +207,8 @@ pub(super) async fn shipment_event(
         Err(ApplyError::Illegal(e)) => Err(Problem::conflict(
             "illegal status transition",
             e.to_string(),
-        )),
+        )
+        .kind("illegal-transition")),
         Err(ApplyError::Db(e)) => Err(internal_error(e)),
     }
 }

@@ -42,7 +42,11 @@ impl HttpClient {
     pub fn new(timeout: Duration) -> Result<Self, ClientError> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5).min(timeout))
-            .pool_idle_timeout(Duration::from_secs(90))
+            // NOTE: below the servers' header read timeout (10 s by default),
+            // which also closes idle keep-alive connections: the client lets
+            // go of an idle connection before the server does, so a request
+            // is not sent on one the server is closing.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .map_err(ClientError::Request)?;
         Ok(HttpClient::from_reqwest(client, Some(timeout)))

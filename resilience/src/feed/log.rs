@@ -119,10 +119,14 @@ impl FeedLog {
             if log.db.backend() != Backend::Postgres {
                 return;
             }
+            #[cfg(feature = "postgres")]
             tokio::join!(log.clone().listen(stop.clone()), log.send_notifies(stop));
+            #[cfg(not(feature = "postgres"))]
+            let _ = (log, stop);
         })
     }
 
+    #[cfg(feature = "postgres")]
     async fn send_notifies(self, stop: CancellationToken) {
         loop {
             tokio::select! {
@@ -139,6 +143,7 @@ impl FeedLog {
         }
     }
 
+    #[cfg(feature = "postgres")]
     async fn listen(self, stop: CancellationToken) {
         loop {
             let connected = async {

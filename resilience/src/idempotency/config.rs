@@ -3,12 +3,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::request::Parts;
+use http::StatusCode;
+use sha2::{Digest, Sha256};
 
+use crate::problem::Problem;
 use crate::store::Db;
 
-/// Who is calling: the scope in which a key is unique. `None` means the
-/// caller could not be identified; such requests share [`ANONYMOUS_SCOPE`].
-pub type ScopeFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
+/// Who is calling: the scope in which a key is unique. `Ok(None)` means the
+/// caller did not identify itself; such requests share [`ANONYMOUS_SCOPE`].
+/// An `Err` refuses the request (an identity that cannot be used).
+///
+/// The identity is stored in a namespace of its own (see
+/// [`IdempotencyConfig::scope`]): two different identities never share a
+/// scope, and none shares the anonymous one.
+pub type ScopeFn = Arc<dyn Fn(&Parts) -> Result<Option<String>, Problem> + Send + Sync>;
+
+/// Longest identity stored verbatim, in bytes; longer ones (and the ones
+/// [`scope_key`] does not store verbatim) are stored as a SHA-256 digest, so
+/// the `(scope, key)` index never sees an oversized value.
+pub const MAX_VERBATIM_SCOPE: usize = 128;
 
 /// The header the default scope reads.
 pub const CLIENT_ID_HEADER: &str = "x-client-id";
@@ -81,10 +94,23 @@ impl IdempotencyConfig {
         self
     }
 
-    /// Sets how the caller is identified.
+    /// Sets how the caller is identified (`None`: anonymous). Whatever
+    /// string it returns is an identity of its own: `Some("anonymous")` does
+    /// not join the anonymous callers, and any length is accepted (long ones
+    /// are stored hashed).
     pub fn scope<F>(mut self, scope: F) -> Self
     where
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        self.scope = Arc::new(move |parts: &Parts| Ok(scope(parts)));
+        self
+    }
+
+    /// Sets how the caller is identified, with the right to refuse a request
+    /// whose identity cannot be used (answer the `Err` problem, a 400 say).
+    pub fn try_scope<F>(mut self, scope: F) -> Self
+    where
+        F: Fn(&Parts) -> Result<Option<String>, Problem> + Send + Sync + 'static,
     {
         self.scope = Arc::new(scope);
         self
@@ -106,8 +132,12 @@ impl IdempotencyConfig {
         i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX)
     }
 
-    pub(crate) fn scope_of(&self, parts: &Parts) -> String {
-        (self.scope)(parts).unwrap_or_else(|| ANONYMOUS_SCOPE.to_string())
+    /// The stored scope of a request, or the problem that refuses it.
+    pub(crate) fn scope_of(&self, parts: &Parts) -> Result<String, Problem> {
+        Ok(match (self.scope)(parts)? {
+            Some(identity) => scope_key(&identity),
+            None => ANONYMOUS_SCOPE.to_string(),
+        })
     }
 }
 
@@ -123,17 +153,127 @@ impl fmt::Debug for IdempotencyConfig {
     }
 }
 
-/// The default scope: the `X-Client-Id` header when it is present, non-empty
-/// visible ASCII, else [`ANONYMOUS_SCOPE`].
+/// The stored form of an identity. Plain identities (visible ASCII and
+/// spaces, no `:`, at most [`MAX_VERBATIM_SCOPE`] bytes, not the word
+/// `anonymous`) are stored as they are, which keeps records readable and
+/// stable across versions; every other identity is stored as `sha256:`
+/// followed by the hex digest of its UTF-8 bytes. The two forms cannot meet
+/// (only digests contain `:`), and neither is [`ANONYMOUS_SCOPE`].
+pub fn scope_key(identity: &str) -> String {
+    let plain = identity.len() <= MAX_VERBATIM_SCOPE
+        && identity != ANONYMOUS_SCOPE
+        && identity
+            .bytes()
+            .all(|b| (0x20..=0x7e).contains(&b) && b != b':');
+    if plain {
+        identity.to_string()
+    } else {
+        format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(identity.as_bytes()))
+        )
+    }
+}
+
+fn invalid_client_id(detail: &str) -> Problem {
+    Problem::new(StatusCode::BAD_REQUEST, "invalid client id")
+        .kind("invalid-client-id")
+        .detail(format!("X-Client-Id {detail}"))
+}
+
+/// The default scope: the `X-Client-Id` header, or anonymous when it is
+/// absent. The header must appear once and hold UTF-8 text, not blank and
+/// without control characters (surrounding spaces are ignored); anything
+/// else is refused with a 400, never mistaken for another caller or for
+/// the anonymous one. Any non-blank UTF-8 identity of any length is its own
+/// scope (see [`scope_key`]).
+///
+/// The header is asserted by the caller itself: it separates honest
+/// clients, it does not authenticate them. Behind an authenticating proxy
+/// that sets (or strips) it, it is an identity; see the README.
 pub fn client_id_scope() -> ScopeFn {
     Arc::new(|parts: &Parts| {
-        let id = parts
-            .headers
-            .get(CLIENT_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .unwrap_or(ANONYMOUS_SCOPE);
-        Some(id.to_string())
+        let mut values = parts.headers.get_all(CLIENT_ID_HEADER).iter();
+        let Some(value) = values.next() else {
+            return Ok(None);
+        };
+        if values.next().is_some() {
+            return Err(invalid_client_id("must appear once"));
+        }
+        let Ok(id) = std::str::from_utf8(value.as_bytes()) else {
+            return Err(invalid_client_id("must be UTF-8 text"));
+        };
+        let id = id.trim();
+        if id.is_empty() {
+            return Err(invalid_client_id("must not be blank"));
+        }
+        if id.chars().any(char::is_control) {
+            return Err(invalid_client_id("must not contain control characters"));
+        }
+        Ok(Some(id.to_string()))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(values: &[&[u8]]) -> Result<Option<String>, u16> {
+        let mut req = http::Request::builder();
+        for v in values {
+            req = req.header(CLIENT_ID_HEADER, http::HeaderValue::from_bytes(v).unwrap());
+        }
+        let (parts, ()) = req.body(()).unwrap().into_parts();
+        client_id_scope()(&parts)
+            .map(|id| id.map(|i| scope_key(&i)))
+            .map_err(|p| p.status().as_u16())
+    }
+
+    #[test]
+    fn identities_never_share_a_scope() {
+        let ids: [&[u8]; 7] = [
+            "jürgen".as_bytes(),
+            "müller".as_bytes(),
+            b"anonymous",
+            b"order-service",
+            b"sha256:abc",
+            b"a:b",
+            b"x",
+        ];
+        let mut seen = vec![Ok(None)];
+        for id in ids {
+            let s = scope(&[id]);
+            assert!(matches!(s, Ok(Some(_))), "{s:?}");
+            assert!(!seen.contains(&s), "{s:?} shared");
+            assert_ne!(s, Ok(Some(ANONYMOUS_SCOPE.to_string())));
+            seen.push(s);
+        }
+        assert_eq!(scope(&[]), Ok(None));
+        // Stable for plain identities, which stay readable.
+        assert_eq!(scope(&[b"order-service"]), Ok(Some("order-service".into())));
+    }
+
+    #[test]
+    fn long_identities_are_hashed() {
+        let long = "é".repeat(5000);
+        let Ok(Some(s)) = scope(&[long.as_bytes()]) else {
+            panic!("refused");
+        };
+        assert!(s.len() < 100, "{s}");
+        assert_eq!(scope(&[long.as_bytes()]), Ok(Some(s)));
+    }
+
+    #[test]
+    fn unusable_identities_are_refused() {
+        for bad in [
+            &b""[..],
+            b"   ",
+            b"\xff\xfe",
+            b"a\tb",
+            "a\u{85}b".as_bytes(),
+        ] {
+            assert_eq!(scope(&[bad]), Err(400), "{bad:?}");
+        }
+        assert_eq!(scope(&[b"a", b"b"]), Err(400));
+    }
 }

@@ -10,7 +10,9 @@ use crate::problem::Problem;
 pub(crate) const MAX_KEY_LEN: usize = 255;
 
 fn invalid(detail: impl Into<String>) -> Problem {
-    Problem::new(StatusCode::BAD_REQUEST, "invalid idempotency key").detail(detail)
+    Problem::new(StatusCode::BAD_REQUEST, "invalid idempotency key")
+        .kind("invalid-idempotency-key")
+        .detail(detail)
 }
 
 /// The request's key: `None` if the header is absent, a 400 problem if it is

@@ -97,15 +97,24 @@ async fn handle<S>(config: Arc<IdempotencyConfig>, inner: S, req: Request) -> Re
 where
     S: Service<Request, Response = Response, Error = Infallible>,
 {
+    // The caller's identity is checked on every request, keyed or not: an
+    // unusable one is refused, never mistaken for another caller.
+    let (parts, body) = req.into_parts();
+    let scope = match config.scope_of(&parts) {
+        Ok(scope) => scope,
+        Err(problem) => return problem.into_response(),
+    };
+    let req = Request::from_parts(parts, body);
     match parse_key(req.headers()) {
         Err(problem) => problem.into_response(),
         Ok(None) if config.key_policy == KeyPolicy::Required => {
             Problem::new(StatusCode::BAD_REQUEST, "idempotency key required")
+                .kind("idempotency-key-required")
                 .detail("this endpoint requires an Idempotency-Key header")
                 .into_response()
         }
         Ok(None) => without_key(&config, inner, req).await,
-        Ok(Some(key)) => with_key(&config, inner, req, key)
+        Ok(Some(key)) => with_key(&config, inner, req, scope, key)
             .await
             .unwrap_or_else(IntoResponse::into_response),
     }
@@ -147,13 +156,16 @@ fn in_flight(config: &IdempotencyConfig) -> Problem {
         "request in flight",
         "a request with this Idempotency-Key is still being processed; retry later",
     )
+    .kind("idempotency-key-in-flight")
     .retry_after(config.retry_after_secs())
 }
 
 fn key_reused() -> Problem {
-    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency key reused").detail(
-        "this Idempotency-Key was already used for a different request (method, path or body)",
-    )
+    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency key reused")
+        .kind("idempotency-key-reused")
+        .detail(
+            "this Idempotency-Key was already used for a different request (method, path or body)",
+        )
 }
 
 /// Replays a completed record, or 422 if it answered another request.
@@ -175,13 +187,13 @@ async fn with_key<S>(
     config: &IdempotencyConfig,
     inner: S,
     req: Request,
+    scope: String,
     key: String,
 ) -> Result<Response, Problem>
 where
     S: Service<Request, Response = Response, Error = Infallible>,
 {
     let (mut parts, body) = req.into_parts();
-    let scope = config.scope_of(&parts);
     let body = match Limited::new(body, config.max_body_bytes).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<LengthLimitError>() => {

@@ -84,7 +84,7 @@
 //! `Content-Length`.
 //!
 //! Every error is an `application/problem+json` answer: 400 for a malformed
-//! or missing (when required) key, 413 for a body over
+//! or missing (when required) key or an unusable caller identity, 413 for a body over
 //! [`IdempotencyConfig::max_body_bytes`], 409 with `Retry-After` for a
 //! request in flight, 422 for a reused key, 500 when the commit fails
 //! (nothing was saved, so retrying is safe).
@@ -141,7 +141,8 @@ mod tx;
 
 pub use client::{IdempotencyKey, IdempotencyKeyLayer, SetIdempotencyKey};
 pub use config::{
-    client_id_scope, IdempotencyConfig, KeyPolicy, ScopeFn, ANONYMOUS_SCOPE, CLIENT_ID_HEADER,
+    client_id_scope, scope_key, IdempotencyConfig, KeyPolicy, ScopeFn, ANONYMOUS_SCOPE,
+    CLIENT_ID_HEADER, MAX_VERBATIM_SCOPE,
 };
 pub use error::{IdempotencyError, TxError};
 pub use layer::{Idempotency, IdempotencyLayer};

@@ -1,11 +1,11 @@
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::Json;
 use resilience::feed::{FeedQuery, Page};
 use resilience::idempotency::Tx;
 use serde::{Deserialize, Serialize};
 use service_kit::feeds::{feed_name, parse_feed_mode};
-use service_kit::{cursor, internal_error, ApiJson, ApiQuery, Problem};
+use service_kit::{cursor, internal_error, ApiJson, ApiPath, ApiQuery, Problem};
 
 use super::AppState;
 use crate::domain::{parse_uuid, CreateShipmentRequest, NewShipment, Shipment};
@@ -47,7 +47,7 @@ pub(super) async fn create(
 /// `service_kit::feeds`.
 pub(super) async fn feed(
     State(app): State<AppState>,
-    Path(mode): Path<String>,
+    ApiPath(mode): ApiPath<String>,
     ApiQuery(q): ApiQuery<FeedQuery>,
 ) -> Result<Json<Page>, Problem> {
     let mode = parse_feed_mode(&mode)?;
@@ -57,7 +57,7 @@ pub(super) async fn feed(
 /// `GET /shipments/{id}`.
 pub(super) async fn get_one(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Shipment>, Problem> {
     let id = parse_uuid(&id, "shipment id").map_err(Problem::bad_request)?;
     match app.store.get(id).await.map_err(internal_error)? {

@@ -1,0 +1,494 @@
+//! Hardening (issue 11): caller identities, database limits, invalid bytes,
+//! admin when off, server time limits, and settings that turn safety off;
+//! end to end on SQLite and on Postgres.
+
+use std::time::Duration;
+
+use anyhow::ensure;
+use reqwest::header::HeaderValue;
+use serde_json::{json, Value};
+use tests::{
+    both_backends, sample_order, Stack, StackOptions, TestBackend, TestDatabases, ADMIN_TOKEN,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const PROBLEM_BASE: &str = "https://reliable-delivery.example/problems/";
+
+/// Asserts a problem answer (with a type URI of its own kind) and returns it.
+async fn expect_problem(res: reqwest::Response, status: u16) -> anyhow::Result<Value> {
+    let got = res.status();
+    let ct = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let text = res.text().await?;
+    ensure!(got == status, "expected {status}, got {got}: {text}");
+    ensure!(
+        ct == "application/problem+json",
+        "content-type {ct:?}: {text}"
+    );
+    let body: Value = serde_json::from_str(&text)?;
+    ensure!(
+        body["status"] == status && body["title"].is_string(),
+        "{body}"
+    );
+    Ok(body)
+}
+
+fn problem_type(p: &Value) -> &str {
+    p["type"].as_str().unwrap_or_default()
+}
+
+async fn count(stack: &Stack) -> anyhow::Result<(i64, i64, i64, i64)> {
+    let odb = stack.dbs.order_db().await?;
+    let sdb = stack.dbs.shipping_db().await?;
+    let q = |t: &'static str| format!("SELECT COUNT(*) FROM {t}");
+    let orders: i64 = sqlx::query_scalar(&q("orders"))
+        .fetch_one(odb.pool())
+        .await?;
+    let order_keys: i64 = sqlx::query_scalar(&q("idempotency_keys"))
+        .fetch_one(odb.pool())
+        .await?;
+    let shipments: i64 = sqlx::query_scalar(&q("shipments"))
+        .fetch_one(sdb.pool())
+        .await?;
+    let shipping_keys: i64 = sqlx::query_scalar(&q("idempotency_keys"))
+        .fetch_one(sdb.pool())
+        .await?;
+    Ok((orders, order_keys, shipments, shipping_keys))
+}
+
+/// POST /orders with a key, as `client` (raw header bytes; `None`: no header).
+async fn post_keyed(
+    stack: &Stack,
+    key: &str,
+    client: Option<&[u8]>,
+    body: &str,
+) -> anyhow::Result<reqwest::Response> {
+    let mut req = stack
+        .http
+        .post(format!("{}/orders", stack.order.url))
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .body(body.to_string());
+    if let Some(c) = client {
+        req = req.header("x-client-id", HeaderValue::from_bytes(c)?);
+    }
+    Ok(req.send().await?)
+}
+
+/// `n` pseudo-random alphanumerics (deterministic, incompressible).
+fn noise(n: usize) -> String {
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(alphabet[(x % 62) as usize])
+        })
+        .collect()
+}
+
+fn no_shipping() -> StackOptions {
+    StackOptions {
+        start_shipping: false,
+        ..Default::default()
+    }
+}
+
+/// Issue 11 items 1 and 7: every identity has its own scope; an unusable one
+/// is refused; a long one neither fails nor shares.
+async fn client_ids_never_share_a_scope(backend: TestBackend) -> anyhow::Result<()> {
+    let stack = Stack::start(backend, StackOptions::default()).await?;
+    let body = sample_order("at-most-once").to_string();
+    // Incompressible, or Postgres compresses the index entry and it fits.
+    let long = noise(5000);
+    let long_utf8 = "ü".repeat(3000);
+    let identities: [Option<&[u8]>; 8] = [
+        Some("jürgen".as_bytes()),
+        Some("müller".as_bytes()),
+        Some(b"anonymous"),
+        None,
+        Some(long.as_bytes()),
+        Some(long_utf8.as_bytes()),
+        Some(b"a:b"),
+        Some(b"order-service"),
+    ];
+    let mut ids = Vec::new();
+    for who in identities {
+        let res = post_keyed(&stack, "k", who, &body).await?;
+        let label = who.map(|w| String::from_utf8_lossy(&w[..w.len().min(20)]).into_owned());
+        ensure!(
+            res.status() == 201,
+            "{label:?}: {} {}",
+            res.status(),
+            res.text().await?
+        );
+        ensure!(
+            res.headers().get("idempotent-replayed").is_none(),
+            "{label:?} got another client's answer"
+        );
+        let order: Value = res.json().await?;
+        ids.push(order["id"].as_str().unwrap_or_default().to_string());
+        // The same client, again: its own answer, replayed.
+        let res = post_keyed(&stack, "k", who, &body).await?;
+        ensure!(res.status() == 201, "{label:?} repeat: {}", res.status());
+        ensure!(
+            res.headers().get("idempotent-replayed").is_some(),
+            "{label:?} repeat not replayed"
+        );
+        let again: Value = res.json().await?;
+        ensure!(
+            again["id"] == order["id"],
+            "{label:?} replayed another order"
+        );
+    }
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    ensure!(unique.len() == ids.len(), "shared scopes: {ids:?}");
+    let before = count(&stack).await?;
+    ensure!(before.0 == 8, "{before:?}");
+
+    // Unusable identities: 400, nothing written, keyed or not.
+    for bad in [
+        &b""[..],
+        b"   ",
+        b"\xff\xfe",
+        b"a\tb",
+        "a\u{85}b".as_bytes(),
+    ] {
+        for key in ["k", "fresh"] {
+            let res = post_keyed(&stack, key, Some(bad), &body).await?;
+            let p = expect_problem(res, 400)
+                .await
+                .map_err(|e| e.context(format!("{bad:?}")))?;
+            ensure!(problem_type(&p) == format!("{PROBLEM_BASE}invalid-client-id"));
+        }
+        let res = stack
+            .http
+            .post(format!("{}/orders", stack.order.url))
+            .header("x-client-id", HeaderValue::from_bytes(bad)?)
+            .json(&sample_order("at-most-once"))
+            .send()
+            .await?;
+        expect_problem(res, 400).await?;
+    }
+    let res = stack
+        .http
+        .post(format!("{}/orders", stack.order.url))
+        .header("idempotency-key", "k2")
+        .header("x-client-id", "a")
+        .header("x-client-id", "b")
+        .json(&sample_order("at-most-once"))
+        .send()
+        .await?;
+    expect_problem(res, 400).await?;
+    ensure!(count(&stack).await? == before, "refused requests wrote");
+    stack.shutdown().await
+}
+
+/// Issue 11 items 6 and 8, and the database limits: NUL bytes, oversized
+/// values and invalid UTF-8 in every path, query, header and body field
+/// that reaches SQL get a problem+json 4xx and change nothing.
+async fn database_limits_and_invalid_bytes(backend: TestBackend) -> anyhow::Result<()> {
+    let stack = Stack::start(backend, StackOptions::default()).await?;
+    let http = &stack.http;
+    let o = stack.order.url.clone();
+    let s = stack.shipping_url.clone();
+    let huge = noise(5000);
+    let huge_cursor = "A".repeat(5000);
+    let before = count(&stack).await?;
+
+    let mut gets = vec![
+        // cursors decoding to NUL, to a non-UUID, too long
+        format!("{o}/orders?cursor=MDoA"),
+        format!("{s}/shipments?cursor=MDoA"),
+        format!("{o}/orders?cursor=MTphYmM"),
+        format!("{o}/orders?cursor={huge_cursor}"),
+        format!("{s}/shipments?cursor={huge_cursor}"),
+        // invalid UTF-8, NUL, oversized: path ids
+        format!("{o}/orders/%FF"),
+        format!("{s}/shipments/%FF"),
+        format!("{o}/orders/%00"),
+        format!("{s}/shipments/%00"),
+        format!("{o}/orders/{huge}"),
+        format!("{s}/shipments/{huge}"),
+    ];
+    // ... and every query parameter
+    for v in ["%FF", "%00", "%C3%28", huge.as_str()] {
+        gets.push(format!("{o}/orders?status={v}"));
+        gets.push(format!("{o}/orders?cursor={v}"));
+        gets.push(format!("{o}/orders?limit={v}"));
+        gets.push(format!("{s}/shipments?order_id={v}"));
+        gets.push(format!("{s}/shipments?cursor={v}"));
+        gets.push(format!("{s}/shipments?limit={v}"));
+        gets.push(format!("{o}/orders?{v}=1"));
+    }
+    for url in &gets {
+        let res = http.get(url).send().await?;
+        let status = res.status().as_u16();
+        ensure!(
+            (400..500).contains(&status),
+            "{}: {status}",
+            &url[..url.len().min(120)]
+        );
+        expect_problem(res, status)
+            .await
+            .map_err(|e| e.context(url[..url.len().min(120)].to_string()))?;
+    }
+    let res = http
+        .post(format!("{o}/orders/%FF/shipment-events"))
+        .json(&json!({ "shipment_id": uuid::Uuid::new_v4(), "status": "shipped" }))
+        .send()
+        .await?;
+    expect_problem(res, 400).await?;
+
+    // NUL bytes and oversized strings in JSON bodies
+    let bad_orders = [
+        json!({ "customer_id": "a\u{0}b", "items": [{ "sku": "A", "quantity": 1 }] }),
+        json!({ "customer_id": "\u{0}", "items": [{ "sku": "A", "quantity": 1 }] }),
+        json!({ "customer_id": "c", "items": [{ "sku": "A\u{0}", "quantity": 1 }] }),
+        json!({ "customer_id": huge, "items": [{ "sku": "A", "quantity": 1 }] }),
+        json!({ "customer_id": "c", "items": [{ "sku": huge, "quantity": 1 }] }),
+        json!({ "customer_id": "é".repeat(65), "items": [{ "sku": "A", "quantity": 1 }] }),
+        json!({ "customer_id": "c", "items": [{ "sku": "é".repeat(65), "quantity": 1 }] }),
+    ];
+    for body in &bad_orders {
+        let res = stack.post_order(body).await?;
+        expect_problem(res, 422).await.map_err(|e| {
+            e.context(body.to_string()[..80.min(body.to_string().len())].to_string())
+        })?;
+    }
+    let oid = uuid::Uuid::new_v4();
+    let bad_shipments = [
+        json!({ "order_id": "\u{0}", "items": [{ "sku": "A", "quantity": 1 }] }),
+        json!({ "order_id": oid, "items": [{ "sku": "\u{0}", "quantity": 1 }] }),
+        json!({ "order_id": oid, "items": [{ "sku": huge, "quantity": 1 }] }),
+        json!({ "order_id": huge, "items": [{ "sku": "A", "quantity": 1 }] }),
+    ];
+    for body in &bad_shipments {
+        let res = http
+            .post(format!("{s}/shipments"))
+            .json(body)
+            .send()
+            .await?;
+        expect_problem(res, 422).await?;
+    }
+    // Invalid UTF-8 inside a JSON body is malformed JSON.
+    for url in [format!("{o}/orders"), format!("{s}/shipments")] {
+        let res = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(&b"{\"customer_id\":\"\xff\",\"items\":[]}"[..])
+            .send()
+            .await?;
+        let status = res.status().as_u16();
+        ensure!(status == 400 || status == 422, "{url}: {status}");
+        expect_problem(res, status).await?;
+    }
+    // Oversized and non-ASCII idempotency keys
+    for key in [
+        HeaderValue::from_str(&huge)?,
+        HeaderValue::from_bytes(b"\xff")?,
+        HeaderValue::from_bytes("é".as_bytes())?,
+    ] {
+        for url in [format!("{o}/orders"), format!("{s}/shipments")] {
+            let res = http
+                .post(&url)
+                .header("idempotency-key", key.clone())
+                .json(&sample_order("at-most-once"))
+                .send()
+                .await?;
+            expect_problem(res, 400).await?;
+        }
+    }
+    ensure!(count(&stack).await? == before, "rejected requests wrote");
+
+    // Limits count characters: 64 × é is a valid customer_id and sku.
+    let ok = json!({
+        "customer_id": "é".repeat(64),
+        "items": [{ "sku": "é".repeat(64), "quantity": 1 }],
+        "delivery_mode": "at-most-once",
+    });
+    let res = stack.post_order(&ok).await?;
+    ensure!(res.status() == 201, "64 × é: {}", res.text().await?);
+    stack.shutdown().await
+}
+
+/// Issue 11 item 3: admin off is a 404 to every method; a 401 carries
+/// `WWW-Authenticate: Bearer`; the scheme is case-insensitive.
+async fn admin_when_off_and_on(backend: TestBackend) -> anyhow::Result<()> {
+    let stack = Stack::start(
+        backend,
+        StackOptions {
+            order: |c| c.delivery.admin_token = None,
+            shipping: |c| c.delivery.admin_token = Some("  ".into()),
+            ..Default::default()
+        },
+    )
+    .await?;
+    for base in [&stack.order.url, &stack.shipping_url] {
+        for path in [
+            "/admin/outbox",
+            "/admin/faults",
+            "/admin/dead-letters/requeue",
+            "/admin/nope",
+        ] {
+            for method in ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"] {
+                let res = stack
+                    .http
+                    .request(method.parse()?, format!("{base}{path}"))
+                    .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+                    .send()
+                    .await?;
+                ensure!(res.headers().get("allow").is_none(), "{method} {path}");
+                expect_problem(res, 404)
+                    .await
+                    .map_err(|e| e.context(format!("{method} {base}{path}")))?;
+            }
+        }
+    }
+    stack.shutdown().await?;
+
+    let stack = Stack::start(backend, no_shipping()).await?;
+    let url = format!("{}/admin/outbox", stack.order.url);
+    for auth in [
+        None,
+        Some("Bearer wrong".to_string()),
+        Some(ADMIN_TOKEN.into()),
+    ] {
+        let mut req = stack.http.get(&url);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let res = req.send().await?;
+        let www = res
+            .headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        ensure!(www.starts_with("Bearer"), "WWW-Authenticate {www:?}");
+        let p = expect_problem(res, 401).await?;
+        ensure!(problem_type(&p) == format!("{PROBLEM_BASE}unauthorized"));
+    }
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let res = stack
+            .http
+            .get(&url)
+            .header("authorization", format!("{scheme} {ADMIN_TOKEN}"))
+            .send()
+            .await?;
+        ensure!(res.status() == 200, "{scheme}: {}", res.status());
+    }
+    stack.shutdown().await
+}
+
+/// Issue 11 item 5: a client that sends half its request head is cut off.
+async fn slowloris_is_cut_off(backend: TestBackend) -> anyhow::Result<()> {
+    let stack = Stack::start(backend, no_shipping()).await?;
+    let addr = stack.order.url.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await?;
+    conn.write_all(b"GET /orders HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await?;
+    let mut buf = Vec::new();
+    // The default header read timeout is 10 s.
+    let closed = tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut buf)).await;
+    ensure!(
+        closed.is_ok(),
+        "a half-sent request head held its connection open for 20 s"
+    );
+    // The server still serves everyone else.
+    ensure!(stack.get_order_path("/healthz").await?.status() == 200);
+    stack.shutdown().await
+}
+
+/// Issue 11 item 11: a zero idempotency TTL is refused, and so is a retry
+/// horizon (MAX_AGE) that outlasts it.
+async fn unsafe_dedupe_settings_are_refused(backend: TestBackend) -> anyhow::Result<()> {
+    let dbs = TestDatabases::create(backend).await?;
+    let listener = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let mut sc = shipping_service::Config::defaults();
+    sc.database_url = dbs.shipping_url.clone();
+    sc.db_schema = "shipping_service".into();
+    sc.delivery.idempotency_ttl = Duration::ZERO;
+    let zero = shipping_service::Application::build_with_listener(sc, listener().await?).await;
+    let mut oc = order_service::Config::defaults();
+    oc.database_url = dbs.order_url.clone();
+    oc.db_schema = "order_service".into();
+    oc.delivery.max_age = Duration::from_secs(48 * 3600);
+    oc.delivery.idempotency_ttl = Duration::from_secs(24 * 3600);
+    let outlasts = order_service::Application::build_with_listener(oc, listener().await?).await;
+    dbs.cleanup().await;
+    let why = |r: anyhow::Result<_>| r.err().map(|e: anyhow::Error| format!("{e:#}"));
+    let zero = why(zero.map(drop));
+    let outlasts = why(outlasts.map(drop));
+    ensure!(
+        zero.as_deref()
+            .is_some_and(|e| e.contains("IDEMPOTENCY_TTL")),
+        "IDEMPOTENCY_TTL=0s: {zero:?}"
+    );
+    ensure!(
+        outlasts.as_deref().is_some_and(|e| e.contains("MAX_AGE")),
+        "MAX_AGE > IDEMPOTENCY_TTL: {outlasts:?}"
+    );
+    // The defaults are consistent.
+    let d = order_service::Config::defaults().delivery;
+    ensure!(
+        !d.max_age.is_zero() && d.max_age < d.idempotency_ttl,
+        "defaults: MAX_AGE {:?}, IDEMPOTENCY_TTL {:?}",
+        d.max_age,
+        d.idempotency_ttl
+    );
+    Ok(())
+}
+
+/// Smaller point: each kind of problem has a type URI of its own.
+async fn problem_types_name_the_kind(backend: TestBackend) -> anyhow::Result<()> {
+    let stack = Stack::start(backend, no_shipping()).await?;
+    let o = &stack.order.url;
+    let body = sample_order("at-most-once").to_string();
+    let res = post_keyed(&stack, "k", None, &body).await?;
+    ensure!(res.status() == 201);
+    let other = sample_order("at-least-once").to_string();
+    let reused = expect_problem(post_keyed(&stack, "k", None, &other).await?, 422).await?;
+    let invalid = expect_problem(stack.post_order(&json!({})).await?, 422).await?;
+    let missing = expect_problem(stack.get_order_path("/nope").await?, 404).await?;
+    let bad = expect_problem(
+        stack
+            .http
+            .post(format!("{o}/orders"))
+            .header("content-type", "application/json")
+            .body("{")
+            .send()
+            .await?,
+        400,
+    )
+    .await?;
+    for (p, kind) in [
+        (&reused, "idempotency-key-reused"),
+        (&invalid, "validation"),
+        (&missing, "not-found"),
+        (&bad, "malformed-body"),
+    ] {
+        ensure!(
+            problem_type(p) == format!("{PROBLEM_BASE}{kind}"),
+            "{kind}: {p}"
+        );
+    }
+    stack.shutdown().await
+}
+
+both_backends!(
+    client_ids_never_share_a_scope,
+    database_limits_and_invalid_bytes,
+    admin_when_off_and_on,
+    slowloris_is_cut_off,
+    unsafe_dedupe_settings_are_refused,
+    problem_types_name_the_kind,
+);
