@@ -100,7 +100,7 @@ impl LabConfig {
             outage: Duration::from_secs(5),
             kill_interval: Some(Duration::from_secs(6)),
             db_restart: None,
-            rate: 20.0,
+            rate: 30.0,
             concurrency: 16,
             settle_timeout: Duration::from_secs(90),
             storage: Storage::Sqlite,

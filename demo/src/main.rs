@@ -59,7 +59,7 @@ struct Args {
     kill_interval: Duration,
 
     /// Orders sent per second, all modes together.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = 30.0)]
     rate: f64,
 
     /// Longest wait for delivery to settle once the faults stop.
