@@ -143,6 +143,26 @@ async fn load_shipments(
             e.1 += usize::from(r.try_get::<String, _>("status")? == "dead");
         }
     }
+    // Feed events a consumer refused (pull modes), on either side: each
+    // carries the order's id in its data.
+    for db in [order_db, shipping_db] {
+        let rows = sqlx::query("SELECT payload FROM feed_dead WHERE status = 'dead'")
+            .fetch_all(db.pool())
+            .await?;
+        for r in rows {
+            let payload: String = r.try_get("payload")?;
+            let order_id = serde_json::from_str::<serde_json::Value>(&payload)
+                .ok()
+                .and_then(|v| {
+                    v.get("order_id")
+                        .and_then(|o| o.as_str())
+                        .map(str::to_owned)
+                });
+            if let Some(id) = order_id {
+                per_order.entry(id).or_default().dead += 1;
+            }
+        }
+    }
     let rows =
         sqlx::query("SELECT id, order_id, status, created_at, report_attempts FROM shipments")
             .fetch_all(shipping_db.pool())

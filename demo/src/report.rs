@@ -129,8 +129,10 @@ pub fn render(report: &LabReport) -> String {
     }
     out.push_str(
         "\nlost: order with no shipment. duplicated: order with more than one shipment. \
-         unacked: shipment shipped, order not `shipped`.\nattempts: HTTP calls spent in both \
-         directions. dead: outbox messages given up on (dead letters). p50/p99: order committed -> shipment committed.\nCounted from both databases \
+         unacked: shipment shipped, order not `shipped`.\nattempts: HTTP calls spent per order \
+         in both directions (pull modes make none: the consumers poll the feeds). dead: outbox \
+         messages given up on and feed events refused.\np50/p99: order committed -> shipment \
+         committed. Counted from both databases \
          after the faults stopped and delivery settled.\n",
     );
     if report.violations.is_empty() {
