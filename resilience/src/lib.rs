@@ -22,6 +22,7 @@
 //! | `sqlite`, `postgres` | [`store`] | sqlx with that driver |
 //! | `idempotency` | [`idempotency`] | axum, sqlx |
 //! | `outbox` | [`outbox`] | sqlx (and `retry`, `idempotency`) |
+//! | `signing` | [`signing`] | hmac, sha2 (the verifier layer also needs `axum`) |
 //!
 //! `default-features = false, features = ["circuit-breaker"]` builds the
 //! breaker on tower alone.
@@ -41,6 +42,8 @@
 //! - [`idempotency`]: `Idempotency-Key` layers: server-side transaction per
 //!   request with stored, replayed responses; client-side key stamping.
 //! - [`outbox`]: the transactional outbox and its relay (the durable retry loop).
+//! - [`signing`]: HMAC-SHA256 signatures of service-to-service requests: a
+//!   client layer that signs each attempt, a server layer that answers 401.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![forbid(unsafe_code)]
 
@@ -58,6 +61,8 @@ pub mod outbox;
 pub mod problem;
 #[cfg(feature = "retry")]
 pub mod retry;
+#[cfg(feature = "signing")]
+pub mod signing;
 #[cfg(feature = "store")]
 pub mod store;
 

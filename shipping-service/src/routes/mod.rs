@@ -13,6 +13,7 @@ use tower_http::trace::TraceLayer;
 
 use resilience::idempotency::IdempotencyLayer;
 use service_kit::admin::{self, AdminState};
+use service_kit::auth::{require_signed, Verifier};
 
 use crate::config::Config;
 use crate::store::ShipmentStore;
@@ -27,6 +28,9 @@ pub struct AppState {
     pub warehouse: Warehouse,
     /// What the /admin endpoints act on.
     pub admin: AdminState,
+    /// Checks the signature of service-to-service calls (one replay cache
+    /// per process).
+    pub verifier: Verifier,
     /// The configuration the service started with.
     pub config: Arc<Config>,
 }
@@ -45,7 +49,12 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route(
             "/shipments",
-            post(shipments::create).layer(idem).get(shipments::list),
+            // Only order-service may create shipments: signed, checked
+            // before the idempotency layer opens a transaction.
+            post(shipments::create)
+                .layer(idem)
+                .route_layer(require_signed(&state.verifier))
+                .get(shipments::list),
         )
         .route("/shipments/{id}", get(shipments::get_one))
         .route("/healthz", get(health::healthz))
