@@ -165,12 +165,13 @@ impl From<String> for Secret {
     }
 }
 
-/// Parsing never fails (and so never echoes the value in an error message);
-/// check with [`Secret::validate`].
+/// Parsing (of a flag or an environment variable) trims surrounding
+/// whitespace and never fails, so it never echoes the value in an error
+/// message; check with [`Secret::validate`].
 impl FromStr for Secret {
     type Err = std::convert::Infallible;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self::new(s))
+        Ok(Self::new(s.trim()))
     }
 }
 
