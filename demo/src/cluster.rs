@@ -74,6 +74,17 @@ impl Kind {
     }
 }
 
+/// A random `SERVICE_SECRET` (256 bits, hex).
+pub fn random_secret() -> String {
+    use std::fmt::Write;
+    rand::random::<[u8; 32]>()
+        .iter()
+        .fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
 /// A free loopback port (bound, read, released; the service binds it next).
 pub fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -89,6 +100,9 @@ pub struct Process {
     port: u16,
     log: PathBuf,
     child: Option<Child>,
+    /// Environment variables of the process (secrets go here, never in
+    /// `args`, where `ps` would show them).
+    env: Vec<(String, String)>,
     /// How many times it was started.
     pub starts: u32,
 }
@@ -103,6 +117,7 @@ impl Process {
             port,
             log: log_dir.join(format!("{}.log", kind.name())),
             child: None,
+            env: Vec::new(),
             starts: 0,
         }
     }
@@ -113,6 +128,13 @@ impl Process {
             Some(i) if i + 1 < self.args.len() => self.args[i + 1] = value.to_string(),
             _ => self.args.extend([flag.to_string(), value.to_string()]),
         }
+    }
+
+    /// Sets an environment variable for the next start (replacing an
+    /// earlier value).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
     }
 
     /// Its base URL.
@@ -163,6 +185,7 @@ impl Process {
             .arg(self.kind.name())
             .args(&self.args)
             .env("RUST_LOG", filter)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -309,6 +332,11 @@ impl Cluster {
             http,
             admin_token: cfg.admin_token,
         };
+        // A fresh secret per cluster, shared by both services through the
+        // environment (restarts keep it).
+        let secret = random_secret();
+        cluster.order.set_env("SERVICE_SECRET", &secret);
+        cluster.shipping.set_env("SERVICE_SECRET", &secret);
         cluster.shipping.start(&cluster.http).await?;
         cluster.order.start(&cluster.http).await?;
         Ok(cluster)

@@ -78,6 +78,13 @@ impl FeedHandler for ShipmentFeedHandler {
                 tracing::debug!(order_id = %id, error = %e, "stale shipment feed event ignored");
                 Ok(())
             }
+            // A second shipment of the same order (pull-at-least-once read
+            // an event again): the order is bound to its first shipment.
+            // Refused, so it is kept as a dead event, as the push modes
+            // dead-letter the same report.
+            Err(e @ ApplyError::OtherShipment { .. }) => {
+                Err(FeedApplyError::Refused(e.to_string()))
+            }
             Err(ApplyError::NotFound) => Err(FeedApplyError::Refused(format!("no order {id}"))),
             Err(ApplyError::Db(e)) => Err(FeedApplyError::Db(e)),
         }

@@ -47,6 +47,11 @@ impl Application {
         config: Config,
         listener: TcpListener,
     ) -> anyhow::Result<Self> {
+        // Refuse to start without a usable SERVICE_SECRET, before any work.
+        let verifier = config.delivery.verifier(config.max_body_bytes).context(
+            "SERVICE_SECRET must be set, the same on both services, through the \
+                 environment: service-to-service calls are signed and verified with it",
+        )?;
         let mut opts = DbOptions::new(&config.database_url, &config.db_schema);
         opts.max_connections = config.db_max_connections;
         let db = Db::connect(&opts).await.context("opening the database")?;
@@ -89,6 +94,7 @@ impl Application {
             feed: delivery.feed,
             memory: MemoryDedupe::new(),
             admin: delivery.admin,
+            verifier,
             config: Arc::new(config),
         };
         Ok(Self {

@@ -26,6 +26,15 @@ pub enum ApplyError {
     /// The status machine forbids it.
     #[error(transparent)]
     Illegal(#[from] IllegalTransition),
+    /// The report is about another shipment than the one recorded on the
+    /// order.
+    #[error("the order's shipment is {recorded}, not {reported}")]
+    OtherShipment {
+        /// The shipment recorded on the order.
+        recorded: String,
+        /// The shipment the report is about.
+        reported: String,
+    },
     /// The database failed.
     #[error(transparent)]
     Db(#[from] sqlx::Error),
@@ -230,6 +239,24 @@ impl OrderStore {
 
     /// Applies a report from shipping through the status machine, inside the
     /// caller's transaction (which also records the report's idempotency key).
+    ///
+    /// An order is bound to one shipment, the first one recorded, whichever
+    /// of these comes first:
+    ///
+    /// - shipping's acknowledgement ([`OrderStore::record_accepted`], which
+    ///   only moves a `pending` order and so never replaces an id), or
+    /// - a report, when the acknowledgement was lost and the report arrived
+    ///   first (the order is still `pending`, or `accepted` without an id
+    ///   because the acknowledgement was unreadable): the report's id is
+    ///   recorded, and a later acknowledgement of another shipment (an
+    ///   at-least-once duplicate) changes nothing.
+    ///
+    /// A report about any other shipment is refused with
+    /// [`ApplyError::OtherShipment`] and changes nothing: it is a forgery, or
+    /// the report of a duplicate shipment that this order does not count as
+    /// its own. `shipment_id IS NULL OR shipment_id = <reported>` is part of
+    /// the compare-and-set, so a concurrent acknowledgement that binds
+    /// another id first makes this report re-judged, not applied.
     pub async fn apply_event(
         &self,
         tx: &mut Transaction<'static, Any>,
@@ -241,7 +268,33 @@ impl OrderStore {
         // a status can move forward at most twice.
         for _ in 0..3 {
             let order = get_in(&mut **tx, id).await?.ok_or(ApplyError::NotFound)?;
+            if let Some(recorded) = &order.shipment_id {
+                if *recorded != event.shipment_id {
+                    return Err(ApplyError::OtherShipment {
+                        recorded: recorded.clone(),
+                        reported: event.shipment_id.clone(),
+                    });
+                }
+            }
             if order.status.transition(event.status)? == Transition::Unchanged {
+                if order.shipment_id.is_none() {
+                    // `accepted` without an id (the acknowledgement was
+                    // unreadable): this report's shipment becomes the order's.
+                    let res = sqlx::query(
+                        "UPDATE orders SET shipment_id = $1, updated_at = $2 \
+                         WHERE id = $3 AND shipment_id IS NULL",
+                    )
+                    .bind(&event.shipment_id)
+                    .bind(now_ms())
+                    .bind(id.to_string())
+                    .execute(&mut **tx)
+                    .await?;
+                    if res.rows_affected() == 0 {
+                        continue;
+                    }
+                    let order = get_in(&mut **tx, id).await?.ok_or(ApplyError::NotFound)?;
+                    return Ok((order, Transition::Unchanged));
+                }
                 return Ok((order, Transition::Unchanged));
             }
             let now = now_ms();
@@ -254,7 +307,8 @@ impl OrderStore {
                  accepted_at = COALESCE(accepted_at, $3), \
                  shipped_at = COALESCE(shipped_at, $4), \
                  shipment_id = COALESCE(shipment_id, $5) \
-                 WHERE id = $6 AND status = $7",
+                 WHERE id = $6 AND status = $7 \
+                 AND (shipment_id IS NULL OR shipment_id = $5)",
             )
             .bind(event.status.as_str())
             .bind(now)

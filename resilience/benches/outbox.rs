@@ -69,6 +69,7 @@ fn relay(outbox: &Outbox) -> Result<Relay> {
     let cfg = StackConfig {
         timeout: Duration::from_secs(5),
         faults: FaultHandle::new(FaultConfig::default(), 1)?,
+        signer: None,
     };
     let svc = stack::durable(&cfg, BreakerRegistry::new(stack::default_breaker(), 8))?;
     Ok(Relay::new(

@@ -23,6 +23,7 @@
 //! | `idempotency` | [`idempotency`] | axum, sqlx |
 //! | `outbox` | [`outbox`] | sqlx (and `retry`, `idempotency`) |
 //! | `feed` | [`feed`] | sqlx (and `retry`) |
+//! | `signing` | [`signing`] | hmac, sha2 (the verifier layer also needs `axum`) |
 //!
 //! `default-features = false, features = ["circuit-breaker"]` builds the
 //! breaker on tower alone.
@@ -44,6 +45,8 @@
 //! - [`outbox`]: the transactional outbox and its relay (the durable retry loop).
 //! - [`feed`]: pull delivery: an event log served as a feed, and a leased
 //!   consumer that keeps its offset in its own database.
+//! - [`signing`]: HMAC-SHA256 signatures of service-to-service requests: a
+//!   client layer that signs each attempt, a server layer that answers 401.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![forbid(unsafe_code)]
 
@@ -63,6 +66,8 @@ pub mod outbox;
 pub mod problem;
 #[cfg(feature = "retry")]
 pub mod retry;
+#[cfg(feature = "signing")]
+pub mod signing;
 #[cfg(feature = "store")]
 pub mod store;
 

@@ -102,6 +102,7 @@ fn service(timeout: Duration) -> Result<service_kit::stack::SendService> {
     let cfg = StackConfig {
         timeout,
         faults: FaultHandle::new(FaultConfig::default(), 1)?,
+        signer: None,
     };
     Ok(stack::durable(
         &cfg,

@@ -9,6 +9,7 @@ use resilience::fault::{FaultConfig, FaultHandle, InvalidFaultConfig};
 use resilience::idempotency::{IdempotencyConfig, IdempotencyReaper};
 use resilience::outbox::RelayConfig;
 use resilience::retry::Backoff;
+use resilience::signing::{Secret, SecretError, Signer, Verifier, VerifierConfig};
 use resilience::store::Db;
 
 /// Outbox relay, retry, admin and fault-injection settings.
@@ -79,6 +80,28 @@ pub struct DeliveryArgs {
     /// Bearer token of the /admin endpoints (unset: admin endpoints are off).
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+
+    /// Shared secret that signs this service's calls to the other service
+    /// (and verifies theirs). Required: a service refuses to start without
+    /// it. Pass it through the environment, never on the command line.
+    #[arg(long, env = "SERVICE_SECRET", hide_env_values = true)]
+    pub service_secret: Option<Secret>,
+
+    /// More secrets accepted when verifying, comma-separated (for rotation:
+    /// the next secret before every service signs with it, the previous
+    /// one until every service does).
+    #[arg(
+        long,
+        env = "SERVICE_SECRETS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub service_secrets: Vec<Secret>,
+
+    /// How far a signed request's timestamp may be from this server's clock
+    /// (either way); also how long its nonce is remembered.
+    #[arg(long, env = "SIGNATURE_WINDOW", default_value = "300s", value_parser = humantime::parse_duration)]
+    pub signature_window: Duration,
 
     /// Fault injection: probability of dropping an outgoing request before it is sent.
     #[arg(long, env = "FAULT_DROP_REQUEST", default_value_t = 0.0)]
@@ -198,6 +221,34 @@ impl DeliveryArgs {
     /// The reaper of expired idempotency keys these settings describe.
     pub fn idempotency_reaper(&self, db: Db) -> IdempotencyReaper {
         IdempotencyReaper::new(db).interval(self.idempotency_reap_interval)
+    }
+
+    /// The signer of outgoing calls: `SERVICE_SECRET`, which must be set.
+    pub fn signer(&self) -> Result<Signer, SecretError> {
+        match &self.service_secret {
+            Some(s) if !s.is_empty() => Signer::new(s.clone()),
+            _ => Err(SecretError::Missing),
+        }
+    }
+
+    /// The verifier of incoming service-to-service calls: `SERVICE_SECRET`
+    /// and then `SERVICE_SECRETS`, reading bodies of at most
+    /// `max_body_bytes` (larger: 413).
+    pub fn verifier(&self, max_body_bytes: usize) -> Result<Verifier, SecretError> {
+        if self.service_secret.as_ref().is_none_or(Secret::is_empty) {
+            return Err(SecretError::Missing);
+        }
+        let secrets = self
+            .service_secret
+            .iter()
+            .chain(&self.service_secrets)
+            .filter(|s| !s.is_empty())
+            .cloned();
+        Verifier::new(
+            VerifierConfig::new(secrets)
+                .window(self.signature_window)
+                .max_body_bytes(max_body_bytes),
+        )
     }
 
     /// The relay configuration these settings describe.

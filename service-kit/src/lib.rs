@@ -17,12 +17,14 @@
 //!   a consumer per pull mode, their settings and tasks.
 //! - [`config`]: clap settings of the relay, retries, admin token and faults.
 //! - [`stack`]: the outgoing client stacks, assembled and commented in one place.
+//! - [`auth`]: [`auth::require_signed`], the layer on service-to-service routes.
 //! - [`admin`]: operator endpoints (outbox, dead letters, breakers, faults).
 //! - [`testing`]: throw-away SQLite or Postgres databases for tests and the lab.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 mod extract;
 pub mod feeds;

@@ -8,9 +8,15 @@
 //! idempotency key stamp
 //! circuit breaker per destination
 //! timeout                         timeout
+//! HMAC signature                  HMAC signature
 //! fault injection                 fault injection
 //! HTTP client (pooled reqwest)    HTTP client (pooled reqwest)
 //! ```
+//!
+//! The signature is made per call, below the relay's retry loop and above
+//! the wire: every attempt (an outbox retry an hour later too) carries a
+//! fresh timestamp and nonce, and the idempotency key stamped above is
+//! among what is signed.
 
 use std::time::Duration;
 
@@ -23,6 +29,7 @@ use resilience::circuit_breaker::{
 use resilience::client::{ClientError, HttpClient};
 use resilience::fault::{FaultHandle, FaultLayer};
 use resilience::idempotency::IdempotencyKeyLayer;
+use resilience::signing::{SecretError, SignRequestLayer, Signer};
 
 pub use resilience::SendService;
 
@@ -33,6 +40,9 @@ pub struct StackConfig {
     pub timeout: Duration,
     /// Faults to inject (all rates zero unless configured).
     pub faults: FaultHandle,
+    /// Signs every call (`None`: unsigned, for library tests; the services
+    /// refuse to start without a secret).
+    pub signer: Option<Signer>,
 }
 
 /// The breaker configuration the services use for each destination: judged on
@@ -70,6 +80,8 @@ pub fn plain(cfg: &StackConfig) -> Result<SendService, ClientError> {
     let svc = ServiceBuilder::new()
         // Outermost: bounds the whole call, injected latency included.
         .timeout(cfg.timeout)
+        // Each call is signed as it is made, so a retry is signed afresh.
+        .option_layer(cfg.signer.clone().map(SignRequestLayer::new))
         // Faults sit next to the wire so every layer above sees them as the
         // network's doing.
         .layer(FaultLayer::from_handle(cfg.faults.clone()))
@@ -106,6 +118,9 @@ pub enum BuildError {
     /// The settings contradict each other.
     #[error(transparent)]
     Config(#[from] crate::config::InvalidDeliveryArgs),
+    /// `SERVICE_SECRET` is missing or unusable.
+    #[error("SERVICE_SECRET: {0} (service-to-service calls are signed with it; set the same secret on both services, through the environment)")]
+    Secret(#[from] SecretError),
 }
 
 /// Everything a service needs to send: the outbox, its relay, the plain
@@ -141,6 +156,7 @@ impl Delivery {
         let cfg = StackConfig {
             timeout,
             faults: args.faults()?,
+            signer: Some(args.signer()?),
         };
         let breakers = BreakerRegistry::new(default_breaker(), 64);
         let outbox = resilience::outbox::Outbox::new(db.clone());
@@ -151,11 +167,12 @@ impl Delivery {
             args.relay(),
         );
         // The consumers long-poll: their requests may take the long-poll
-        // wait plus the usual timeout. Same breakers, same faults.
+        // wait plus the usual timeout. Same breakers, same faults, and
+        // signed like every service-to-service call (the feeds are private).
         let feed_stack = durable(
             &StackConfig {
                 timeout: timeout + args.feed.feed_wait,
-                faults: cfg.faults.clone(),
+                ..cfg.clone()
             },
             breakers.clone(),
         )?;

@@ -48,6 +48,11 @@ impl Application {
         config: Config,
         listener: TcpListener,
     ) -> anyhow::Result<Self> {
+        // Refuse to start without a usable SERVICE_SECRET, before any work.
+        let verifier = config.delivery.verifier(config.max_body_bytes).context(
+            "SERVICE_SECRET must be set, the same on both services, through the \
+                 environment: service-to-service calls are signed and verified with it",
+        )?;
         let mut opts = DbOptions::new(&config.database_url, &config.db_schema);
         opts.max_connections = config.db_max_connections;
         let db = Db::connect(&opts).await.context("opening the database")?;
@@ -100,6 +105,7 @@ impl Application {
             memory: MemoryDedupe::new(),
             store,
             admin: delivery.admin,
+            verifier,
             config: Arc::new(config),
         };
         Ok(Self {

@@ -89,6 +89,37 @@ pub struct StackOptions {
 /// The admin token of test stacks.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
+/// The `SERVICE_SECRET` of in-process test stacks (process stacks get a
+/// random one from [`demo::cluster::Cluster`], through the environment).
+pub const SERVICE_SECRET: &str = "test-service-secret-0123456789";
+
+/// A signer with the test stacks' secret, for the tests' own
+/// service-to-service calls.
+pub fn signer() -> resilience::signing::Signer {
+    match resilience::signing::Signer::new(SERVICE_SECRET.into()) {
+        Ok(s) => s,
+        Err(e) => panic!("the test secret is invalid: {e}"),
+    }
+}
+
+/// Builds `req`, signs it as a peer service would (method, path and query,
+/// signed headers, body), and sends it.
+pub async fn send_signed(
+    http: &reqwest::Client,
+    req: reqwest::RequestBuilder,
+) -> anyhow::Result<reqwest::Response> {
+    let mut req = req.build()?;
+    let uri: http::Uri = req.url().as_str().parse()?;
+    let body = req
+        .body()
+        .and_then(|b| b.as_bytes())
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
+    let method = req.method().clone();
+    signer().sign(&method, &uri, req.headers_mut(), &body);
+    Ok(http.execute(req).await?)
+}
+
 impl Default for StackOptions {
     fn default() -> Self {
         Self {
@@ -173,6 +204,8 @@ impl Stack {
         oc.request_timeout = opts.request_timeout;
         oc.shutdown_grace = Duration::from_secs(5);
         oc.delivery.admin_token = Some(ADMIN_TOKEN.into());
+        // In-process: the secret is set on the configuration, not on argv.
+        oc.delivery.service_secret = Some(SERVICE_SECRET.into());
         oc.delivery.relay_poll = Duration::from_millis(200);
         (opts.order)(&mut oc);
         let order_app = order_service::Application::build_with_listener(oc, order_listener).await?;
@@ -218,6 +251,8 @@ impl Stack {
         sc.request_timeout = self.opts.request_timeout;
         sc.shutdown_grace = Duration::from_secs(5);
         sc.delivery.admin_token = Some(ADMIN_TOKEN.into());
+        // In-process: the secret is set on the configuration, not on argv.
+        sc.delivery.service_secret = Some(SERVICE_SECRET.into());
         sc.delivery.relay_poll = Duration::from_millis(200);
         (self.opts.shipping)(&mut sc);
         let app = shipping_service::Application::build_with_listener(sc, listener).await?;
@@ -301,21 +336,28 @@ impl Stack {
             .await?)
     }
 
-    /// `POST /orders/{id}/shipment-events`.
+    /// `POST /orders/{id}/shipment-events`, signed as shipping-service does.
     pub async fn post_event(
         &self,
         order_id: &str,
         body: &Value,
     ) -> anyhow::Result<reqwest::Response> {
-        Ok(self
+        let req = self
             .http
             .post(format!(
                 "{}/orders/{order_id}/shipment-events",
                 self.order.url
             ))
-            .json(body)
-            .send()
-            .await?)
+            .json(body);
+        send_signed(&self.http, req).await
+    }
+
+    /// Builds, signs and sends a request as a peer service would.
+    pub async fn send_signed(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> anyhow::Result<reqwest::Response> {
+        send_signed(&self.http, req).await
     }
 
     /// Shipments of an order, read from shipping-service's API.

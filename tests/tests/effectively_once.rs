@@ -178,18 +178,20 @@ async fn post_shipment(
     key: &str,
     order_id: &str,
 ) -> anyhow::Result<reqwest::Response> {
-    Ok(stack
-        .http
-        .post(format!("{}/shipments", stack.shipping_url))
-        .header("idempotency-key", key)
-        .header("x-client-id", "order-service")
-        .json(&json!({
-            "order_id": order_id,
-            "items": [{ "sku": "SKU-1", "quantity": 1 }],
-            "delivery_mode": "effectively-once",
-        }))
-        .send()
-        .await?)
+    stack
+        .send_signed(
+            stack
+                .http
+                .post(format!("{}/shipments", stack.shipping_url))
+                .header("idempotency-key", key)
+                .header("x-client-id", "order-service")
+                .json(&json!({
+                    "order_id": order_id,
+                    "items": [{ "sku": "SKU-1", "quantity": 1 }],
+                    "delivery_mode": "effectively-once",
+                })),
+        )
+        .await
 }
 
 /// Two identical keyed requests at once: exactly one shipment. On Postgres
@@ -238,16 +240,18 @@ async fn replay_survives_a_restart(backend: TestBackend) -> anyhow::Result<()> {
     ensure!(stack.shipments_of(&order_id).await?.len() == 1);
     // Another caller's identical key is its own record: a second shipment.
     let res = stack
-        .http
-        .post(format!("{}/shipments", stack.shipping_url))
-        .header("idempotency-key", "restart-1")
-        .header("x-client-id", "someone-else")
-        .json(&json!({
-            "order_id": order_id,
-            "items": [{ "sku": "SKU-1", "quantity": 1 }],
-            "delivery_mode": "effectively-once",
-        }))
-        .send()
+        .send_signed(
+            stack
+                .http
+                .post(format!("{}/shipments", stack.shipping_url))
+                .header("idempotency-key", "restart-1")
+                .header("x-client-id", "someone-else")
+                .json(&json!({
+                    "order_id": order_id,
+                    "items": [{ "sku": "SKU-1", "quantity": 1 }],
+                    "delivery_mode": "effectively-once",
+                })),
+        )
         .await?;
     ensure!(res.status() == 201);
     ensure!(res.headers().get("idempotent-replayed").is_none());
@@ -277,13 +281,14 @@ async fn shipment_report_with_key_is_replayed(backend: TestBackend) -> anyhow::R
     );
     let sid = uuid::Uuid::new_v4().to_string();
     let report = |key: &'static str, status: &'static str| {
-        stack
-            .http
-            .post(format!("{}/orders/{id}/shipment-events", stack.order.url))
-            .header("idempotency-key", key)
-            .header("x-client-id", "shipping-service")
-            .json(&json!({ "shipment_id": sid, "status": status }))
-            .send()
+        stack.send_signed(
+            stack
+                .http
+                .post(format!("{}/orders/{id}/shipment-events", stack.order.url))
+                .header("idempotency-key", key)
+                .header("x-client-id", "shipping-service")
+                .json(&json!({ "shipment_id": sid, "status": status })),
+        )
     };
     let res = report("ev-1", "shipped").await?;
     ensure!(res.status() == 200, "{}", res.status());

@@ -15,6 +15,7 @@ use resilience::feed::FeedLog;
 use resilience::idempotency::IdempotencyLayer;
 use resilience::outbox::Outbox;
 use service_kit::admin::{self, AdminState};
+use service_kit::auth::{require_signed, Verifier};
 use service_kit::memory_dedupe::{self, MemoryDedupe};
 use service_kit::stack::SendService;
 
@@ -36,6 +37,9 @@ pub struct AppState {
     pub memory: MemoryDedupe,
     /// What the /admin endpoints act on.
     pub admin: AdminState,
+    /// Checks the signature of service-to-service calls (one replay cache
+    /// per process).
+    pub verifier: Verifier,
     /// The configuration the service started with.
     pub config: Arc<Config>,
 }
@@ -67,7 +71,12 @@ pub fn router(state: AppState) -> Router {
         .route("/orders/{id}", get(orders::get_one))
         .route(
             "/orders/{id}/shipment-events",
-            post(orders::shipment_event).layer(idem).layer(memory),
+            // Only shipping-service may report: signed, checked before the
+            // idempotency layer opens a transaction.
+            post(orders::shipment_event)
+                .layer(idem)
+                .layer(memory)
+                .route_layer(require_signed(&state.verifier)),
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

@@ -182,7 +182,10 @@ pub(super) async fn list(
 }
 
 /// `POST /orders/{id}/shipment-events`: shipping reports on a shipment.
-/// A repeated report is a no-op (200); a backwards move is a 409.
+/// Only signed requests reach it (see the router). A repeated report is a
+/// no-op (200); a backwards move is a 409; a report about a shipment other
+/// than the order's own is a 422 and changes nothing (see
+/// [`crate::store::OrderStore::apply_event`]).
 pub(super) async fn shipment_event(
     State(app): State<AppState>,
     tx: Tx,
@@ -209,6 +212,17 @@ pub(super) async fn shipment_event(
             e.to_string(),
         )
         .kind("illegal-transition")),
+        // 422, not 409: the report will never become acceptable, so the
+        // sender's outbox dead-letters it instead of retrying (it retries 409).
+        Err(e @ ApplyError::OtherShipment { .. }) => {
+            tracing::warn!(order_id = %id, error = %e, "report about another shipment refused");
+            Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "not this order's shipment",
+            )
+            .kind("other-shipment")
+            .detail(e.to_string()))
+        }
         Err(ApplyError::Db(e)) => Err(internal_error(e)),
     }
 }

@@ -14,6 +14,7 @@ use tower_http::trace::TraceLayer;
 use resilience::feed::FeedLog;
 use resilience::idempotency::IdempotencyLayer;
 use service_kit::admin::{self, AdminState};
+use service_kit::auth::{require_signed, Verifier};
 use service_kit::memory_dedupe::{self, MemoryDedupe};
 
 use crate::config::Config;
@@ -33,6 +34,9 @@ pub struct AppState {
     pub memory: MemoryDedupe,
     /// What the /admin endpoints act on.
     pub admin: AdminState,
+    /// Checks the signature of service-to-service calls (one replay cache
+    /// per process).
+    pub verifier: Verifier,
     /// The configuration the service started with.
     pub config: Arc<Config>,
 }
@@ -55,9 +59,12 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route(
             "/shipments",
+            // Only order-service may create shipments: signed, checked
+            // before the idempotency layer opens a transaction.
             post(shipments::create)
                 .layer(idem)
                 .layer(memory)
+                .route_layer(require_signed(&state.verifier))
                 .get(shipments::list),
         )
         .route("/shipments/feed/{mode}", get(shipments::feed))
