@@ -67,7 +67,11 @@ pub fn router(state: AppState) -> Router {
                 .layer(memory.clone())
                 .get(orders::list),
         )
-        .route("/orders/feed/{mode}", get(orders::feed))
+        .route(
+            "/orders/feed/{mode}",
+            // The feeds are service-to-service: signed reads only.
+            get(orders::feed).route_layer(require_signed(&state.verifier)),
+        )
         .route("/orders/{id}", get(orders::get_one))
         .route(
             "/orders/{id}/shipment-events",

@@ -67,7 +67,11 @@ pub fn router(state: AppState) -> Router {
                 .route_layer(require_signed(&state.verifier))
                 .get(shipments::list),
         )
-        .route("/shipments/feed/{mode}", get(shipments::feed))
+        .route(
+            "/shipments/feed/{mode}",
+            // The feeds are service-to-service: signed reads only.
+            get(shipments::feed).route_layer(require_signed(&state.verifier)),
+        )
         .route("/shipments/{id}", get(shipments::get_one))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
