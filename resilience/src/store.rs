@@ -225,6 +225,142 @@ impl Db {
     }
 }
 
+/// What became of a transaction whose `COMMIT` was sent.
+#[derive(Debug)]
+pub enum CommitOutcome {
+    /// It committed (the database said so, or a read-back on a fresh
+    /// connection found it committed). Also returned when the transaction
+    /// wrote nothing, so there was nothing to lose.
+    Committed,
+    /// It certainly did not commit: nothing it wrote was saved.
+    RolledBack(sqlx::Error),
+    /// The connection failed while committing and the database could not be
+    /// asked afterwards: the writes may or may not be saved.
+    Unknown(sqlx::Error),
+}
+
+/// How long [`Db::commit_resolved`] keeps asking the database about an
+/// ambiguous commit before it calls the outcome unknown.
+const RESOLVE_FOR: Duration = Duration::from_secs(3);
+
+impl Db {
+    /// Commits `tx` and, if the commit fails, finds out whether it happened
+    /// anyway.
+    ///
+    /// A `COMMIT` whose answer is lost (the connection dropped after the
+    /// server ran it) is ambiguous: the server may have committed. On
+    /// Postgres the transaction's id is read just before the commit; after a
+    /// failure that is not an answer from the server, `txid_status` on a fresh
+    /// pooled connection says whether that transaction committed, aborted or
+    /// is still finishing (asked again, for up to a few seconds). A
+    /// transaction that never wrote has no id and nothing to lose. On SQLite
+    /// the engine is in-process: a failed commit did not commit.
+    pub async fn commit_resolved(&self, mut tx: Transaction<'static, Any>) -> CommitOutcome {
+        let xid = match self.backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => {
+                match sqlx::query_scalar::<_, Option<i64>>("SELECT txid_current_if_assigned()")
+                    .fetch_one(&mut *tx)
+                    .await
+                {
+                    Ok(xid) => xid,
+                    // The transaction is unusable, so it cannot commit: say so.
+                    Err(e) => return CommitOutcome::RolledBack(e),
+                }
+            }
+        };
+        let err = match tx.commit().await {
+            Ok(()) => return CommitOutcome::Committed,
+            Err(e) => e,
+        };
+        let Some(xid) = xid else {
+            return match self.backend {
+                // Postgres without an id: nothing was written.
+                Backend::Postgres => CommitOutcome::Committed,
+                Backend::Sqlite => CommitOutcome::RolledBack(err),
+            };
+        };
+        if matches!(err, sqlx::Error::Database(_)) && !is_connection_error(&err) {
+            // The server answered the COMMIT with an error: it rolled back.
+            return CommitOutcome::RolledBack(err);
+        }
+        tracing::warn!(error = %err, xid, "commit failed without an answer; reading back its outcome");
+        let deadline = tokio::time::Instant::now() + RESOLVE_FOR;
+        loop {
+            let asked = tokio::time::timeout(
+                Duration::from_secs(1),
+                sqlx::query_scalar::<_, Option<String>>("SELECT txid_status($1)")
+                    .bind(xid)
+                    .fetch_one(&self.pool),
+            )
+            .await;
+            match asked {
+                Ok(Ok(Some(s))) if s == "committed" => {
+                    tracing::warn!(xid, "the ambiguous commit did commit");
+                    return CommitOutcome::Committed;
+                }
+                Ok(Ok(Some(s))) if s == "aborted" => {
+                    tracing::warn!(xid, "the ambiguous commit rolled back");
+                    return CommitOutcome::RolledBack(err);
+                }
+                // NULL: too old to know (cannot happen this soon), or still
+                // "in progress": the server is finishing it; ask again.
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "read-back of a commit failed"),
+                Err(_) => tracing::debug!("read-back of a commit timed out"),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::error!(xid, error = %err, "commit outcome unknown");
+                return CommitOutcome::Unknown(err);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Is this error a lost or unusable connection (as opposed to the database
+/// refusing a statement)? Such failures are transient: the request may be
+/// retried once the database is reachable again.
+pub fn is_connection_error(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let code = code.as_deref().unwrap_or("");
+            // 08xxx connection exceptions; 57P01-57P03 shutdown / cannot connect now.
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+        }
+        _ => false,
+    }
+}
+
+/// Is this error worth retrying the whole request for: a lost connection,
+/// an exhausted pool, a serialization failure or deadlock, a lock timeout,
+/// or SQLite's write lock not obtained in time?
+pub fn is_transient(err: &sqlx::Error) -> bool {
+    if is_connection_error(err) {
+        return true;
+    }
+    match err {
+        sqlx::Error::Database(db) => {
+            matches!(
+                db.code().as_deref(),
+                // Postgres: serialization failure, deadlock, lock_not_available,
+                // query_canceled (statement/lock timeout), idle-in-transaction timeout.
+                Some("40001") | Some("40P01") | Some("55P03") | Some("57014") | Some("25P03")
+                // SQLite: BUSY, BUSY_SNAPSHOT, LOCKED.
+                | Some("5") | Some("517") | Some("6")
+            ) || db.message().contains("database is locked")
+        }
+        _ => false,
+    }
+}
+
 /// Milliseconds since the Unix epoch, the timestamp format of every table.
 pub fn now_ms() -> i64 {
     SystemTime::now()

@@ -32,7 +32,7 @@ pub use extract::{ApiJson, ApiQuery};
 pub use mode::DeliveryMode;
 pub use resilience::error_chain;
 pub use resilience::problem::{
-    internal_error, method_not_allowed, not_found, Problem, PROBLEM_JSON,
+    db_error, internal_error, method_not_allowed, not_found, Problem, PROBLEM_JSON,
 };
 pub use shutdown::{serve, shutdown_signal, Shutdown};
 pub use telemetry::{init_tracing, LogFormat};

@@ -2,8 +2,9 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::Json;
 use resilience::idempotency::Tx;
+use resilience::outbox::OutboxError;
 use serde::{Deserialize, Serialize};
-use service_kit::{cursor, internal_error, ApiJson, ApiQuery, Problem};
+use service_kit::{cursor, db_error, internal_error, ApiJson, ApiQuery, Problem};
 
 use super::AppState;
 use crate::domain::{CreateOrderRequest, NewOrder, Order, OrderId, OrderStatus, ShipmentEvent};
@@ -31,18 +32,14 @@ pub(super) async fn create(
 ) -> Result<(StatusCode, HeaderMap, Json<Order>), Problem> {
     let new = NewOrder::parse(req, app.config.default_mode).map_err(Problem::unprocessable)?;
     let mut conn = tx.lock().await?;
-    let order = app
-        .store
-        .insert(&mut conn, &new)
-        .await
-        .map_err(internal_error)?;
+    let order = app.store.insert(&mut conn, &new).await.map_err(db_error)?;
     if order.delivery_mode.uses_outbox() {
         // The order and the message to shipping commit together, or not at all.
         let msg = shipment_request(&app.config.shipping_url, &order).map_err(internal_error)?;
         app.outbox
             .enqueue(&mut conn, msg)
             .await
-            .map_err(internal_error)?;
+            .map_err(outbox_error)?;
         let outbox = app.outbox.clone();
         tx.after_commit(move || Box::pin(async move { outbox.notify() }));
     } else {
@@ -58,6 +55,14 @@ pub(super) async fn create(
         headers.insert(header::LOCATION, loc);
     }
     Ok((StatusCode::CREATED, headers, Json(order)))
+}
+
+/// A failed enqueue: a database failure is answered like any other.
+fn outbox_error(err: OutboxError) -> Problem {
+    match err {
+        OutboxError::Db(e) => db_error(e),
+        other => internal_error(other),
+    }
 }
 
 /// At-most-once: one call after the commit, no retry. Whatever happens, the
@@ -93,12 +98,7 @@ pub(super) async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<Order>, Problem> {
     let id = parse_id(&id)?;
-    match app
-        .store
-        .get_with_progress(id)
-        .await
-        .map_err(internal_error)?
-    {
+    match app.store.get_with_progress(id).await.map_err(db_error)? {
         Some(order) => Ok(Json(order)),
         None => Err(Problem::not_found(format!("no order {id}"))),
     }
@@ -143,7 +143,7 @@ pub(super) async fn list(
         .store
         .list(status, after, limit)
         .await
-        .map_err(internal_error)?;
+        .map_err(db_error)?;
     Ok(Json(OrderPage {
         orders: page.orders,
         next_cursor: page.next.map(|(ts, id)| cursor::encode(ts, &id)),
@@ -177,6 +177,6 @@ pub(super) async fn shipment_event(
             "illegal status transition",
             e.to_string(),
         )),
-        Err(ApplyError::Db(e)) => Err(internal_error(e)),
+        Err(ApplyError::Db(e)) => Err(db_error(e)),
     }
 }

@@ -3,7 +3,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::Json;
 use resilience::idempotency::Tx;
 use serde::{Deserialize, Serialize};
-use service_kit::{cursor, internal_error, ApiJson, ApiQuery, Problem};
+use service_kit::{cursor, db_error, ApiJson, ApiQuery, Problem};
 
 use super::AppState;
 use crate::domain::{parse_uuid, CreateShipmentRequest, NewShipment, Shipment};
@@ -28,7 +28,7 @@ pub(super) async fn create(
         .store
         .insert(&mut conn, &new, app.config.warehouse_delay)
         .await
-        .map_err(internal_error)?;
+        .map_err(db_error)?;
     drop(conn);
     tracing::info!(shipment_id = %shipment.id, order_id = %shipment.order_id, "shipment created");
     let warehouse = app.warehouse.clone();
@@ -46,7 +46,7 @@ pub(super) async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<Shipment>, Problem> {
     let id = parse_uuid(&id, "shipment id").map_err(Problem::bad_request)?;
-    match app.store.get(id).await.map_err(internal_error)? {
+    match app.store.get(id).await.map_err(db_error)? {
         Some(s) => Ok(Json(s)),
         None => Err(Problem::not_found(format!("no shipment {id}"))),
     }
@@ -91,7 +91,7 @@ pub(super) async fn list(
         .store
         .list(order_id, after, limit)
         .await
-        .map_err(internal_error)?;
+        .map_err(db_error)?;
     Ok(Json(ShipmentPage {
         shipments: page.shipments,
         next_cursor: page.next.map(|(ts, id)| cursor::encode(ts, &id)),
