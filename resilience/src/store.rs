@@ -62,6 +62,21 @@ pub struct DbOptions {
     pub max_connections: u32,
     /// How long to wait for a pooled connection (and, on SQLite, for the write lock).
     pub acquire_timeout: Duration,
+    /// How long [`Db::connect`] keeps retrying (with backoff) while the
+    /// database is unreachable at start-up, before it gives up.
+    pub connect_timeout: Duration,
+    /// Postgres `lock_timeout`: a statement waiting this long for a row or
+    /// table lock fails (and the request answers 503) instead of queueing
+    /// behind a stalled holder.
+    pub lock_timeout: Duration,
+    /// Postgres `idle_in_transaction_session_timeout`: the server ends a
+    /// session that sits this long inside a transaction (a frozen or
+    /// half-dead client), releasing its locks.
+    pub idle_in_transaction_timeout: Duration,
+    /// Postgres TCP keepalive idle time (`tcp_keepalives_idle`, with a probe
+    /// interval of a third of it and 3 probes): the server notices a peer
+    /// that vanished without closing the connection.
+    pub keepalive_idle: Duration,
 }
 
 impl DbOptions {
@@ -72,6 +87,10 @@ impl DbOptions {
             schema: schema.into(),
             max_connections: 8,
             acquire_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(30),
+            lock_timeout: Duration::from_secs(5),
+            idle_in_transaction_timeout: Duration::from_secs(15),
+            keepalive_idle: Duration::from_secs(10),
         }
     }
 }
@@ -87,7 +106,31 @@ pub struct Db {
 
 impl Db {
     /// Opens (and, for SQLite, creates) the database, ready for [`Db::migrate`].
+    ///
+    /// While the database is unreachable (connection refused, reset, not
+    /// accepting connections yet, pool timeout), retries with exponential
+    /// backoff for up to [`DbOptions::connect_timeout`]; other errors (a bad
+    /// URL, bad credentials) fail at once.
     pub async fn connect(opts: &DbOptions) -> Result<Self, StoreError> {
+        let deadline = tokio::time::Instant::now() + opts.connect_timeout;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match Self::connect_once(opts).await {
+                Ok(db) => return Ok(db),
+                Err(StoreError::Sqlx(e))
+                    if is_connection_error(&e) && tokio::time::Instant::now() < deadline =>
+                {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    tracing::warn!(error = %e, retry_in = ?delay, ?left, "database unreachable; retrying");
+                    tokio::time::sleep(delay.min(left)).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn connect_once(opts: &DbOptions) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let (backend, url) = normalize_url(&opts.url)?;
         if !opts
@@ -134,7 +177,19 @@ impl Db {
                     }
                 }
                 conn.close().await?;
-                let search_path = format!("SET search_path TO \"{}\"", opts.schema);
+                let keepalive = opts.keepalive_idle.as_secs().max(1);
+                let session = format!(
+                    "SET search_path TO \"{}\"; SET lock_timeout = {}; \
+                     SET idle_in_transaction_session_timeout = {}; \
+                     SET tcp_keepalives_idle = {keepalive}; SET tcp_keepalives_interval = {}; \
+                     SET tcp_keepalives_count = 3; SET client_connection_check_interval = {}",
+                    opts.schema,
+                    opts.lock_timeout.as_millis(),
+                    opts.idle_in_transaction_timeout.as_millis(),
+                    (keepalive / 3).max(1),
+                    keepalive * 1000,
+                );
+                let search_path = session;
                 pool_opts
                     .after_connect(move |conn, _meta| {
                         let search_path = search_path.clone();
