@@ -107,6 +107,13 @@ impl PgProxy {
         s.blackout = blackout;
     }
 
+    /// Cuts every proxied connection now and refuses new ones for `d`: the
+    /// database is gone, as for a server restart or a network partition.
+    pub fn blackout(&self, d: Duration) {
+        self.lock().refuse_until = Some(Instant::now() + d);
+        self.cut.send_modify(|g| *g += 1);
+    }
+
     /// COMMIT answers dropped so far.
     pub fn dropped(&self) -> u64 {
         self.lock().dropped

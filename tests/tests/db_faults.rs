@@ -1,9 +1,14 @@
+//! Database faults seen through a TCP proxy in front of Postgres.
+//!
 //! The ambiguous COMMIT (issue 11, item 9): the database connection drops
 //! after Postgres ran the COMMIT but before its answer reached the service.
 //! The service must answer with the truth (201, found by reading back) or
 //! say the outcome is unknown (503); it must never claim that nothing was
 //! saved. Postgres only: SQLite runs in-process, its commits are never
 //! ambiguous.
+//!
+//! A lost database (item 12): requests answer 503 with `Retry-After`, and
+//! start-up waits for the database instead of exiting.
 
 use std::time::Duration;
 
@@ -203,6 +208,104 @@ async fn lost_commit_with_database_gone_is_outcome_unknown() -> anyhow::Result<(
         let _ = s.send(());
     }
     svc.task.await??;
+    dbs.cleanup().await;
+    Ok(())
+}
+
+/// The database connection is lost under running requests: the answers are
+/// 503 problems with `Retry-After`, never a bare 500, and the service works
+/// again once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_database_answers_503_with_retry_after() -> anyhow::Result<()> {
+    let dbs = TestDatabases::create(TestBackend::Postgres).await?;
+    let proxy = PgProxy::start("127.0.0.1:5432").await?;
+    let mut svc = order_service(&dbs, &proxy).await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let customer = format!("outage-{}", uuid::Uuid::new_v4().simple());
+    let (status, created, _) = post(&http, &svc, &customer, Some("outage-key")).await?;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap_or_default().to_string();
+
+    // Longer than the pool's acquire timeout (10 s): requests cannot wait it out.
+    proxy.blackout(Duration::from_secs(14));
+    let paths = [format!("/orders/{id}"), "/orders".to_string()];
+    for path in &paths {
+        let res = http.get(format!("{}{path}", svc.url)).send().await?;
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let body: Value = res.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, 503, "GET {path} with the database gone: {body}");
+        assert!(
+            headers.get("retry-after").is_some(),
+            "GET {path}: no Retry-After"
+        );
+        assert_eq!(
+            headers.get("content-type").and_then(|v| v.to_str().ok()),
+            Some("application/problem+json")
+        );
+    }
+    let (status, body, headers) = post(&http, &svc, &customer, None).await?;
+    assert_eq!(status, 503, "POST with the database gone: {body}");
+    assert!(headers.get("retry-after").is_some());
+
+    // Back: the same requests work.
+    tests::eventually(
+        Duration::from_secs(30),
+        "the database to be back",
+        || async {
+            let res = http.get(format!("{}/orders/{id}", svc.url)).send().await?;
+            Ok((res.status() == 200).then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(orders_of(&dbs, &customer).await?.len(), 1);
+
+    if let Some(s) = svc.stop.take() {
+        let _ = s.send(());
+    }
+    svc.task.await??;
+    dbs.cleanup().await;
+    Ok(())
+}
+
+/// Start-up with the database unreachable waits (with backoff, up to
+/// `DB_CONNECT_TIMEOUT`) instead of exiting at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_waits_for_the_database() -> anyhow::Result<()> {
+    let dbs = TestDatabases::create(TestBackend::Postgres).await?;
+    let proxy = PgProxy::start("127.0.0.1:5432").await?;
+    proxy.blackout(Duration::from_secs(3));
+    let started = tokio::time::Instant::now();
+    let mut svc = order_service(&dbs, &proxy).await?;
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "start-up cannot have reached the database during the blackout"
+    );
+    let http = reqwest::Client::new();
+    let (status, body, _) = post(&http, &svc, "after-startup", None).await?;
+    assert_eq!(status, 201, "{body}");
+
+    // And it gives up after the configured time when the database stays away.
+    proxy.blackout(Duration::from_secs(60));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let mut oc = order_service::Config::defaults();
+    oc.database_url = proxy.url_for(&dbs.order_url)?;
+    oc.db_connect_timeout = Duration::from_secs(2);
+    let t = tokio::time::Instant::now();
+    let built = order_service::Application::build_with_listener(oc, listener).await;
+    assert!(built.is_err(), "no database: start-up must fail");
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "gave up after {:?}",
+        t.elapsed()
+    );
+
+    if let Some(s) = svc.stop.take() {
+        let _ = s.send(());
+    }
+    let _ = svc.task.await;
     dbs.cleanup().await;
     Ok(())
 }
