@@ -275,7 +275,7 @@ impl Relay {
             let mut full = false;
             if free >= refill || in_flight.is_empty() {
                 let limit = self.config.batch_size.min(free as i64).max(1);
-                match self.claim_up_to(limit).await {
+                match drive(&mut in_flight, self.claim_up_to(limit)).await {
                     Ok(batch) => {
                         full = batch.len() as i64 >= limit;
                         for c in batch {
@@ -287,7 +287,7 @@ impl Relay {
             }
             if last_purge.elapsed() > Duration::from_secs(60) {
                 last_purge = tokio::time::Instant::now();
-                self.purge().await;
+                drive(&mut in_flight, self.purge()).await;
             }
             if full && in_flight.len() + refill <= concurrency {
                 continue; // more work is likely waiting, and there is room
@@ -618,6 +618,22 @@ impl Relay {
             Ok(0) => {}
             Ok(n) => tracing::debug!(purged = n, "delivered outbox rows purged"),
             Err(e) => tracing::warn!(error = %e, "could not purge delivered rows"),
+        }
+    }
+}
+
+/// Awaits `fut` while the sends in flight keep running: they hold database
+/// connections (and, on SQLite, the write lock) that `fut` may need.
+async fn drive<F: std::future::Future>(
+    in_flight: &mut futures::stream::FuturesUnordered<impl std::future::Future<Output = ()>>,
+    fut: F,
+) -> F::Output {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut fut => return out,
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
         }
     }
 }
