@@ -130,11 +130,23 @@ impl Process {
         }
     }
 
-    /// Sets an environment variable for the next start (replacing an
-    /// earlier value).
-    pub fn set_env(&mut self, key: &str, value: &str) {
-        self.env.retain(|(k, _)| k != key);
-        self.env.push((key.to_string(), value.to_string()));
+    /// Sets an environment variable for the next start (secrets go here,
+    /// not on the command line, where `ps` shows them to every user).
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.retain(|(n, _)| n != name);
+        self.env.push((name.to_string(), value.to_string()));
+    }
+
+    /// The OS process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// Sends `signal` (e.g. SIGSTOP, SIGCONT) to the running process.
+    pub fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.pid().context("the process is not running")?;
+        kill(Pid::from_raw(pid as i32), signal)?;
+        Ok(())
     }
 
     /// Its base URL.
@@ -185,7 +197,7 @@ impl Process {
             .arg(self.kind.name())
             .args(&self.args)
             .env("RUST_LOG", filter)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -302,23 +314,19 @@ impl Cluster {
         };
         let order_url = format!("http://127.0.0.1:{op}");
         let shipping_url = format!("http://127.0.0.1:{sp}");
-        let base = |port: u16, db: &str| {
+        let base = |port: u16| -> Vec<String> {
             vec![
                 "--bind".into(),
                 "127.0.0.1".into(),
                 "--port".into(),
                 port.to_string(),
-                "--database-url".into(),
-                db.to_string(),
-                "--admin-token".into(),
-                cfg.admin_token.clone(),
             ]
         };
-        let mut oargs = base(op, &cfg.order_db);
+        let mut oargs = base(op);
         oargs.extend(["--shipping-url".into(), shipping_url]);
         oargs.extend(cfg.common_args.iter().cloned());
         oargs.extend(cfg.order_args.iter().cloned());
-        let mut sargs = base(sp, &cfg.shipping_db);
+        let mut sargs = base(sp);
         sargs.extend(["--order-url".into(), order_url]);
         sargs.extend(cfg.common_args.iter().cloned());
         sargs.extend(cfg.shipping_args.iter().cloned());
@@ -326,9 +334,18 @@ impl Cluster {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()?;
+        let mut order = Process::new(Kind::Order, &cfg.exe, op, oargs, &cfg.dir);
+        let mut shipping = Process::new(Kind::Shipping, &cfg.exe, sp, sargs, &cfg.dir);
+        // Secrets (the admin token, a database URL that may carry a
+        // password) go through the environment: a command line is visible
+        // to every user of the machine (`ps`, /proc/<pid>/cmdline).
+        order.set_env("ADMIN_TOKEN", &cfg.admin_token);
+        shipping.set_env("ADMIN_TOKEN", &cfg.admin_token);
+        order.set_env("DATABASE_URL", &cfg.order_db);
+        shipping.set_env("DATABASE_URL", &cfg.shipping_db);
         let mut cluster = Self {
-            order: Process::new(Kind::Order, &cfg.exe, op, oargs, &cfg.dir),
-            shipping: Process::new(Kind::Shipping, &cfg.exe, sp, sargs, &cfg.dir),
+            order,
+            shipping,
             http,
             admin_token: cfg.admin_token,
         };

@@ -140,8 +140,11 @@ pub struct LabReport {
     pub client_retries: u64,
     /// Did delivery settle before the deadline?
     pub settled: bool,
-    /// Seconds from the first order to the end of settling.
+    /// Seconds from the first order to the end of settling (the whole run).
     pub elapsed_secs: f64,
+    /// Seconds from the end of the chaos (faults off, every process up) to
+    /// the end of settling: how long delivery took to catch up.
+    pub settle_secs: f64,
     /// Per mode, then all modes (`mode: None`).
     pub rows: Vec<Invariants>,
     /// Broken invariants of hardened modes (empty: all held).
@@ -311,7 +314,9 @@ impl Lab {
             }
             c.set_faults(&FaultProfile::NONE).await?;
         }
+        let settle_started = Instant::now();
         let settled = self.settle(&bars).await?;
+        let settle_secs = settle_started.elapsed().as_secs_f64();
         bars.finish();
 
         let mut rows = audit_all(&self.order_db, &self.shipping_db).await?;
@@ -341,6 +346,7 @@ impl Lab {
             client_retries: client.retries.load(Ordering::Relaxed),
             settled,
             elapsed_secs: started.elapsed().as_secs_f64(),
+            settle_secs,
             rows,
             violations,
             evidence,

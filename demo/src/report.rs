@@ -60,12 +60,13 @@ pub fn render(report: &LabReport) -> String {
     );
     let _ = writeln!(
         out,
-        "{} after {:.1} s\n",
+        "{} {:.1} s after the chaos stopped (whole run {:.1} s)\n",
         if report.settled {
             "settled"
         } else {
             "did NOT settle"
         },
+        report.settle_secs,
         report.elapsed_secs
     );
     let header = [
@@ -172,6 +173,7 @@ mod tests {
             client_retries: 3,
             settled: true,
             elapsed_secs: 12.5,
+            settle_secs: 2.3,
             rows: vec![
                 row("at-most-once", 2, 0),
                 row("at-least-once", 0, 3),
@@ -186,5 +188,9 @@ mod tests {
         assert!(text.contains("exactly the orders sent"));
         assert!(text.contains("12 ms"));
         assert!(text.contains("kept its promise"));
+        assert!(
+            text.contains("settled 2.3 s after the chaos stopped (whole run 12.5 s)"),
+            "{text}"
+        );
     }
 }

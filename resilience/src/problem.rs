@@ -156,3 +156,22 @@ pub fn internal_error<E: std::fmt::Display>(err: E) -> Problem {
     tracing::error!(error = %err, "request failed");
     Problem::internal()
 }
+
+/// Seconds a client is told to wait after a transient database failure.
+#[cfg(feature = "store")]
+pub const DB_RETRY_AFTER_SECS: u64 = 1;
+
+/// Answers a database error: a transient one (a lost connection, an
+/// exhausted pool, a lock or serialization failure) is `503` with
+/// `Retry-After`, since the same request can succeed in a moment; anything
+/// else is a bare 500 (the cause is logged, not sent).
+#[cfg(feature = "store")]
+pub fn db_error(err: sqlx::Error) -> Problem {
+    if crate::store::is_transient(&err) {
+        tracing::warn!(error = %err, "database unavailable");
+        Problem::unavailable("the database is unavailable; retry later")
+            .retry_after(DB_RETRY_AFTER_SECS)
+    } else {
+        internal_error(err)
+    }
+}

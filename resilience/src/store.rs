@@ -62,6 +62,21 @@ pub struct DbOptions {
     pub max_connections: u32,
     /// How long to wait for a pooled connection (and, on SQLite, for the write lock).
     pub acquire_timeout: Duration,
+    /// How long [`Db::connect`] keeps retrying (with backoff) while the
+    /// database is unreachable at start-up, before it gives up.
+    pub connect_timeout: Duration,
+    /// Postgres `lock_timeout`: a statement waiting this long for a row or
+    /// table lock fails (and the request answers 503) instead of queueing
+    /// behind a stalled holder.
+    pub lock_timeout: Duration,
+    /// Postgres `idle_in_transaction_session_timeout`: the server ends a
+    /// session that sits this long inside a transaction (a frozen or
+    /// half-dead client), releasing its locks.
+    pub idle_in_transaction_timeout: Duration,
+    /// Postgres TCP keepalive idle time (`tcp_keepalives_idle`, with a probe
+    /// interval of a third of it and 3 probes): the server notices a peer
+    /// that vanished without closing the connection.
+    pub keepalive_idle: Duration,
 }
 
 impl DbOptions {
@@ -72,6 +87,10 @@ impl DbOptions {
             schema: schema.into(),
             max_connections: 8,
             acquire_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(30),
+            lock_timeout: Duration::from_secs(5),
+            idle_in_transaction_timeout: Duration::from_secs(15),
+            keepalive_idle: Duration::from_secs(10),
         }
     }
 }
@@ -87,7 +106,31 @@ pub struct Db {
 
 impl Db {
     /// Opens (and, for SQLite, creates) the database, ready for [`Db::migrate`].
+    ///
+    /// While the database is unreachable (connection refused, reset, not
+    /// accepting connections yet, pool timeout), retries with exponential
+    /// backoff for up to [`DbOptions::connect_timeout`]; other errors (a bad
+    /// URL, bad credentials) fail at once.
     pub async fn connect(opts: &DbOptions) -> Result<Self, StoreError> {
+        let deadline = tokio::time::Instant::now() + opts.connect_timeout;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match Self::connect_once(opts).await {
+                Ok(db) => return Ok(db),
+                Err(StoreError::Sqlx(e))
+                    if is_connection_error(&e) && tokio::time::Instant::now() < deadline =>
+                {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    tracing::warn!(error = %e, retry_in = ?delay, ?left, "database unreachable; retrying");
+                    tokio::time::sleep(delay.min(left)).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn connect_once(opts: &DbOptions) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let (backend, url) = normalize_url(&opts.url)?;
         if !opts
@@ -134,7 +177,19 @@ impl Db {
                     }
                 }
                 conn.close().await?;
-                let search_path = format!("SET search_path TO \"{}\"", opts.schema);
+                let keepalive = opts.keepalive_idle.as_secs().max(1);
+                let session = format!(
+                    "SET search_path TO \"{}\"; SET lock_timeout = {}; \
+                     SET idle_in_transaction_session_timeout = {}; \
+                     SET tcp_keepalives_idle = {keepalive}; SET tcp_keepalives_interval = {}; \
+                     SET tcp_keepalives_count = 3; SET client_connection_check_interval = {}",
+                    opts.schema,
+                    opts.lock_timeout.as_millis(),
+                    opts.idle_in_transaction_timeout.as_millis(),
+                    (keepalive / 3).max(1),
+                    keepalive * 1000,
+                );
+                let search_path = session;
                 pool_opts
                     .after_connect(move |conn, _meta| {
                         let search_path = search_path.clone();
@@ -222,6 +277,142 @@ impl Db {
     /// Closes the pool, waiting for connections to be returned.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// What became of a transaction whose `COMMIT` was sent.
+#[derive(Debug)]
+pub enum CommitOutcome {
+    /// It committed (the database said so, or a read-back on a fresh
+    /// connection found it committed). Also returned when the transaction
+    /// wrote nothing, so there was nothing to lose.
+    Committed,
+    /// It certainly did not commit: nothing it wrote was saved.
+    RolledBack(sqlx::Error),
+    /// The connection failed while committing and the database could not be
+    /// asked afterwards: the writes may or may not be saved.
+    Unknown(sqlx::Error),
+}
+
+/// How long [`Db::commit_resolved`] keeps asking the database about an
+/// ambiguous commit before it calls the outcome unknown.
+const RESOLVE_FOR: Duration = Duration::from_secs(3);
+
+impl Db {
+    /// Commits `tx` and, if the commit fails, finds out whether it happened
+    /// anyway.
+    ///
+    /// A `COMMIT` whose answer is lost (the connection dropped after the
+    /// server ran it) is ambiguous: the server may have committed. On
+    /// Postgres the transaction's id is read just before the commit; after a
+    /// failure that is not an answer from the server, `txid_status` on a fresh
+    /// pooled connection says whether that transaction committed, aborted or
+    /// is still finishing (asked again, for up to a few seconds). A
+    /// transaction that never wrote has no id and nothing to lose. On SQLite
+    /// the engine is in-process: a failed commit did not commit.
+    pub async fn commit_resolved(&self, mut tx: Transaction<'static, Any>) -> CommitOutcome {
+        let xid = match self.backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => {
+                match sqlx::query_scalar::<_, Option<i64>>("SELECT txid_current_if_assigned()")
+                    .fetch_one(&mut *tx)
+                    .await
+                {
+                    Ok(xid) => xid,
+                    // The transaction is unusable, so it cannot commit: say so.
+                    Err(e) => return CommitOutcome::RolledBack(e),
+                }
+            }
+        };
+        let err = match tx.commit().await {
+            Ok(()) => return CommitOutcome::Committed,
+            Err(e) => e,
+        };
+        let Some(xid) = xid else {
+            return match self.backend {
+                // Postgres without an id: nothing was written.
+                Backend::Postgres => CommitOutcome::Committed,
+                Backend::Sqlite => CommitOutcome::RolledBack(err),
+            };
+        };
+        if matches!(err, sqlx::Error::Database(_)) && !is_connection_error(&err) {
+            // The server answered the COMMIT with an error: it rolled back.
+            return CommitOutcome::RolledBack(err);
+        }
+        tracing::warn!(error = %err, xid, "commit failed without an answer; reading back its outcome");
+        let deadline = tokio::time::Instant::now() + RESOLVE_FOR;
+        loop {
+            let asked = tokio::time::timeout(
+                Duration::from_secs(1),
+                sqlx::query_scalar::<_, Option<String>>("SELECT txid_status($1)")
+                    .bind(xid)
+                    .fetch_one(&self.pool),
+            )
+            .await;
+            match asked {
+                Ok(Ok(Some(s))) if s == "committed" => {
+                    tracing::warn!(xid, "the ambiguous commit did commit");
+                    return CommitOutcome::Committed;
+                }
+                Ok(Ok(Some(s))) if s == "aborted" => {
+                    tracing::warn!(xid, "the ambiguous commit rolled back");
+                    return CommitOutcome::RolledBack(err);
+                }
+                // NULL: too old to know (cannot happen this soon), or still
+                // "in progress": the server is finishing it; ask again.
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "read-back of a commit failed"),
+                Err(_) => tracing::debug!("read-back of a commit timed out"),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::error!(xid, error = %err, "commit outcome unknown");
+                return CommitOutcome::Unknown(err);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Is this error a lost or unusable connection (as opposed to the database
+/// refusing a statement)? Such failures are transient: the request may be
+/// retried once the database is reachable again.
+pub fn is_connection_error(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let code = code.as_deref().unwrap_or("");
+            // 08xxx connection exceptions; 57P01-57P03 shutdown / cannot connect now.
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+        }
+        _ => false,
+    }
+}
+
+/// Is this error worth retrying the whole request for: a lost connection,
+/// an exhausted pool, a serialization failure or deadlock, a lock timeout,
+/// or SQLite's write lock not obtained in time?
+pub fn is_transient(err: &sqlx::Error) -> bool {
+    if is_connection_error(err) {
+        return true;
+    }
+    match err {
+        sqlx::Error::Database(db) => {
+            matches!(
+                db.code().as_deref(),
+                // Postgres: serialization failure, deadlock, lock_not_available,
+                // query_canceled (statement/lock timeout), idle-in-transaction timeout.
+                Some("40001") | Some("40P01") | Some("55P03") | Some("57014") | Some("25P03")
+                // SQLite: BUSY, BUSY_SNAPSHOT, LOCKED.
+                | Some("5") | Some("517") | Some("6")
+            ) || db.message().contains("database is locked")
+        }
+        _ => false,
     }
 }
 

@@ -196,7 +196,7 @@ fn concurrent_writers_keep_counters_exact() {
                 let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ t;
                 for _ in 0..50_000 {
                     x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                    let failure = (x >> 33) % 20 == 0;
+                    let failure = (x >> 33).is_multiple_of(20);
                     w.record(2, failure, false);
                 }
             })

@@ -39,7 +39,8 @@ pub use extract::{ApiJson, ApiPath, ApiQuery};
 pub use mode::DeliveryMode;
 pub use resilience::error_chain;
 pub use resilience::problem::{
-    internal_error, method_not_allowed, not_found, Problem, PROBLEM_JSON, PROBLEM_TYPE_BASE,
+    db_error, internal_error, method_not_allowed, not_found, Problem, PROBLEM_JSON,
+    PROBLEM_TYPE_BASE,
 };
 pub use shutdown::{serve, serve_with_limits, shutdown_signal, ServerLimits, Shutdown};
 pub use telemetry::{init_tracing, LogFormat};

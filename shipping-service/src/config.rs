@@ -37,6 +37,11 @@ pub struct Config {
     #[arg(long, env = "DB_SCHEMA", default_value = "shipping_service")]
     pub db_schema: String,
 
+    /// How long start-up keeps retrying an unreachable database (with
+    /// backoff) before it gives up.
+    #[arg(long, env = "DB_CONNECT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub db_connect_timeout: Duration,
+
     /// Database connection pool size.
     #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 8)]
     pub db_max_connections: u32,

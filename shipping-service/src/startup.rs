@@ -55,6 +55,7 @@ impl Application {
         )?;
         let mut opts = DbOptions::new(&config.database_url, &config.db_schema);
         opts.max_connections = config.db_max_connections;
+        opts.connect_timeout = config.db_connect_timeout;
         let db = Db::connect(&opts).await.context("opening the database")?;
         db.migrate(sqlx::migrate!("./migrations"))
             .await

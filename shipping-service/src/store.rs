@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use resilience::store::{now_ms, rfc3339, Db};
+use resilience::store::{now_ms, rfc3339, Backend, Db};
 use service_kit::DeliveryMode;
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
@@ -124,22 +124,45 @@ impl ShipmentStore {
         Ok(Page { shipments, next })
     }
 
-    /// Ids of packing shipments whose time has come, soonest first.
-    pub async fn due(&self, limit: i64) -> Result<Vec<Uuid>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT id FROM shipments WHERE status = 'packing' AND ship_at <= $1 \
-             ORDER BY ship_at LIMIT $2",
-        )
-        .bind(now_ms())
-        .bind(limit)
-        .fetch_all(self.db.pool())
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let id: String = r.try_get("id")?;
-                Uuid::parse_str(&id).map_err(|e| sqlx::Error::Decode(Box::new(e)))
-            })
-            .collect()
+    /// Claims and ships up to `limit` packing shipments whose time has come,
+    /// soonest first, inside the caller's transaction: `packing → shipped`
+    /// in one statement. Returns the shipments this call moved.
+    ///
+    /// On Postgres the candidates are chosen `FOR UPDATE SKIP LOCKED`: rows
+    /// another warehouse is shipping right now (even one frozen inside its
+    /// transaction) are skipped, not waited for, and stay locked until that
+    /// transaction ends (its commit ships them; its death, e.g. by
+    /// `idle_in_transaction_session_timeout`, hands them back). The claim and
+    /// the state change are one statement in one transaction, so no lease is
+    /// needed: a row is claimed exactly as long as it is locked. On SQLite
+    /// the caller's `BEGIN IMMEDIATE` holds the only write lock.
+    pub async fn ship_due(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        limit: i64,
+    ) -> Result<Vec<Shipment>, sqlx::Error> {
+        let lock = match self.db.backend() {
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "UPDATE shipments SET status = 'shipped', shipped_at = $1, updated_at = $1 \
+             WHERE id IN (SELECT id FROM shipments WHERE status = 'packing' AND ship_at <= $1 \
+               ORDER BY ship_at LIMIT $2 {lock}) \
+             AND status = 'packing' \
+             RETURNING {COLUMNS}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(now_ms())
+            .bind(limit)
+            .fetch_all(&mut **tx)
+            .await?;
+        let mut shipped = rows
+            .iter()
+            .map(shipment_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        shipped.sort_by(|a, b| a.ship_at.cmp(&b.ship_at));
+        Ok(shipped)
     }
 
     /// When the next packing shipment is due (ms since epoch), if any.
@@ -149,33 +172,6 @@ impl ShipmentStore {
                 .fetch_one(self.db.pool())
                 .await?;
         row.try_get::<Option<i64>, _>("next")
-    }
-
-    /// `packing → shipped` inside the caller's transaction. Returns the
-    /// shipment if this call moved it (a concurrent shipper gets `None`).
-    pub async fn mark_shipped(
-        &self,
-        tx: &mut Transaction<'static, Any>,
-        id: Uuid,
-    ) -> Result<Option<Shipment>, sqlx::Error> {
-        let now = now_ms();
-        let res = sqlx::query(
-            "UPDATE shipments SET status = 'shipped', shipped_at = $1, updated_at = $1 \
-             WHERE id = $2 AND status = 'packing'",
-        )
-        .bind(now)
-        .bind(id.to_string())
-        .execute(&mut **tx)
-        .await?;
-        if res.rows_affected() == 0 {
-            return Ok(None);
-        }
-        let sql = format!("SELECT {COLUMNS} FROM shipments WHERE id = $1");
-        let row = sqlx::query(&sql)
-            .bind(id.to_string())
-            .fetch_one(&mut **tx)
-            .await?;
-        shipment_from_row(&row).map(Some)
     }
 
     /// Records the final outcome of an outbox-delivered report: `None` means

@@ -1,13 +1,15 @@
 //! The warehouse: ships packing shipments once their delay has passed, and
 //! reports each one to order-service in the order's delivery mode.
 //!
-//! Shipping is a compare-and-set (`packing → shipped`), so two warehouses on
-//! one database never ship a shipment twice. In the durable modes the shipped
-//! report is enqueued in the outbox in that same transaction; in at-most-once
-//! mode it follows the commit as one plain call: if this process dies in
-//! between, or the call fails, the report is lost, by design. In the pull
-//! modes a `shipment-shipped` event is appended to the mode's feed in that
-//! same transaction instead.
+//! A round ships a batch in one transaction: one statement claims and ships up
+//! to [`BATCH`] due shipments (`FOR UPDATE SKIP LOCKED` on Postgres, so
+//! warehouses on one database ship disjoint batches and never wait for each
+//! other, not even for one frozen mid-transaction), and the shipped reports of
+//! the durable modes are enqueued in the outbox in that same transaction. In
+//! at-most-once mode the report follows the commit as one plain call: if this
+//! process dies in between, or the call fails, the report is lost, by design.
+//! In the pull modes a `shipment-shipped` event is appended to the mode's
+//! feed in that same transaction instead.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -16,7 +18,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use resilience::store::now_ms;
 use tokio::sync::Notify;
-use uuid::Uuid;
 
 use resilience::feed::FeedLog;
 use resilience::outbox::Outbox;
@@ -30,7 +31,9 @@ use crate::store::ShipmentStore;
 /// Longest sleep between two looks at the table (a safety net; new
 /// shipments wake the warehouse at once).
 const MAX_IDLE: Duration = Duration::from_millis(250);
-/// Shipments shipped per round.
+/// Pause before looking again when due work is held by another warehouse.
+const BUSY_IDLE: Duration = Duration::from_millis(50);
+/// Shipments shipped per round (one transaction).
 const BATCH: i64 = 100;
 /// Reports in flight at once.
 const REPORT_CONCURRENCY: usize = 16;
@@ -44,6 +47,10 @@ pub struct Warehouse {
     plain: SendService,
     order_url: Arc<str>,
     wake: Arc<Notify>,
+    /// Test hook: how long to sit inside each shipping transaction before
+    /// committing (`SHIPPING_TEST_HOLD_TX`, e.g. `500ms`), so that a test
+    /// can freeze the process while it holds row locks. Unset in production.
+    hold: Option<Duration>,
 }
 
 impl Warehouse {
@@ -63,6 +70,9 @@ impl Warehouse {
             plain,
             order_url: Arc::from(order_url),
             wake: Arc::new(Notify::new()),
+            hold: std::env::var("SHIPPING_TEST_HOLD_TX")
+                .ok()
+                .and_then(|v| humantime::parse_duration(&v).ok()),
         }
     }
 
@@ -75,10 +85,20 @@ impl Warehouse {
     pub async fn run(self, stop: impl Future<Output = ()>) {
         tokio::pin!(stop);
         loop {
-            if let Err(e) = self.ship_due().await {
-                tracing::warn!(error = %e, "warehouse round failed; will retry");
+            let shipped = match self.ship_due().await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "warehouse round failed; will retry");
+                    0
+                }
+            };
+            if shipped as i64 >= BATCH {
+                continue; // a full batch: more is likely due
             }
             let idle = match self.store.next_due_at().await {
+                // Due already yet nothing shipped: another warehouse holds
+                // those rows. Look again soon, without spinning.
+                Ok(Some(at)) if at <= now_ms() && shipped == 0 => BUSY_IDLE,
                 Ok(Some(at)) => Duration::from_millis((at - now_ms()).max(1) as u64).min(MAX_IDLE),
                 _ => MAX_IDLE,
             };
@@ -91,17 +111,37 @@ impl Warehouse {
         tracing::info!("warehouse stopped");
     }
 
-    /// Ships everything due now and reports it. Returns how many shipped.
+    /// Ships one batch of what is due now (one transaction) and reports it.
+    /// Returns how many shipped.
     pub async fn ship_due(&self) -> Result<usize, anyhow::Error> {
-        let due = self.store.due(BATCH).await?;
-        let mut shipped = Vec::with_capacity(due.len());
-        for id in due {
-            if let Some(s) = self.ship_one(id).await? {
-                shipped.push(s);
-            }
+        let mut tx = self.store.db().begin().await?;
+        let mut shipped = self.store.ship_due(&mut tx, BATCH).await?;
+        if shipped.is_empty() {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        if let Some(hold) = self.hold {
+            tokio::time::sleep(hold).await;
+        }
+        // Shipped and "tell order-service" commit together.
+        let reports = shipped
+            .iter()
+            .filter(|s| s.delivery_mode.uses_outbox())
+            .map(|s| shipped_report(&self.order_url, s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let durable = !reports.is_empty();
+        self.outbox.enqueue_many(&mut tx, reports).await?;
+        // Pull: shipped and its event commit together; order-service reads
+        // it from the feed.
+        for s in shipped.iter().filter(|s| s.delivery_mode.uses_feed()) {
+            crate::pull::append(&self.feed, &mut tx, s, crate::pull::SHIPMENT_SHIPPED).await?;
+        }
+        tx.commit().await?;
+        for s in &shipped {
+            tracing::info!(shipment_id = %s.id, order_id = %s.order_id, "shipment shipped");
         }
         let count = shipped.len();
-        if shipped.iter().any(|s| s.delivery_mode.uses_outbox()) {
+        if durable {
             self.outbox.notify();
         }
         if shipped.iter().any(|s| s.delivery_mode.uses_feed()) {
@@ -113,25 +153,6 @@ impl Warehouse {
             .for_each_concurrent(REPORT_CONCURRENCY, |s| self.report(s))
             .await;
         Ok(count)
-    }
-
-    async fn ship_one(&self, id: Uuid) -> Result<Option<Shipment>, anyhow::Error> {
-        let mut tx = self.store.db().begin().await?;
-        let shipment = self.store.mark_shipped(&mut tx, id).await?;
-        if let Some(s) = shipment.as_ref().filter(|s| s.delivery_mode.uses_outbox()) {
-            // Shipped and "tell order-service" commit together.
-            let report = shipped_report(&self.order_url, s)?;
-            self.outbox.enqueue(&mut tx, report).await?;
-        } else if let Some(s) = shipment.as_ref().filter(|s| s.delivery_mode.uses_feed()) {
-            // Pull: shipped and its event commit together; order-service
-            // reads it from the feed.
-            crate::pull::append(&self.feed, &mut tx, s, crate::pull::SHIPMENT_SHIPPED).await?;
-        }
-        tx.commit().await?;
-        if let Some(s) = &shipment {
-            tracing::info!(shipment_id = %s.id, order_id = %s.order_id, "shipment shipped");
-        }
-        Ok(shipment)
     }
 
     /// At-most-once: one call, no retry; the outcome is recorded.

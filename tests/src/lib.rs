@@ -12,6 +12,8 @@
 
 pub use demo::audit;
 
+pub mod pgproxy;
+
 use std::future::Future;
 use std::time::Duration;
 

@@ -3,9 +3,10 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::Json;
 use resilience::feed::{FeedQuery, Page};
 use resilience::idempotency::Tx;
+use resilience::outbox::OutboxError;
 use serde::{Deserialize, Serialize};
 use service_kit::feeds::{feed_name, parse_feed_mode};
-use service_kit::{cursor, internal_error, ApiJson, ApiPath, ApiQuery, Problem};
+use service_kit::{cursor, db_error, internal_error, ApiJson, ApiPath, ApiQuery, Problem};
 
 use super::AppState;
 use crate::domain::{CreateOrderRequest, NewOrder, Order, OrderId, OrderStatus, ShipmentEvent};
@@ -34,11 +35,7 @@ pub(super) async fn create(
 ) -> Result<(StatusCode, HeaderMap, Json<Order>), Problem> {
     let new = NewOrder::parse(req, app.config.default_mode).map_err(Problem::unprocessable)?;
     let mut conn = tx.lock().await?;
-    let order = app
-        .store
-        .insert(&mut conn, &new)
-        .await
-        .map_err(internal_error)?;
+    let order = app.store.insert(&mut conn, &new).await.map_err(db_error)?;
     if order.delivery_mode.uses_feed() {
         // Pull: the order and its event commit together; shipping reads the
         // event from the feed at its own offset.
@@ -53,7 +50,10 @@ pub(super) async fn create(
                 &body,
             )
             .await
-            .map_err(internal_error)?;
+            .map_err(|e| match e {
+                resilience::feed::FeedError::Db(e) => db_error(e),
+                e => internal_error(e),
+            })?;
         let log = app.feed.clone();
         tx.after_commit(move || Box::pin(async move { log.notify() }));
     } else if order.delivery_mode.uses_outbox() {
@@ -62,7 +62,7 @@ pub(super) async fn create(
         app.outbox
             .enqueue(&mut conn, msg)
             .await
-            .map_err(internal_error)?;
+            .map_err(outbox_error)?;
         let outbox = app.outbox.clone();
         tx.after_commit(move || Box::pin(async move { outbox.notify() }));
     } else {
@@ -78,6 +78,14 @@ pub(super) async fn create(
         headers.insert(header::LOCATION, loc);
     }
     Ok((StatusCode::CREATED, headers, Json(order)))
+}
+
+/// A failed enqueue: a database failure is answered like any other.
+fn outbox_error(err: OutboxError) -> Problem {
+    match err {
+        OutboxError::Db(e) => db_error(e),
+        other => internal_error(other),
+    }
 }
 
 /// At-most-once: one call after the commit, no retry. Whatever happens, the
@@ -124,12 +132,7 @@ pub(super) async fn get_one(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Order>, Problem> {
     let id = parse_id(&id)?;
-    match app
-        .store
-        .get_with_progress(id)
-        .await
-        .map_err(internal_error)?
-    {
+    match app.store.get_with_progress(id).await.map_err(db_error)? {
         Some(order) => Ok(Json(order)),
         None => Err(Problem::not_found(format!("no order {id}"))),
     }
@@ -174,7 +177,7 @@ pub(super) async fn list(
         .store
         .list(status, after, limit)
         .await
-        .map_err(internal_error)?;
+        .map_err(db_error)?;
     Ok(Json(OrderPage {
         orders: page.orders,
         next_cursor: page.next.map(|(ts, id)| cursor::encode(ts, &id)),
@@ -223,6 +226,6 @@ pub(super) async fn shipment_event(
             .kind("other-shipment")
             .detail(e.to_string()))
         }
-        Err(ApplyError::Db(e)) => Err(internal_error(e)),
+        Err(ApplyError::Db(e)) => Err(db_error(e)),
     }
 }

@@ -25,12 +25,9 @@ pub enum TxError {
 
 impl From<TxError> for Problem {
     fn from(err: TxError) -> Self {
-        match &err {
-            TxError::Begin(e) if is_busy(e) => {
-                tracing::warn!(error = %err, "database busy");
-                Problem::unavailable("the database is busy; retry later").retry_after(1)
-            }
-            _ => crate::problem::internal_error(err),
+        match err {
+            TxError::Begin(e) => crate::problem::db_error(e),
+            TxError::Finished => crate::problem::internal_error(err),
         }
     }
 }
@@ -41,31 +38,50 @@ impl IntoResponse for TxError {
     }
 }
 
-/// Pool exhausted, or SQLite's write lock not obtained within the busy timeout.
-pub(crate) fn is_busy(err: &sqlx::Error) -> bool {
-    match err {
-        sqlx::Error::PoolTimedOut => true,
-        sqlx::Error::Database(db) => {
-            matches!(db.code().as_deref(), Some("5") | Some("517") | Some("6"))
-                || db.message().contains("database is locked")
-        }
-        _ => false,
-    }
-}
-
-/// The problem for a transaction that could not begin.
+/// The problem for a transaction that could not begin: 503 with
+/// `Retry-After` when the database is busy or unreachable, else 500.
 pub(crate) fn begin_failed(err: sqlx::Error, retry_after: u64) -> Problem {
-    if is_busy(&err) {
-        tracing::warn!(error = %err, "cannot begin transaction: database busy");
-        Problem::unavailable("the database is busy; retry later").retry_after(retry_after)
+    if crate::store::is_transient(&err) {
+        tracing::warn!(error = %err, "cannot begin transaction: database busy or unreachable");
+        Problem::unavailable("the database is busy or unreachable; retry later")
+            .retry_after(retry_after)
     } else {
         crate::problem::internal_error(format_args!("cannot begin transaction: {err}"))
     }
 }
 
-/// The problem for a failed commit: nothing was saved, so a retry is safe.
-pub(crate) fn commit_failed(err: sqlx::Error) -> Problem {
+/// The problem for a commit that certainly did not happen: nothing was saved,
+/// so the same request can be retried. Transient causes (the connection was
+/// lost before the server ran the `COMMIT`, a serialization failure) are a
+/// 503 with `Retry-After`; anything else a 500.
+pub(crate) fn commit_failed(err: sqlx::Error, retry_after: u64) -> Problem {
     tracing::error!(error = %err, "commit failed; the request had no effect");
-    Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "commit failed")
-        .detail("nothing was saved; the request can be retried")
+    let status = if crate::store::is_transient(&err) {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    let p = Problem::new(status, "commit failed")
+        .detail("nothing was saved; the request can be retried");
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        p.retry_after(retry_after)
+    } else {
+        p
+    }
+}
+
+/// The problem for a commit whose outcome could not be learned: the
+/// connection failed while committing and the database could not be asked
+/// afterwards. The request may have taken effect; it must not be reported as
+/// rolled back.
+pub(crate) fn commit_unknown(err: sqlx::Error, retry_after: u64) -> Problem {
+    tracing::error!(error = %err, "commit outcome unknown");
+    Problem::new(StatusCode::SERVICE_UNAVAILABLE, "outcome unknown")
+        .detail(
+            "the outcome of this request is unknown: the database connection was lost while \
+         committing, so it may or may not have taken effect. Retry with the same \
+         Idempotency-Key to get the original answer (without a key, look the resource up \
+         before retrying)",
+        )
+        .retry_after(retry_after)
 }

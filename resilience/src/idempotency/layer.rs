@@ -14,12 +14,12 @@ use sqlx::{Any, Transaction};
 use tower::{Layer, Service};
 
 use super::config::{IdempotencyConfig, KeyPolicy};
-use super::error::{begin_failed, commit_failed};
+use super::error::{begin_failed, commit_failed, commit_unknown};
 use super::key::{fingerprint, lock_id, parse_key};
 use super::record::{self, NewRecord, Stored};
 use super::tx::Tx;
-use crate::problem::{internal_error, Problem};
-use crate::store::{is_unique_violation, now_ms, Backend};
+use crate::problem::{db_error, internal_error, Problem};
+use crate::store::{is_unique_violation, now_ms, Backend, CommitOutcome};
 
 /// Wraps axum routes in [`Idempotency`]: a transaction per request and,
 /// when the request carries an `Idempotency-Key`, at-most-once execution
@@ -143,12 +143,23 @@ where
         return res;
     }
     if let Some(t) = transaction {
-        if let Err(e) = t.commit().await {
-            return commit_failed(e).into_response();
+        if let Err(p) = commit(config, t).await {
+            return p.into_response();
         }
     }
     tx.run_hooks().await;
     res
+}
+
+/// Commits, resolving an ambiguous failure by reading back: `Ok` if the
+/// transaction committed (the answer the handler gave is true), else the
+/// problem to answer: nothing saved, or outcome unknown.
+async fn commit(config: &IdempotencyConfig, t: Transaction<'static, Any>) -> Result<(), Problem> {
+    match config.db.commit_resolved(t).await {
+        CommitOutcome::Committed => Ok(()),
+        CommitOutcome::RolledBack(e) => Err(commit_failed(e, config.retry_after_secs())),
+        CommitOutcome::Unknown(e) => Err(commit_unknown(e, config.retry_after_secs())),
+    }
 }
 
 fn in_flight(config: &IdempotencyConfig) -> Problem {
@@ -239,7 +250,7 @@ where
         Ok(found) => found,
         Err(e) => {
             rollback(transaction).await;
-            return Err(internal_error(e));
+            return Err(db_error(e));
         }
     };
     let now = now_ms();
@@ -253,7 +264,7 @@ where
             tracing::debug!(%scope, %key, "idempotency record expired; treating as absent");
             if let Err(e) = record::delete(&mut *transaction, &scope, &key).await {
                 rollback(transaction).await;
-                return Err(internal_error(e));
+                return Err(db_error(e));
             }
         }
         None if locked => {}
@@ -306,15 +317,15 @@ where
             return match record::lookup(db.pool(), &scope, &key).await {
                 Ok(Some(stored)) if stored.expires_at > now_ms() => answer_from(stored, &fp),
                 Ok(_) => Err(in_flight(config)),
-                Err(e) => Err(internal_error(e)),
+                Err(e) => Err(db_error(e)),
             };
         }
         Err(e) => {
             rollback(transaction).await;
-            return Err(internal_error(e));
+            return Err(db_error(e));
         }
     }
-    transaction.commit().await.map_err(commit_failed)?;
+    commit(config, transaction).await?;
     tx.run_hooks().await;
     Ok(Response::from_parts(res_parts, Body::from(res_body)))
 }

@@ -263,6 +263,77 @@ impl Outbox {
         Ok(id)
     }
 
+    /// Inserts several messages inside the caller's transaction, in
+    /// multi-row statements and with one wake-up for other replicas: the
+    /// batch form of [`Outbox::enqueue`]. Returns their ids, in order.
+    pub async fn enqueue_many(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        msgs: Vec<OutgoingRequest>,
+    ) -> Result<Vec<Uuid>, OutboxError> {
+        /// Rows per statement (10 parameters each, well under both backends' limits).
+        const ROWS: usize = 100;
+        let mut ids = Vec::with_capacity(msgs.len());
+        if msgs.is_empty() {
+            return Ok(ids);
+        }
+        let now = now_ms();
+        for chunk in msgs.chunks(ROWS) {
+            let mut sql = String::from(
+                "INSERT INTO outbox (id, destination, method, path, headers, body, kind, \
+                 correlation_id, idempotency_key, status, attempts, next_attempt_at, created_at, \
+                 updated_at) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                let b = i * 10;
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, 'pending', 0, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7,
+                    b + 8,
+                    b + 9,
+                    b + 10,
+                    b + 10,
+                    b + 10
+                ));
+            }
+            let mut q = sqlx::query(&sql);
+            for msg in chunk {
+                let id = Uuid::now_v7();
+                ids.push(id);
+                let headers = serde_json::to_string(&msg.headers)
+                    .map_err(|e| OutboxError::Invalid(e.to_string()))?;
+                q = q
+                    .bind(id.to_string())
+                    .bind(msg.destination.clone())
+                    .bind(msg.method.as_str().to_string())
+                    .bind(msg.path.clone())
+                    .bind(headers)
+                    .bind(msg.body.to_vec())
+                    .bind(msg.kind.clone())
+                    .bind(msg.correlation_id.clone())
+                    .bind(msg.idempotency_key.then(|| id.to_string()))
+                    .bind(now);
+            }
+            q.execute(&mut **tx).await?;
+        }
+        if self.db.backend() == Backend::Postgres {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(&self.channel)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(ids)
+    }
+
     /// Wakes the local relay (call after the enqueuing transaction committed).
     pub fn notify(&self) {
         self.wake.notify_one();

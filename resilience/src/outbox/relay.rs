@@ -246,10 +246,17 @@ impl Relay {
     }
 
     /// Runs until `stop` fires: claims, sends, records; sleeps until the next
-    /// message is due, a wake-up arrives, or the poll interval passes. On stop
-    /// it claims nothing more, lets sends in flight finish, and releases the
-    /// leases it still holds so another relay (or the next start) takes over
-    /// at once.
+    /// message is due, a wake-up arrives, a send finishes, or the poll
+    /// interval passes. On stop it claims nothing more, lets sends in flight
+    /// finish, and releases the leases it still holds so another relay (or the
+    /// next start) takes over at once.
+    ///
+    /// Claiming does not wait for a whole batch to finish: whenever sends in
+    /// flight drop below [`RelayConfig::concurrency`] (by a quarter of it, to
+    /// claim in batches), more is claimed, so one slow or stuck send holds one
+    /// slot, not the relay. Each send, with its outcome's write, is bounded
+    /// by the lease: past it the message is left to expire and be claimed
+    /// again, and the slot is freed.
     pub async fn run(self, stop: CancellationToken) {
         let wake = self.outbox.wake_handle();
         #[cfg(feature = "postgres")]
@@ -258,29 +265,46 @@ impl Relay {
         #[cfg(not(feature = "postgres"))]
         let listener: Option<tokio::task::JoinHandle<()>> = None;
         let mut last_purge = tokio::time::Instant::now();
+        let concurrency = self.config.concurrency.max(1);
+        // Claim again once this many slots are free (or nothing is in flight).
+        let refill = (concurrency / 4).max(1);
+        let mut in_flight = futures::stream::FuturesUnordered::new();
         tracing::info!(owner = %self.config.owner, "relay started");
         while !stop.is_cancelled() {
-            let claimed = match self.run_once(&stop).await {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "relay round failed; will retry");
-                    0
+            let free = concurrency.saturating_sub(in_flight.len());
+            let mut full = false;
+            if free >= refill || in_flight.is_empty() {
+                let limit = self.config.batch_size.min(free as i64).max(1);
+                match drive(&mut in_flight, self.claim_up_to(limit)).await {
+                    Ok(batch) => {
+                        full = batch.len() as i64 >= limit;
+                        for c in batch {
+                            in_flight.push(self.deliver_bounded(c));
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "relay round failed; will retry"),
                 }
-            };
+            }
             if last_purge.elapsed() > Duration::from_secs(60) {
                 last_purge = tokio::time::Instant::now();
-                self.purge().await;
+                drive(&mut in_flight, self.purge()).await;
             }
-            if claimed as i64 >= self.config.batch_size {
-                continue; // more work is likely waiting
+            if full && in_flight.len() + refill <= concurrency {
+                continue; // more work is likely waiting, and there is room
             }
-            let idle = self.idle_time().await;
+            let idle = if in_flight.is_empty() {
+                self.idle_time().await
+            } else {
+                self.config.poll_interval
+            };
             tokio::select! {
                 () = stop.cancelled() => break,
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
                 () = wake.notified() => {}
                 () = tokio::time::sleep(idle) => {}
             }
         }
+        while in_flight.next().await.is_some() {}
         if let Err(e) = self.release_leases().await {
             tracing::warn!(error = %e, "could not release leases; they expire on their own");
         }
@@ -288,6 +312,17 @@ impl Relay {
             l.abort();
         }
         tracing::info!(owner = %self.config.owner, "relay stopped");
+    }
+
+    /// One send and its outcome, bounded by the lease.
+    async fn deliver_bounded(&self, c: Claimed) {
+        let id = c.msg.id.clone();
+        if tokio::time::timeout(self.config.lease, self.deliver(c))
+            .await
+            .is_err()
+        {
+            tracing::warn!(%id, lease = ?self.config.lease, "send outlived its lease; left for another claim");
+        }
     }
 
     /// Claims one batch and delivers it. Returns how many were claimed.
@@ -310,6 +345,10 @@ impl Relay {
     }
 
     async fn claim(&self) -> Result<Vec<Claimed>, OutboxError> {
+        self.claim_up_to(self.config.batch_size).await
+    }
+
+    async fn claim_up_to(&self, limit: i64) -> Result<Vec<Claimed>, OutboxError> {
         let now = now_ms();
         let lease_until = now + self.config.lease.as_millis() as i64;
         let lock = match self.outbox.db().backend() {
@@ -330,7 +369,7 @@ impl Relay {
             .bind(&self.config.owner)
             .bind(lease_until)
             .bind(now)
-            .bind(self.config.batch_size)
+            .bind(limit)
             .fetch_all(self.outbox.db().pool())
             .await?;
         rows.iter().map(claimed_from_row).collect()
@@ -579,6 +618,22 @@ impl Relay {
             Ok(0) => {}
             Ok(n) => tracing::debug!(purged = n, "delivered outbox rows purged"),
             Err(e) => tracing::warn!(error = %e, "could not purge delivered rows"),
+        }
+    }
+}
+
+/// Awaits `fut` while the sends in flight keep running: they hold database
+/// connections (and, on SQLite, the write lock) that `fut` may need.
+async fn drive<F: std::future::Future>(
+    in_flight: &mut futures::stream::FuturesUnordered<impl std::future::Future<Output = ()>>,
+    fut: F,
+) -> F::Output {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut fut => return out,
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
         }
     }
 }

@@ -5,7 +5,7 @@ use resilience::feed::{FeedQuery, Page};
 use resilience::idempotency::Tx;
 use serde::{Deserialize, Serialize};
 use service_kit::feeds::{feed_name, parse_feed_mode};
-use service_kit::{cursor, internal_error, ApiJson, ApiPath, ApiQuery, Problem};
+use service_kit::{cursor, db_error, ApiJson, ApiPath, ApiQuery, Problem};
 
 use super::AppState;
 use crate::domain::{parse_uuid, CreateShipmentRequest, NewShipment, Shipment};
@@ -30,7 +30,7 @@ pub(super) async fn create(
         .store
         .insert(&mut conn, &new, app.config.warehouse_delay)
         .await
-        .map_err(internal_error)?;
+        .map_err(db_error)?;
     drop(conn);
     tracing::info!(shipment_id = %shipment.id, order_id = %shipment.order_id, "shipment created");
     let warehouse = app.warehouse.clone();
@@ -60,7 +60,7 @@ pub(super) async fn get_one(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Shipment>, Problem> {
     let id = parse_uuid(&id, "shipment id").map_err(Problem::bad_request)?;
-    match app.store.get(id).await.map_err(internal_error)? {
+    match app.store.get(id).await.map_err(db_error)? {
         Some(s) => Ok(Json(s)),
         None => Err(Problem::not_found(format!("no shipment {id}"))),
     }
@@ -105,7 +105,7 @@ pub(super) async fn list(
         .store
         .list(order_id, after, limit)
         .await
-        .map_err(internal_error)?;
+        .map_err(db_error)?;
     Ok(Json(ShipmentPage {
         shipments: page.shipments,
         next_cursor: page.next.map(|(ts, id)| cursor::encode(ts, &id)),

@@ -1,0 +1,311 @@
+//! Database faults seen through a TCP proxy in front of Postgres.
+//!
+//! The ambiguous COMMIT (issue 11, item 9): the database connection drops
+//! after Postgres ran the COMMIT but before its answer reached the service.
+//! The service must answer with the truth (201, found by reading back) or
+//! say the outcome is unknown (503); it must never claim that nothing was
+//! saved. Postgres only: SQLite runs in-process, its commits are never
+//! ambiguous.
+//!
+//! A lost database (item 12): requests answer 503 with `Retry-After`, and
+//! start-up waits for the database instead of exiting.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sqlx::Row;
+use tests::pgproxy::PgProxy;
+use tests::{TestBackend, TestDatabases};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+struct OrderService {
+    url: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// order-service alone, its database reached through `proxy`.
+async fn order_service(dbs: &TestDatabases, proxy: &PgProxy) -> anyhow::Result<OrderService> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let mut oc = order_service::Config::defaults();
+    oc.database_url = proxy.url_for(&dbs.order_url)?;
+    oc.db_schema = "order_service".into();
+    // Nobody listens there: the relay keeps retrying, which is fine.
+    oc.shipping_url = "http://127.0.0.1:9".into();
+    oc.shutdown_grace = Duration::from_secs(2);
+    let app = order_service::Application::build_with_listener(oc, listener).await?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        app.run_until_stopped(async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    Ok(OrderService {
+        url,
+        stop: Some(tx),
+        task,
+    })
+}
+
+fn order(customer: &str) -> Value {
+    json!({
+        "customer_id": customer,
+        "items": [{ "sku": "SKU-1", "quantity": 1 }],
+        "delivery_mode": "effectively-once",
+    })
+}
+
+async fn orders_of(dbs: &TestDatabases, customer: &str) -> anyhow::Result<Vec<String>> {
+    let db = dbs.order_db().await?;
+    let rows = sqlx::query("SELECT id FROM orders WHERE customer_id = $1")
+        .bind(customer)
+        .fetch_all(db.pool())
+        .await?;
+    db.close().await;
+    Ok(rows
+        .iter()
+        .map(|r| r.try_get::<String, _>("id"))
+        .collect::<Result<_, _>>()?)
+}
+
+async fn post(
+    http: &reqwest::Client,
+    svc: &OrderService,
+    customer: &str,
+    key: Option<&str>,
+) -> anyhow::Result<(u16, Value, reqwest::header::HeaderMap)> {
+    let mut req = http
+        .post(format!("{}/orders", svc.url))
+        .json(&order(customer));
+    if let Some(k) = key {
+        req = req.header("idempotency-key", k);
+    }
+    let res = req.send().await?;
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let body: Value = res.json().await.unwrap_or(Value::Null);
+    Ok((status, body, headers))
+}
+
+/// A lost COMMIT answer, with the database reachable right after: the
+/// service reads back, finds the order committed, and answers 201 with it.
+/// With a key and without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_commit_answer_is_resolved_by_reading_back() -> anyhow::Result<()> {
+    let dbs = TestDatabases::create(TestBackend::Postgres).await?;
+    let proxy = PgProxy::start("127.0.0.1:5432").await?;
+    let mut svc = order_service(&dbs, &proxy).await?;
+    let http = reqwest::Client::new();
+
+    for (i, key) in [Some("lost-commit-key-1"), None].into_iter().enumerate() {
+        let customer = format!("lost-commit-{i}-{}", uuid::Uuid::new_v4().simple());
+        let dropped = proxy.dropped();
+        proxy.arm(&customer, None);
+        let (status, body, _) = post(&http, &svc, &customer, key).await?;
+        assert_eq!(
+            proxy.dropped(),
+            dropped + 1,
+            "the proxy must have dropped a COMMIT answer"
+        );
+        let in_db = orders_of(&dbs, &customer).await?;
+        assert_eq!(in_db.len(), 1, "Postgres ran the COMMIT: the order exists");
+        assert_eq!(
+            status, 201,
+            "key {key:?}: a committed order must be answered 201, got {status}: {body}"
+        );
+        assert_eq!(body["id"].as_str(), Some(in_db[0].as_str()));
+        if let Some(k) = key {
+            // The key record committed with the order: a retry replays it.
+            let (status, again, headers) = post(&http, &svc, &customer, Some(k)).await?;
+            assert_eq!(status, 201);
+            assert_eq!(again["id"], body["id"]);
+            assert_eq!(
+                headers
+                    .get("idempotent-replayed")
+                    .and_then(|v| v.to_str().ok()),
+                Some("true")
+            );
+            assert_eq!(orders_of(&dbs, &customer).await?.len(), 1);
+        }
+    }
+
+    if let Some(s) = svc.stop.take() {
+        let _ = s.send(());
+    }
+    svc.task.await??;
+    dbs.cleanup().await;
+    Ok(())
+}
+
+/// A lost COMMIT answer, and the database unreachable for longer than the
+/// service asks: the outcome cannot be known, so the answer is 503 "outcome
+/// unknown" with `Retry-After`, never "nothing was saved". A retry with the
+/// same key once the database is back gets the committed order, and there
+/// is exactly one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_commit_with_database_gone_is_outcome_unknown() -> anyhow::Result<()> {
+    let dbs = TestDatabases::create(TestBackend::Postgres).await?;
+    let proxy = PgProxy::start("127.0.0.1:5432").await?;
+    let mut svc = order_service(&dbs, &proxy).await?;
+    let http = reqwest::Client::new();
+
+    let customer = format!("lost-commit-gone-{}", uuid::Uuid::new_v4().simple());
+    let key = "lost-commit-gone-key";
+    proxy.arm(&customer, Some(Duration::from_secs(6)));
+    let (status, body, headers) = post(&http, &svc, &customer, Some(key)).await?;
+    assert_eq!(proxy.dropped(), 1);
+    assert!(
+        status == 201 || status == 503,
+        "expected 201 (read back) or 503 (unknown), got {status}: {body}"
+    );
+    if status == 503 {
+        assert_eq!(body["title"], "outcome unknown", "{body}");
+        assert!(
+            body["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("same Idempotency-Key")),
+            "{body}"
+        );
+        assert!(headers.get("retry-after").is_some());
+        assert_eq!(
+            headers.get("content-type").and_then(|v| v.to_str().ok()),
+            Some("application/problem+json")
+        );
+    }
+    assert!(
+        !body.to_string().contains("nothing was saved"),
+        "the COMMIT ran: the answer must not say nothing was saved: {body}"
+    );
+
+    // The client follows the advice: the same key, until the database is back.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let replayed = loop {
+        let (status, again, _) = post(&http, &svc, &customer, Some(key)).await?;
+        if status == 201 {
+            break again;
+        }
+        assert!(
+            status == 503,
+            "retry during the outage: expected 503, got {status}: {again}"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "database never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let in_db = orders_of(&dbs, &customer).await?;
+    assert_eq!(in_db.len(), 1, "exactly one order: {in_db:?}");
+    assert_eq!(replayed["id"].as_str(), Some(in_db[0].as_str()));
+    if status == 201 {
+        assert_eq!(body["id"], replayed["id"]);
+    }
+
+    if let Some(s) = svc.stop.take() {
+        let _ = s.send(());
+    }
+    svc.task.await??;
+    dbs.cleanup().await;
+    Ok(())
+}
+
+/// The database connection is lost under running requests: the answers are
+/// 503 problems with `Retry-After`, never a bare 500, and the service works
+/// again once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_database_answers_503_with_retry_after() -> anyhow::Result<()> {
+    let dbs = TestDatabases::create(TestBackend::Postgres).await?;
+    let proxy = PgProxy::start("127.0.0.1:5432").await?;
+    let mut svc = order_service(&dbs, &proxy).await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let customer = format!("outage-{}", uuid::Uuid::new_v4().simple());
+    let (status, created, _) = post(&http, &svc, &customer, Some("outage-key")).await?;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap_or_default().to_string();
+
+    // Longer than the pool's acquire timeout (10 s): requests cannot wait it out.
+    proxy.blackout(Duration::from_secs(14));
+    let paths = [format!("/orders/{id}"), "/orders".to_string()];
+    for path in &paths {
+        let res = http.get(format!("{}{path}", svc.url)).send().await?;
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let body: Value = res.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, 503, "GET {path} with the database gone: {body}");
+        assert!(
+            headers.get("retry-after").is_some(),
+            "GET {path}: no Retry-After"
+        );
+        assert_eq!(
+            headers.get("content-type").and_then(|v| v.to_str().ok()),
+            Some("application/problem+json")
+        );
+    }
+    let (status, body, headers) = post(&http, &svc, &customer, None).await?;
+    assert_eq!(status, 503, "POST with the database gone: {body}");
+    assert!(headers.get("retry-after").is_some());
+
+    // Back: the same requests work.
+    tests::eventually(
+        Duration::from_secs(30),
+        "the database to be back",
+        || async {
+            let res = http.get(format!("{}/orders/{id}", svc.url)).send().await?;
+            Ok((res.status() == 200).then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(orders_of(&dbs, &customer).await?.len(), 1);
+
+    if let Some(s) = svc.stop.take() {
+        let _ = s.send(());
+    }
+    svc.task.await??;
+    dbs.cleanup().await;
+    Ok(())
+}
+
+/// Start-up with the database unreachable waits (with backoff, up to
+/// `DB_CONNECT_TIMEOUT`) instead of exiting at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_waits_for_the_database() -> anyhow::Result<()> {
+    let dbs = TestDatabases::create(TestBackend::Postgres).await?;
+    let proxy = PgProxy::start("127.0.0.1:5432").await?;
+    proxy.blackout(Duration::from_secs(3));
+    let started = tokio::time::Instant::now();
+    let mut svc = order_service(&dbs, &proxy).await?;
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "start-up cannot have reached the database during the blackout"
+    );
+    let http = reqwest::Client::new();
+    let (status, body, _) = post(&http, &svc, "after-startup", None).await?;
+    assert_eq!(status, 201, "{body}");
+
+    // And it gives up after the configured time when the database stays away.
+    proxy.blackout(Duration::from_secs(60));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let mut oc = order_service::Config::defaults();
+    oc.database_url = proxy.url_for(&dbs.order_url)?;
+    oc.db_connect_timeout = Duration::from_secs(2);
+    let t = tokio::time::Instant::now();
+    let built = order_service::Application::build_with_listener(oc, listener).await;
+    assert!(built.is_err(), "no database: start-up must fail");
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "gave up after {:?}",
+        t.elapsed()
+    );
+
+    if let Some(s) = svc.stop.take() {
+        let _ = s.send(());
+    }
+    let _ = svc.task.await;
+    dbs.cleanup().await;
+    Ok(())
+}
