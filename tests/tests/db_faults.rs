@@ -30,6 +30,7 @@ async fn order_service(dbs: &TestDatabases, proxy: &PgProxy) -> anyhow::Result<O
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let mut oc = order_service::Config::defaults();
+    oc.delivery.service_secret = Some(tests::SERVICE_SECRET.into());
     oc.database_url = proxy.url_for(&dbs.order_url)?;
     oc.db_schema = "order_service".into();
     // Nobody listens there: the relay keeps retrying, which is fine.
@@ -291,6 +292,7 @@ async fn startup_waits_for_the_database() -> anyhow::Result<()> {
     proxy.blackout(Duration::from_secs(60));
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let mut oc = order_service::Config::defaults();
+    oc.delivery.service_secret = Some(tests::SERVICE_SECRET.into());
     oc.database_url = proxy.url_for(&dbs.order_url)?;
     oc.db_connect_timeout = Duration::from_secs(2);
     let t = tokio::time::Instant::now();

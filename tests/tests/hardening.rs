@@ -414,11 +414,13 @@ async fn unsafe_dedupe_settings_are_refused(backend: TestBackend) -> anyhow::Res
     let dbs = TestDatabases::create(backend).await?;
     let listener = || tokio::net::TcpListener::bind("127.0.0.1:0");
     let mut sc = shipping_service::Config::defaults();
+    sc.delivery.service_secret = Some(tests::SERVICE_SECRET.into());
     sc.database_url = dbs.shipping_url.clone();
     sc.db_schema = "shipping_service".into();
     sc.delivery.idempotency_ttl = Duration::ZERO;
     let zero = shipping_service::Application::build_with_listener(sc, listener().await?).await;
     let mut oc = order_service::Config::defaults();
+    oc.delivery.service_secret = Some(tests::SERVICE_SECRET.into());
     oc.database_url = dbs.order_url.clone();
     oc.db_schema = "order_service".into();
     oc.delivery.max_age = Duration::from_secs(48 * 3600);
