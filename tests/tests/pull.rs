@@ -522,7 +522,20 @@ async fn lease_holder(
 async fn two_replicas_one_frozen(backend: TestBackend) -> anyhow::Result<()> {
     let lease = Duration::from_secs(3);
     let feed = format!("orders.{PEO}");
-    let shipping_flags = ["--feed-lease", "3s", "--feed-wait", "1s"];
+    // The request timeout outlasts the freeze: the frozen holder's long-poll
+    // is answered (with the orders created during the freeze) while it is
+    // stopped, and on waking it holds a page of events the other replica has
+    // applied meanwhile. That is the page it must not commit. (With a
+    // timeout shorter than the freeze its fetch would fail instead, and it
+    // would find the lease lost before applying anything.)
+    let shipping_flags = [
+        "--feed-lease",
+        "3s",
+        "--feed-wait",
+        "1s",
+        "--request-timeout",
+        "10s",
+    ];
     let stack = ProcessStack::start(EXE, backend, &[], &shipping_flags).await?;
     let dbs = Dbs::open(&stack).await?;
     let http = stack.cluster.http.clone();
@@ -625,6 +638,11 @@ async fn two_replicas_one_frozen(backend: TestBackend) -> anyhow::Result<()> {
     })
     .await?;
     ensure!(
+        after["head"].as_i64() > before["head"].as_i64(),
+        "the thawed holder must have read the events created during its freeze (else this \
+         test did not exercise a stale page): before {before}, after {after}"
+    );
+    ensure!(
         after["applied"] == before["applied"],
         "the frozen holder applied events after losing its lease: before {before}, after {after}"
     );
@@ -650,8 +668,9 @@ async fn two_replicas_one_frozen(backend: TestBackend) -> anyhow::Result<()> {
     );
     eprintln!(
         "{backend:?}: holder {holder} frozen; the other replica shipped 10 orders {took:?} \
-         after the freeze (lease {lease:?}); {takeovers} takeover(s); thawed holder applied \
+         after the freeze (lease {lease:?}); {takeovers} takeover(s); thawed holder read up to {} and applied \
          {} before and {} after; {total} shipments for {} orders",
+        after["head"],
         before["applied"],
         after["applied"],
         ids.len()
