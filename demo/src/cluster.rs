@@ -250,6 +250,30 @@ impl Process {
         Ok(())
     }
 
+    /// Its OS process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// SIGSTOP: the process freezes between two instructions, its sockets,
+    /// connections and open transactions held, until [`Process::thaw`].
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGSTOP)
+    }
+
+    /// SIGCONT: a frozen process carries on where it stopped.
+    pub fn thaw(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGCONT)
+    }
+
+    fn signal(&self, sig: Signal) -> anyhow::Result<()> {
+        let Some(pid) = self.pid() else {
+            bail!("{} is not running", self.kind.name());
+        };
+        kill(Pid::from_raw(pid as i32), sig)
+            .with_context(|| format!("sending {sig} to {}", self.kind.name()))
+    }
+
     /// SIGTERM, then waits (up to `grace`, then SIGKILL).
     pub async fn terminate(&mut self, grace: Duration) -> anyhow::Result<Option<i32>> {
         let Some(mut c) = self.child.take() else {
