@@ -250,11 +250,6 @@ impl Process {
         Ok(())
     }
 
-    /// Its OS process id, while running.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(Child::id)
-    }
-
     /// SIGSTOP: the process freezes between two instructions, its sockets,
     /// connections and open transactions held, until [`Process::thaw`].
     pub fn freeze(&self) -> anyhow::Result<()> {
@@ -264,14 +259,6 @@ impl Process {
     /// SIGCONT: a frozen process carries on where it stopped.
     pub fn thaw(&self) -> anyhow::Result<()> {
         self.signal(Signal::SIGCONT)
-    }
-
-    fn signal(&self, sig: Signal) -> anyhow::Result<()> {
-        let Some(pid) = self.pid() else {
-            bail!("{} is not running", self.kind.name());
-        };
-        kill(Pid::from_raw(pid as i32), sig)
-            .with_context(|| format!("sending {sig} to {}", self.kind.name()))
     }
 
     /// SIGTERM, then waits (up to `grace`, then SIGKILL).
@@ -317,7 +304,6 @@ pub struct ClusterConfig {
 }
 
 /// Both services, wired to each other.
-#[derive(Debug)]
 pub struct Cluster {
     /// order-service.
     pub order: Process,
@@ -327,6 +313,18 @@ pub struct Cluster {
     pub http: reqwest::Client,
     /// The admin token.
     pub admin_token: String,
+    /// The `SERVICE_SECRET` both services sign their calls with (tests sign
+    /// their own service-to-service calls with it). Never printed.
+    pub service_secret: String,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("order", &self.order)
+            .field("shipping", &self.shipping)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Cluster {
@@ -367,15 +365,16 @@ impl Cluster {
         shipping.set_env("ADMIN_TOKEN", &cfg.admin_token);
         order.set_env("DATABASE_URL", &cfg.order_db);
         shipping.set_env("DATABASE_URL", &cfg.shipping_db);
+        // A fresh secret per cluster, shared by both services through the
+        // environment (restarts keep it).
+        let secret = random_secret();
         let mut cluster = Self {
             order,
             shipping,
             http,
             admin_token: cfg.admin_token,
+            service_secret: secret.clone(),
         };
-        // A fresh secret per cluster, shared by both services through the
-        // environment (restarts keep it).
-        let secret = random_secret();
         cluster.order.set_env("SERVICE_SECRET", &secret);
         cluster.shipping.set_env("SERVICE_SECRET", &secret);
         cluster.shipping.start(&cluster.http).await?;

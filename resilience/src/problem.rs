@@ -25,6 +25,7 @@ fn default_slug(status: StatusCode) -> &'static str {
         405 => "method-not-allowed",
         408 => "request-timeout",
         409 => "conflict",
+        410 => "gone",
         413 => "payload-too-large",
         415 => "unsupported-media-type",
         422 => "validation",

@@ -110,6 +110,26 @@ pub async fn send_signed(
     http: &reqwest::Client,
     req: reqwest::RequestBuilder,
 ) -> anyhow::Result<reqwest::Response> {
+    send_signed_with(&signer(), http, req).await
+}
+
+/// As [`send_signed`], with the secret of a process cluster
+/// ([`demo::cluster::Cluster::service_secret`]).
+pub async fn send_signed_as(
+    secret: &str,
+    http: &reqwest::Client,
+    req: reqwest::RequestBuilder,
+) -> anyhow::Result<reqwest::Response> {
+    let signer = resilience::signing::Signer::new(secret.into())
+        .map_err(|e| anyhow::anyhow!("the cluster's secret is invalid: {e}"))?;
+    send_signed_with(&signer, http, req).await
+}
+
+async fn send_signed_with(
+    signer: &resilience::signing::Signer,
+    http: &reqwest::Client,
+    req: reqwest::RequestBuilder,
+) -> anyhow::Result<reqwest::Response> {
     let mut req = req.build()?;
     let uri: http::Uri = req.url().as_str().parse()?;
     let body = req
@@ -118,7 +138,7 @@ pub async fn send_signed(
         .map(<[u8]>::to_vec)
         .unwrap_or_default();
     let method = req.method().clone();
-    signer().sign(&method, &uri, req.headers_mut(), &body);
+    signer.sign(&method, &uri, req.headers_mut(), &body);
     Ok(http.execute(req).await?)
 }
 

@@ -113,6 +113,7 @@ async fn frozen_replica_does_not_stall_the_other() -> anyhow::Result<()> {
         );
         p.set_env("DATABASE_URL", &with_app_name(&dbs.shipping_url, app));
         p.set_env("ADMIN_TOKEN", ADMIN_TOKEN);
+        p.set_env("SERVICE_SECRET", tests::SERVICE_SECRET);
         p
     };
     let dir_a = logs.path().join("a");
@@ -147,6 +148,7 @@ async fn frozen_replica_does_not_stall_the_other() -> anyhow::Result<()> {
     );
     order.set_env("DATABASE_URL", &dbs.order_url);
     order.set_env("ADMIN_TOKEN", ADMIN_TOKEN);
+    order.set_env("SERVICE_SECRET", tests::SERVICE_SECRET);
 
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))

@@ -228,9 +228,18 @@ async fn database_limits_and_invalid_bytes(backend: TestBackend) -> anyhow::Resu
         gets.push(format!("{s}/shipments?cursor={v}"));
         gets.push(format!("{s}/shipments?limit={v}"));
         gets.push(format!("{o}/orders?{v}=1"));
+        // the feeds (signed reads, so the query itself is what is judged)
+        for f in [format!("{o}/orders/feed"), format!("{s}/shipments/feed")] {
+            gets.push(format!("{f}/pull-effectively-once?after={v}"));
+            gets.push(format!("{f}/pull-at-least-once?limit={v}"));
+            gets.push(format!("{f}/pull-effectively-once?wait={v}"));
+            gets.push(format!("{f}/{v}"));
+        }
     }
     for url in &gets {
-        let res = http.get(url).send().await?;
+        // Signed, as a peer service would: the feeds refuse unsigned reads
+        // before looking at the query; the public routes ignore signatures.
+        let res = tests::send_signed(http, http.get(url)).await?;
         let status = res.status().as_u16();
         ensure!(
             (400..500).contains(&status),
@@ -241,11 +250,12 @@ async fn database_limits_and_invalid_bytes(backend: TestBackend) -> anyhow::Resu
             .await
             .map_err(|e| e.context(url[..url.len().min(120)].to_string()))?;
     }
-    let res = http
-        .post(format!("{o}/orders/%FF/shipment-events"))
-        .json(&json!({ "shipment_id": uuid::Uuid::new_v4(), "status": "shipped" }))
-        .send()
-        .await?;
+    let res = tests::send_signed(
+        http,
+        http.post(format!("{o}/orders/%FF/shipment-events"))
+            .json(&json!({ "shipment_id": uuid::Uuid::new_v4(), "status": "shipped" })),
+    )
+    .await?;
     expect_problem(res, 400).await?;
 
     // NUL bytes and oversized strings in JSON bodies
@@ -272,21 +282,18 @@ async fn database_limits_and_invalid_bytes(backend: TestBackend) -> anyhow::Resu
         json!({ "order_id": huge, "items": [{ "sku": "A", "quantity": 1 }] }),
     ];
     for body in &bad_shipments {
-        let res = http
-            .post(format!("{s}/shipments"))
-            .json(body)
-            .send()
-            .await?;
+        let res = tests::send_signed(http, http.post(format!("{s}/shipments")).json(body)).await?;
         expect_problem(res, 422).await?;
     }
     // Invalid UTF-8 inside a JSON body is malformed JSON.
     for url in [format!("{o}/orders"), format!("{s}/shipments")] {
-        let res = http
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(&b"{\"customer_id\":\"\xff\",\"items\":[]}"[..])
-            .send()
-            .await?;
+        let res = tests::send_signed(
+            http,
+            http.post(&url)
+                .header("content-type", "application/json")
+                .body(&b"{\"customer_id\":\"\xff\",\"items\":[]}"[..]),
+        )
+        .await?;
         let status = res.status().as_u16();
         ensure!(status == 400 || status == 422, "{url}: {status}");
         expect_problem(res, status).await?;
@@ -298,13 +305,22 @@ async fn database_limits_and_invalid_bytes(backend: TestBackend) -> anyhow::Resu
         HeaderValue::from_bytes("é".as_bytes())?,
     ] {
         for url in [format!("{o}/orders"), format!("{s}/shipments")] {
-            let res = http
-                .post(&url)
-                .header("idempotency-key", key.clone())
-                .json(&sample_order("at-most-once"))
-                .send()
-                .await?;
-            expect_problem(res, 400).await?;
+            let res = tests::send_signed(
+                http,
+                http.post(&url)
+                    .header("idempotency-key", key.clone())
+                    .json(&sample_order("at-most-once")),
+            )
+            .await?;
+            // A key that is not a header string cannot be part of a
+            // signature: the signed route may refuse it as unsigned (401)
+            // before the key check (400). Either way a problem, no write.
+            let status = res.status().as_u16();
+            ensure!(
+                status == 400 || (status == 401 && url.ends_with("/shipments")),
+                "{url}: {status}"
+            );
+            expect_problem(res, status).await?;
         }
     }
     ensure!(count(&stack).await? == before, "rejected requests wrote");

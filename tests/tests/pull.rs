@@ -392,11 +392,20 @@ async fn consumer_behind_retention_gets_410(backend: TestBackend) -> anyhow::Res
     let dbs = Dbs::open(&stack).await?;
     let http = stack.cluster.http.clone();
     let order_url = stack.cluster.order.url();
+    // The feeds are service-to-service: reads are signed like a consumer's.
+    let secret = stack.cluster.service_secret.clone();
     let get = |path: String| {
         let http = http.clone();
+        let secret = secret.clone();
         let url = format!("{order_url}{path}");
-        async move { Ok::<_, anyhow::Error>(http.get(url).send().await?) }
+        async move { tests::send_signed_as(&secret, &http, http.get(url)).await }
     };
+    // An unsigned read is refused before anything else.
+    let res = http
+        .get(format!("{order_url}/orders/feed/{PEO}?after=0"))
+        .send()
+        .await?;
+    ensure!(res.status() == 401, "unsigned feed read: {}", res.status());
 
     let created = Instant::now();
     create(&stack, PEO, 3).await?;
@@ -548,10 +557,6 @@ async fn two_replicas_one_frozen(backend: TestBackend) -> anyhow::Result<()> {
         "127.0.0.1",
         "--port",
         &port.to_string(),
-        "--database-url",
-        &stack.dbs.shipping_url,
-        "--admin-token",
-        ADMIN_TOKEN,
         "--order-url",
         &stack.cluster.order.url(),
         "--relay-poll",
@@ -567,6 +572,10 @@ async fn two_replicas_one_frozen(backend: TestBackend) -> anyhow::Result<()> {
     args.extend(shipping_flags.iter().map(|s| s.to_string()));
     let exe = std::path::PathBuf::from(EXE);
     let mut replica = Process::new(Kind::Shipping, &exe, port, args, logs.path());
+    // Secrets through the environment, as the cluster passes them.
+    replica.set_env("DATABASE_URL", &stack.dbs.shipping_url);
+    replica.set_env("ADMIN_TOKEN", ADMIN_TOKEN);
+    replica.set_env("SERVICE_SECRET", &stack.cluster.service_secret);
     replica.start(&http).await?;
     let urls = [stack.cluster.shipping.url(), replica.url()];
 
