@@ -63,6 +63,11 @@ pub struct Config {
     )]
     pub default_mode: DeliveryMode,
 
+    /// Back-pressure: while more messages than this wait in the outbox,
+    /// `POST /orders` answers 503 with Retry-After (0: no bound).
+    #[arg(long, env = "MAX_PENDING", default_value_t = 50_000)]
+    pub max_pending: u64,
+
     /// Largest accepted request body, in bytes (larger: 413).
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,

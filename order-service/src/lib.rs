@@ -3,6 +3,7 @@
 //! # Layout
 //!
 //! - [`config`]: flags and environment variables.
+//! - [`backlog`]: back-pressure: 503 while the outbox is past `MAX_PENDING`.
 //! - [`domain`]: orders, their items and the status machine; parsing at the edge.
 //! - [`store`]: the `orders` table.
 //! - [`shipping`]: the outgoing call to shipping-service (push modes).
@@ -11,6 +12,7 @@
 //! - [`startup`]: build, bind, run until a shutdown future resolves.
 #![forbid(unsafe_code)]
 
+pub mod backlog;
 pub mod config;
 pub mod domain;
 pub mod pull;

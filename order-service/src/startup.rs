@@ -94,6 +94,7 @@ impl Application {
             plain: delivery.plain,
             feed: delivery.feed,
             memory: MemoryDedupe::new(),
+            backlog: crate::backlog::Backlog::new(config.max_pending),
             admin: delivery.admin,
             verifier,
             config: Arc::new(config),
@@ -139,6 +140,11 @@ impl Application {
                 .delivery
                 .idempotency_reaper(db.clone())
                 .spawn(background.wait()),
+        );
+        tasks.push(
+            self.state
+                .backlog
+                .spawn(self.state.outbox.clone(), background.token()),
         );
         let feeds = DeliveryMode::PULL
             .iter()

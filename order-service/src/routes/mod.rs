@@ -35,6 +35,8 @@ pub struct AppState {
     pub feed: FeedLog,
     /// The receiver's memory of keys in `memory-dedupe` mode (process-local).
     pub memory: MemoryDedupe,
+    /// The outbox's backlog, for back-pressure on `POST /orders`.
+    pub backlog: crate::backlog::Backlog,
     /// What the /admin endpoints act on.
     pub admin: AdminState,
     /// Checks the signature of service-to-service calls (one replay cache

@@ -33,6 +33,8 @@ pub(super) async fn create(
     tx: Tx,
     ApiJson(req): ApiJson<CreateOrderRequest>,
 ) -> Result<(StatusCode, HeaderMap, Json<Order>), Problem> {
+    // Back-pressure first: past the bound, nothing is written.
+    app.backlog.admit()?;
     let new = NewOrder::parse(req, app.config.default_mode).map_err(Problem::unprocessable)?;
     let mut conn = tx.lock().await?;
     let order = app.store.insert(&mut conn, &new).await.map_err(db_error)?;

@@ -339,7 +339,16 @@ impl Outbox {
         self.wake.notify_one();
     }
 
-    /// Counts by status, attempts and the oldest pending age.
+    /// How many messages wait to be delivered (an index-only count over
+    /// `(status, next_attempt_at)`): what a service bounds its intake by.
+    pub async fn pending_count(&self) -> Result<i64, OutboxError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE status = 'pending'")
+            .fetch_one(self.db.pool())
+            .await?;
+        Ok(n)
+    }
+
+    /// Counts per status, attempts, leases and the oldest pending age.
     pub async fn stats(&self) -> Result<OutboxStats, OutboxError> {
         let now = now_ms();
         let rows = sqlx::query(
