@@ -432,6 +432,101 @@ async fn open_breaker_defers_without_spending_attempts(backend: Backend) -> Resu
     Ok(())
 }
 
+/// While one destination's breaker is open the relay leaves its rows alone
+/// (no claim, no reschedule: not one write) and keeps delivering to the
+/// other destinations.
+async fn open_breaker_leaves_its_rows_alone(backend: Backend) -> Result<()> {
+    let e = env(backend).await?;
+    let (down, down_peer, _a) = start_peer().await?;
+    let (up, up_peer, _b) = start_peer().await?;
+    down_peer.failing.store(true, Ordering::SeqCst);
+    let outbox = Outbox::new(e.db.clone());
+    enqueue(&outbox, &down, 500, "down").await?;
+    // A breaker that stays open for a minute once it opens, so everything
+    // below happens while it is open.
+    let breaker = resilience::circuit_breaker::CircuitBreakerConfig::builder()
+        .count_window(10)
+        .minimum_calls(5)
+        .failure_rate_threshold(50.0)
+        .open_duration(Duration::from_secs(60))
+        .build()?;
+    let cfg = StackConfig {
+        timeout: Duration::from_secs(2),
+        faults: FaultHandle::new(FaultConfig::default(), 1)?,
+        signer: None,
+    };
+    let relay = Relay::new(
+        outbox.clone(),
+        stack::durable(&cfg, BreakerRegistry::new(breaker, 8))?,
+        Arc::new(NoopHandler),
+        relay_config("relay"),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(relay.run(stop.clone()));
+    // The breaker opens after a handful of failures; the first claimed batch
+    // is deferred to its retry time.
+    wait_for("the breaker to open", || down_peer.total() >= 5).await?;
+    let quiet =
+        "SELECT CAST(COALESCE(MAX(updated_at), 0) AS BIGINT) FROM outbox WHERE destination = '"
+            .to_string()
+            + &down
+            + "'";
+    // Writes to the down destination's rows settle (the in-flight batch).
+    let mut last = count(&e.db, &quiet).await?;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = count(&e.db, &quiet).await?;
+        if now == last {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "writes never settled"
+        );
+        last = now;
+    }
+    let sends_before = down_peer.total();
+    // Meanwhile the other destination gets its work at once.
+    enqueue(&outbox, &up, 30, "up").await?;
+    wait_for("the healthy destination's messages", || {
+        up_peer.distinct() == 30
+    })
+    .await?;
+    // A few more relay rounds (each wake-up and poll claims) while the
+    // breaker stays open.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let after = count(&e.db, &quiet).await?;
+    ensure!(
+        after == last,
+        "rows of a destination behind an open breaker were written ({last} -> {after})"
+    );
+    ensure!(
+        down_peer.total() == sends_before,
+        "the open breaker let calls through"
+    );
+    // Only what was claimed before the relay learned of the open breaker
+    // was ever touched (at most a batch or two); the rest of the backlog
+    // was never claimed, deferred or rewritten.
+    let touched = count(
+        &e.db,
+        &format!(
+            "SELECT COUNT(*) FROM outbox WHERE destination = '{down}' AND updated_at > created_at"
+        ),
+    )
+    .await?;
+    let batch = relay_config("relay").batch_size;
+    eprintln!("rows of the down destination touched: {touched} of 500 (batch {batch})");
+    ensure!(
+        touched <= 2 * batch,
+        "{touched} of 500 rows written behind an open breaker (batch {batch})"
+    );
+    stop.cancel();
+    task.await?;
+    e.tdb.cleanup().await;
+    Ok(())
+}
+
 /// New work is sent at once, not at the next poll; on Postgres a relay in
 /// another "replica" hears the commit through LISTEN/NOTIFY.
 async fn wakes_up_on_commit(backend: Backend) -> Result<()> {
@@ -586,6 +681,7 @@ on_both_backends!(
     attempt_limit_dead_letters,
     age_limit_dead_letters,
     open_breaker_defers_without_spending_attempts,
+    open_breaker_leaves_its_rows_alone,
     wakes_up_on_commit,
     graceful_shutdown_with_sends_in_flight,
     purge_and_stats,

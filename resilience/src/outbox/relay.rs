@@ -213,6 +213,11 @@ pub struct Relay {
     service: SendService,
     handler: Arc<dyn DeliveryHandler>,
     config: RelayConfig,
+    /// Destinations whose circuit is open, and until when: their rows are
+    /// left out of every claim meanwhile, so an open breaker costs no
+    /// database writes and no claims, and the relay keeps delivering to
+    /// the other destinations.
+    blocked: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -237,7 +242,29 @@ impl Relay {
             service,
             handler,
             config,
+            blocked: Arc::default(),
         }
+    }
+
+    /// Leaves `destination`'s rows alone until `until_ms` (its breaker's
+    /// retry time).
+    fn block(&self, destination: &str, until_ms: i64) {
+        let mut b = match self.blocked.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let e = b.entry(destination.to_string()).or_insert(until_ms);
+        *e = (*e).max(until_ms);
+    }
+
+    /// The destinations blocked now (expired entries are dropped).
+    fn blocked_now(&self, now: i64) -> Vec<String> {
+        let mut b = match self.blocked.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        b.retain(|_, until| *until > now);
+        b.keys().cloned().collect()
     }
 
     /// The relay's configuration.
@@ -357,21 +384,31 @@ impl Relay {
         };
         // A non-null lease at claim time means the previous claim never
         // finished (its relay died or stalled past the lease): a takeover.
+        // Destinations behind an open breaker are not claimed at all.
+        let blocked = self.blocked_now(now);
+        let skip = if blocked.is_empty() {
+            String::new()
+        } else {
+            let marks: Vec<String> = (0..blocked.len()).map(|i| format!("${}", i + 5)).collect();
+            format!("AND destination NOT IN ({}) ", marks.join(", "))
+        };
         let sql = format!(
             "UPDATE outbox SET lease_owner = $1, lease_until = $2, updated_at = $3, \
              takeovers = takeovers + CASE WHEN lease_until IS NULL THEN 0 ELSE 1 END \
              WHERE id IN (SELECT id FROM outbox WHERE status = 'pending' \
                AND next_attempt_at <= $3 AND (lease_until IS NULL OR lease_until < $3) \
-               ORDER BY next_attempt_at LIMIT $4 {lock}) \
+               {skip}ORDER BY next_attempt_at LIMIT $4 {lock}) \
              RETURNING {RETURNING}"
         );
-        let rows = sqlx::query(&sql)
+        let mut query = sqlx::query(&sql)
             .bind(&self.config.owner)
             .bind(lease_until)
             .bind(now)
-            .bind(limit)
-            .fetch_all(self.outbox.db().pool())
-            .await?;
+            .bind(limit);
+        for d in &blocked {
+            query = query.bind(d);
+        }
+        let rows = query.fetch_all(self.outbox.db().pool()).await?;
         rows.iter().map(claimed_from_row).collect()
     }
 
@@ -408,6 +445,11 @@ impl Relay {
             }
         };
         let (outcome, response) = outcome;
+        if let DeliveryOutcome::Deferred { delay } = &outcome {
+            // The breaker of this destination is open: no claim touches its
+            // rows until the breaker lets a probe through.
+            self.block(&c.request.destination, now_ms() + delay.as_millis() as i64);
+        }
         let outcome = self.apply_limits(&c.msg, outcome);
         self.settle(&c.msg, outcome, response.as_ref()).await;
     }
@@ -594,18 +636,44 @@ impl Relay {
     /// How long to sleep: until the next pending message is due (or its
     /// foreign lease runs out), at most the poll interval.
     async fn idle_time(&self) -> Duration {
-        let next: Result<Option<i64>, sqlx::Error> = sqlx::query_scalar(
+        // Rows of blocked destinations are not due before their breaker's
+        // retry time: they neither count as work now nor keep the relay
+        // spinning on claims that leave them out.
+        let now = now_ms();
+        let blocked = self.blocked_now(now);
+        let unblocks = {
+            let b = match self.blocked.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            b.values().copied().min()
+        };
+        let skip = if blocked.is_empty() {
+            String::new()
+        } else {
+            let marks: Vec<String> = (0..blocked.len()).map(|i| format!("${}", i + 1)).collect();
+            format!(" AND destination NOT IN ({})", marks.join(", "))
+        };
+        let sql = format!(
             "SELECT MIN(CASE WHEN lease_until IS NOT NULL AND lease_until > next_attempt_at \
-             THEN lease_until ELSE next_attempt_at END) FROM outbox WHERE status = 'pending'",
-        )
-        .fetch_one(self.outbox.db().pool())
-        .await;
+             THEN lease_until ELSE next_attempt_at END) FROM outbox WHERE status = 'pending'{skip}"
+        );
+        let mut query = sqlx::query_scalar(&sql);
+        for d in &blocked {
+            query = query.bind(d);
+        }
+        let next: Result<Option<i64>, sqlx::Error> = query.fetch_one(self.outbox.db().pool()).await;
+        let next = match (next, unblocks) {
+            (Ok(Some(a)), Some(b)) => Some(a.min(b)),
+            (Ok(Some(a)), None) => Some(a),
+            (_, b) => b,
+        };
         match next {
-            Ok(Some(at)) => {
+            Some(at) => {
                 let ms = (at - now_ms()).max(1) as u64;
                 Duration::from_millis(ms).min(self.config.poll_interval)
             }
-            _ => self.config.poll_interval,
+            None => self.config.poll_interval,
         }
     }
 
