@@ -19,6 +19,7 @@
 //! - [`stack`]: the outgoing client stacks, assembled and commented in one place.
 //! - [`auth`]: [`auth::require_signed`], the layer on service-to-service routes.
 //! - [`admin`]: operator endpoints (outbox, dead letters, breakers, faults).
+//! - [`metrics`]: the Prometheus recorder, the HTTP middleware, `/metrics`.
 //! - [`testing`]: throw-away SQLite or Postgres databases for tests and the lab.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![forbid(unsafe_code)]
@@ -29,6 +30,7 @@ pub mod config;
 mod extract;
 pub mod feeds;
 pub mod memory_dedupe;
+pub mod metrics;
 pub mod mode;
 mod shutdown;
 pub mod stack;

@@ -83,4 +83,6 @@ pub fn router(state: AppState) -> Router {
         // Handlers finish their transaction even if the caller hangs up.
         .layer(axum::middleware::from_fn(detach))
         .layer(TraceLayer::new_for_http())
+        // Counts and times each request by route template.
+        .layer(axum::middleware::from_fn(service_kit::metrics::track_http))
 }
