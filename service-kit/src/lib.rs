@@ -18,6 +18,7 @@
 //! - [`config`]: clap settings of the relay, retries, admin token and faults.
 //! - [`stack`]: the outgoing client stacks, assembled and commented in one place.
 //! - [`auth`]: [`auth::require_signed`], the layer on service-to-service routes.
+//! - [`openapi`]: what both services' OpenAPI documents share.
 //! - [`admin`]: operator endpoints (outbox, dead letters, breakers, faults).
 //! - [`testing`]: throw-away SQLite or Postgres databases for tests and the lab.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
@@ -30,6 +31,7 @@ mod extract;
 pub mod feeds;
 pub mod memory_dedupe;
 pub mod mode;
+pub mod openapi;
 mod shutdown;
 pub mod stack;
 mod telemetry;
