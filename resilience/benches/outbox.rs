@@ -27,25 +27,25 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use async_trait::async_trait;
+use axum::extract::Query;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use axum::routing::post;
+use axum::Json;
 use axum::Router;
 use resilience::circuit_breaker::BreakerRegistry;
 use resilience::fault::{FaultConfig, FaultHandle};
-use async_trait::async_trait;
-use axum::extract::Query;
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Json;
 use resilience::feed::{
     ApplyError, Commit, ConsumerConfig, FeedConsumer, FeedEvent, FeedHandler, FeedLog, FeedQuery,
 };
 use resilience::outbox::{NoopHandler, Outbox, OutgoingRequest, Relay, RelayConfig};
-use sqlx::{Any, Transaction};
 use resilience::store::Backend;
 use service_kit::stack::{self, StackConfig};
 use service_kit::testing::TestDatabase;
+use sqlx::{Any, Transaction};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Default)]
@@ -264,10 +264,11 @@ async fn measure_feed(backend: Backend, name: &'static str, events: usize) -> Re
     let svc = stack::durable(&cfg, BreakerRegistry::new(stack::default_breaker(), 8))?;
     let payload = serde_json::json!({ "payload": "x".repeat(200) });
     let committed_offset = |db: resilience::store::Db| async move {
-        let n: Option<i64> = sqlx::query_scalar("SELECT position FROM feed_offsets WHERE feed = $1")
-            .bind(FEED)
-            .fetch_optional(db.pool())
-            .await?;
+        let n: Option<i64> =
+            sqlx::query_scalar("SELECT position FROM feed_offsets WHERE feed = $1")
+                .bind(FEED)
+                .fetch_optional(db.pool())
+                .await?;
         Ok::<i64, anyhow::Error>(n.unwrap_or(0))
     };
 
@@ -289,7 +290,10 @@ async fn measure_feed(backend: Backend, name: &'static str, events: usize) -> Re
     let task = tokio::spawn(consumer.run(stop.clone()));
     let deadline = Duration::from_secs(600);
     while committed_offset(db.clone()).await? < events as i64 {
-        anyhow::ensure!(started.elapsed() < deadline, "feed drain took over {deadline:?}");
+        anyhow::ensure!(
+            started.elapsed() < deadline,
+            "feed drain took over {deadline:?}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let drain = started.elapsed();
@@ -308,7 +312,10 @@ async fn measure_feed(backend: Backend, name: &'static str, events: usize) -> Re
     }
     let start = Instant::now();
     while committed_offset(db.clone()).await? < (events + n) as i64 {
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "latency events not applied");
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "latency events not applied"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let applied = applier

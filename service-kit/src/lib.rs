@@ -18,6 +18,7 @@
 //! - [`config`]: clap settings of the relay, retries, admin token and faults.
 //! - [`stack`]: the outgoing client stacks, assembled and commented in one place.
 //! - [`auth`]: [`auth::require_signed`], the layer on service-to-service routes.
+//! - [`openapi`]: what both services' OpenAPI documents share.
 //! - [`admin`]: operator endpoints (outbox, dead letters, breakers, faults).
 //! - [`metrics`]: the Prometheus recorder, the HTTP middleware, `/metrics`.
 //! - [`testing`]: throw-away SQLite or Postgres databases for tests and the lab.
@@ -32,6 +33,7 @@ pub mod feeds;
 pub mod memory_dedupe;
 pub mod metrics;
 pub mod mode;
+pub mod openapi;
 mod shutdown;
 pub mod stack;
 mod telemetry;
