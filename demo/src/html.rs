@@ -170,7 +170,7 @@ fn legend<DB: DrawingBackend>(
     entries: &[(String, Sample)],
 ) -> anyhow::Result<()> {
     let x = (CHART.0 - LEGEND_WIDTH + 24) as i32;
-    let font = ("sans-serif", 14).into_font().color(&BLACK);
+    let font = ("sans-serif", 16).into_font().color(&BLACK);
     for (i, (text, sample)) in entries.iter().enumerate() {
         let y = 24 + 22 * i as i32;
         match *sample {
@@ -234,13 +234,13 @@ pub fn chart(report: &LabReport, timeline: &Timeline) -> anyhow::Result<String> 
             .x_desc("seconds since the lab started")
             .y_desc("count (cumulative)")
             .y_label_formatter(&|v| format!("{v:.0}"))
-            .label_style(("sans-serif", 14))
+            .label_style(("sans-serif", 16))
             .light_line_style(RGBColor(238, 238, 238))
             .draw()
             .map_err(plot_err)?;
 
         let label_style = TextStyle::from(
-            ("sans-serif", 13)
+            ("sans-serif", 15)
                 .into_font()
                 .transform(FontTransform::Rotate270),
         )
