@@ -369,9 +369,9 @@ color:#222;padding:0 12px}\
 h1{font-size:22px;margin:0 0 8px}h2{font-size:18px;margin:28px 0 8px}\
 h3{font-size:16px;margin:18px 0 4px}\
 p{margin:4px 0;line-height:1.4}.muted{color:#666;font-size:13px}\
-table{border-collapse:collapse;margin:10px 0;font-variant-numeric:tabular-nums}\
-th,td{padding:4px 8px;white-space:nowrap;border-bottom:1px solid #ddd;text-align:right}\
-th:first-child,td:first-child,td.verdict{text-align:left}td.verdict{white-space:normal}\
+table{border-collapse:collapse;font-size:15px;margin:10px 0;font-variant-numeric:tabular-nums}\
+th,td{padding:3px 7px;white-space:nowrap;border-bottom:1px solid #ddd;text-align:right}\
+th:first-child,td:first-child,td.verdict{text-align:left}td.verdict{white-space:normal;font-size:13px;color:#555}\
 tr.all td{font-weight:600;border-top:2px solid #999}\
 td.broken{color:#b00;font-weight:700}\
 section.timeline svg{max-width:100%;height:auto;display:block}\
