@@ -10,9 +10,11 @@
 //!   mode promises about them.
 //! - [`lab`]: the scenario: traffic, faults, outage, kills, settling.
 //! - [`report`]: the table (and JSON) the lab prints.
+//! - [`html`]: the report as one HTML file: the table and a timeline per mode.
 
 pub mod audit;
 pub mod cluster;
 pub mod faults;
+pub mod html;
 pub mod lab;
 pub mod report;

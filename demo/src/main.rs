@@ -80,6 +80,12 @@ struct Args {
     #[arg(long)]
     json: bool,
 
+    /// Also write the result as one self-contained HTML file: the table and,
+    /// per mode, a timeline of orders, shipments and acknowledgements with
+    /// the faults on the same axis.
+    #[arg(long, value_name = "FILE.html")]
+    report: Option<PathBuf>,
+
     /// Leave the stack running afterwards on fixed ports, for curl, until Ctrl-C.
     #[arg(long)]
     serve: bool,
@@ -187,6 +193,13 @@ async fn lab(args: Args) -> anyhow::Result<bool> {
             return Err(e);
         }
     };
+    if let Some(path) = &args.report {
+        if let Err(e) = write_report(&lab, &report, path).await {
+            say_kept(lab.shutdown(args.keep).await.ok().flatten(), true);
+            return Err(e);
+        }
+        eprintln!("report written to {}", path.display());
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -218,6 +231,18 @@ async fn lab(args: Args) -> anyhow::Result<bool> {
     }
     say_kept(lab.shutdown(args.keep).await?, !ok);
     Ok(ok)
+}
+
+/// The HTML report, with the timelines read from the databases now (before
+/// `--serve` lets other orders in).
+async fn write_report(
+    lab: &Lab,
+    report: &demo::lab::LabReport,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let timelines = lab.timelines(report).await?;
+    let html = demo::html::render(report, &timelines)?;
+    std::fs::write(path, html).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Where `--keep` left the lab's state; after a failure without it, that it exists.
