@@ -263,6 +263,13 @@ impl Lab {
             "5s".into(),
             "--feed-wait".into(),
             "1s".into(),
+            // A first retry after up to a second (full jitter), as production
+            // relays commonly wait. It also gives a SIGKILL of shipping a
+            // realistic chance to fall between a lost answer and its retry,
+            // which is what memory-dedupe forgets; with 100 ms that window
+            // is too small to show in a one-minute run.
+            "--retry-base".into(),
+            "1s".into(),
             "--fault-seed".into(),
             config.seed.to_string(),
         ];
