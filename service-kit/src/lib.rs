@@ -19,6 +19,8 @@
 //! - [`stack`]: the outgoing client stacks, assembled and commented in one place.
 //! - [`auth`]: [`auth::require_signed`], the layer on service-to-service routes.
 //! - [`admin`]: operator endpoints (outbox, dead letters, breakers, faults).
+//! - [`trace`]: W3C trace context: the request span middleware, the context
+//!   stored with outbox messages, feed events and shipments.
 //! - [`testing`]: throw-away SQLite or Postgres databases for tests and the lab.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![forbid(unsafe_code)]
@@ -34,6 +36,7 @@ mod shutdown;
 pub mod stack;
 mod telemetry;
 pub mod testing;
+pub mod trace;
 
 pub use extract::{ApiJson, ApiPath, ApiQuery};
 pub use mode::DeliveryMode;

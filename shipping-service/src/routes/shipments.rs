@@ -5,6 +5,7 @@ use resilience::feed::{FeedQuery, Page};
 use resilience::idempotency::Tx;
 use serde::{Deserialize, Serialize};
 use service_kit::feeds::{feed_name, parse_feed_mode};
+use service_kit::trace::CurrentTrace;
 use service_kit::{cursor, db_error, ApiJson, ApiPath, ApiQuery, Problem};
 
 use super::AppState;
@@ -21,10 +22,13 @@ const MAX_PAGE: u32 = 100;
 /// instead of creating a second shipment.
 pub(super) async fn create(
     State(app): State<AppState>,
+    CurrentTrace(trace): CurrentTrace,
     tx: Tx,
     ApiJson(req): ApiJson<CreateShipmentRequest>,
 ) -> Result<(StatusCode, HeaderMap, Json<Shipment>), Problem> {
-    let new = NewShipment::parse(req).map_err(Problem::unprocessable)?;
+    let mut new = NewShipment::parse(req).map_err(Problem::unprocessable)?;
+    // The shipment continues the caller's trace (the order's).
+    new.trace = Some(trace);
     let mut conn = tx.lock().await?;
     let shipment = app
         .store
