@@ -46,7 +46,7 @@ pub use resilience::problem::{
     PROBLEM_TYPE_BASE,
 };
 pub use shutdown::{serve, serve_with_limits, shutdown_signal, ServerLimits, Shutdown};
-pub use telemetry::{init_tracing, LogFormat};
+pub use telemetry::{flush_traces, init_tracing, LogFormat};
 
 /// An opaque keyset cursor: `(created_at_ms, id)` of the last row of a page.
 pub mod cursor {

@@ -107,7 +107,7 @@ impl TraceContext {
 /// Sits inside [`crate::detach`] (added before it), so the span covers the
 /// task the request runs in.
 pub async fn middleware(mut req: Request, next: Next) -> Response {
-    let ctx = TraceContext::continue_or_start(req.headers());
+    let caller = TraceContext::from_headers(req.headers());
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -115,13 +115,54 @@ pub async fn middleware(mut req: Request, next: Next) -> Response {
         .unwrap_or_default();
     let span = tracing::info_span!(
         "request",
-        trace_id = %ctx.trace_id(),
-        span_id = %ctx.0.parent_id,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
         method = %req.method(),
         route = %route,
     );
+    let ctx = in_trace(&span, caller.as_ref());
+    span.record("trace_id", ctx.trace_id());
+    span.record("span_id", ctx.0.parent_id.as_str());
     req.extensions_mut().insert(ctx);
     next.run(req).instrument(span).await
+}
+
+/// Puts `span` in the trace of `parent` (a new trace when `None`) and
+/// returns the context naming `span` as the parent of what it sends on.
+///
+/// With OTLP export on, the exported span is made a child of `parent` and
+/// its ids are the ones returned, so the exported trace and the propagated
+/// one are the same; otherwise the ids are made here.
+pub fn in_trace(span: &tracing::Span, parent: Option<&TraceContext>) -> TraceContext {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    let mut ctx = match parent {
+        Some(p) => p.child(),
+        None => TraceContext::new_root(),
+    };
+    if let Some(p) = parent {
+        let remote = SpanContext::new(
+            TraceId::from_hex(&p.0.trace_id).unwrap_or(TraceId::INVALID),
+            SpanId::from_hex(&p.0.parent_id).unwrap_or(SpanId::INVALID),
+            TraceFlags::new(p.0.flags),
+            true,
+            p.tracestate()
+                .and_then(|s| s.parse::<TraceState>().ok())
+                .unwrap_or_default(),
+        );
+        // Fails (harmlessly) when no OpenTelemetry layer is installed.
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+    }
+    let otel = span.context();
+    let exported = otel.span().span_context().clone();
+    if exported.is_valid() {
+        ctx.0.trace_id = exported.trace_id().to_string();
+        ctx.0.parent_id = exported.span_id().to_string();
+    }
+    ctx
 }
 
 /// The request's trace context (set by [`middleware`]); a new trace when

@@ -186,6 +186,8 @@ impl Warehouse {
 fn trace_span(shipment: &Shipment) -> tracing::Span {
     let span = tracing::info_span!("shipment", trace_id = tracing::field::Empty);
     if let Some(t) = &shipment.trace {
+        // Exported (with OTLP on) as a child of the shipment's creation.
+        let _ = service_kit::trace::in_trace(&span, Some(t));
         span.record("trace_id", t.trace_id());
     }
     span

@@ -92,7 +92,14 @@ async fn trace_survives_a_crash(backend: TestBackend, mode: &str) -> anyhow::Res
     stack.cluster.shipping.start(&stack.cluster.http).await?;
     let order_url = format!("{}/orders/{order_id}", stack.cluster.order.url());
     tests::eventually(SETTLE, "the order shipped", || async {
-        let o: Value = stack.cluster.http.get(&order_url).send().await?.json().await?;
+        let o: Value = stack
+            .cluster
+            .http
+            .get(&order_url)
+            .send()
+            .await?
+            .json()
+            .await?;
         Ok((o["status"] == "shipped").then_some(()))
     })
     .await?;
@@ -212,8 +219,132 @@ async fn invalid_traceparent_starts_a_new_trace(backend: TestBackend) -> anyhow:
     stack.shutdown().await
 }
 
+/// A stand-in OpenTelemetry collector: answers 200 to every request and
+/// keeps the `/v1/traces` bodies (OTLP/HTTP protobuf).
+async fn fake_collector() -> anyhow::Result<(String, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>)>
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = bodies.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    // One request: headers, then content-length bytes.
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break Some(i + 4);
+                        }
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break None,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let Some(head_end) = head_end else { return };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    if head.contains("/v1/traces") {
+                        kept.lock()
+                            .unwrap()
+                            .push(buf[head_end..head_end + len].to_vec());
+                    }
+                    buf.drain(..head_end + len);
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                    if sock.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok((url, bodies))
+}
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// With `OTEL_EXPORTER_OTLP_ENDPOINT` set, both services export spans of the
+/// caller's trace to the collector.
+async fn otlp_export(backend: TestBackend) -> anyhow::Result<()> {
+    let (collector, bodies) = fake_collector().await?;
+    let mut stack = ProcessStack::start(EXE, backend, &[], &[]).await?;
+    for p in [&mut stack.cluster.shipping, &mut stack.cluster.order] {
+        p.kill().await?;
+        p.set_env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector);
+        p.set_env("OTEL_BSP_SCHEDULE_DELAY", "100");
+    }
+    stack.cluster.shipping.start(&stack.cluster.http).await?;
+    stack.cluster.order.start(&stack.cluster.http).await?;
+
+    let trace_id = uuid::Uuid::new_v4().simple().to_string();
+    let res = stack
+        .cluster
+        .http
+        .post(format!("{}/orders", stack.cluster.order.url()))
+        .header("traceparent", format!("00-{trace_id}-{PARENT_ID}-01"))
+        .json(&sample_order("effectively-once"))
+        .send()
+        .await?;
+    ensure!(res.status() == 201, "create order: {}", res.status());
+    let order: Value = res.json().await?;
+    let order_id = order["id"].as_str().context("order id")?.to_owned();
+    let order_url = format!("{}/orders/{order_id}", stack.cluster.order.url());
+    tests::eventually(SETTLE, "the order shipped", || async {
+        let o: Value = stack
+            .cluster
+            .http
+            .get(&order_url)
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok((o["status"] == "shipped").then_some(()))
+    })
+    .await?;
+    // Spans of the trace, from both services (their resource names them).
+    let raw = hex_bytes(&trace_id);
+    tests::eventually(
+        Duration::from_secs(15),
+        "spans exported by both services",
+        || async {
+            let bodies = bodies.lock().unwrap();
+            let ours: Vec<&Vec<u8>> = bodies
+                .iter()
+                .filter(|b| b.windows(16).any(|w| w == raw.as_slice()))
+                .collect();
+            let has = |name: &str| {
+                ours.iter()
+                    .any(|b| b.windows(name.len()).any(|w| w == name.as_bytes()))
+            };
+            Ok((has("order-service") && has("shipping-service")).then_some(()))
+        },
+    )
+    .await?;
+    stack.shutdown().await
+}
+
 both_backends!(
     effectively_once,
     pull_effectively_once,
     invalid_traceparent_starts_a_new_trace,
+    otlp_export,
 );
