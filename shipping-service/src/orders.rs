@@ -44,9 +44,10 @@ pub fn shipped_report(
         .correlate(shipment.id.to_string())
         .header("x-client-id", CLIENT_ID)
         .with_idempotency_key(shipment.delivery_mode.uses_idempotency_key());
-    // The report joins the shipment's trace (the order's), on every attempt.
+    // The report joins the shipment's trace (the order's), on every attempt,
+    // as a child of the span that created the shipment.
     if let Some(trace) = &shipment.trace {
-        for (name, value) in trace.child().headers() {
+        for (name, value) in trace.headers() {
             req = req.header(name, value);
         }
     }
