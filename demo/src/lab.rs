@@ -37,6 +37,7 @@ pub use crate::audit::violations;
 use crate::audit::{audit_all, Invariants};
 use crate::cluster::{Cluster, ClusterConfig, Kind};
 pub use crate::faults::FaultProfile;
+use crate::html::Timeline;
 
 /// How long "nothing left to deliver" must hold before the lab counts.
 const QUIET: Duration = Duration::from_secs(1);
@@ -115,10 +116,30 @@ impl LabConfig {
 /// One chaos event, as it happened.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChaosEvent {
-    /// Milliseconds since the traffic started.
+    /// Milliseconds since the traffic started (when the action was done:
+    /// for a kill, once the service was back up).
     pub at_ms: u64,
     /// What happened.
     pub what: String,
+    /// What happened, for a program.
+    pub kind: ChaosKind,
+    /// The service killed (kills only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+}
+
+/// The kinds of chaos events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChaosKind {
+    /// A service SIGKILLed and restarted.
+    Kill,
+    /// shipping-service stopped for the outage.
+    OutageStart,
+    /// shipping-service back after the outage.
+    OutageEnd,
+    /// The database server restarted.
+    DatabaseRestart,
 }
 
 /// The outcome of a run.
@@ -126,6 +147,9 @@ pub struct ChaosEvent {
 pub struct LabReport {
     /// The seed.
     pub seed: u64,
+    /// When the traffic started (the zero of every `at_ms`), in milliseconds
+    /// since the Unix epoch: the clock of the databases' timestamps.
+    pub started_at_ms: i64,
     /// `sqlite` or `postgres`.
     pub backend: String,
     /// The fault profile during the traffic.
@@ -290,6 +314,7 @@ impl Lab {
         let total = cfg.orders * cfg.modes.len();
         let bars = Bars::new(cfg.progress, total as u64);
         let started = Instant::now();
+        let started_at_ms = resilience::store::now_ms();
         let traffic_span = Duration::from_secs_f64(total as f64 / cfg.rate.max(0.1));
         let schedule = schedule(cfg, traffic_span);
 
@@ -335,6 +360,7 @@ impl Lab {
         };
         Ok(LabReport {
             seed: cfg.seed,
+            started_at_ms,
             backend: match cfg.storage {
                 Storage::Sqlite => "sqlite".into(),
                 Storage::Postgres(_) => "postgres".into(),
@@ -365,7 +391,8 @@ impl Lab {
             tokio::time::sleep_until((started + at).into()).await;
             let mut c = self.cluster.lock().await;
             let http = c.http.clone();
-            let what = match &action {
+            let mut service = None;
+            let (kind, what) = match &action {
                 Action::Kill(kind) => {
                     let p = c.process(*kind);
                     p.kill().await?;
@@ -376,15 +403,22 @@ impl Lab {
                         &self.config.seed.wrapping_add(restarts).to_string(),
                     );
                     p.start(&http).await?;
-                    format!("SIGKILL {} and restart", kind.name())
+                    service = Some(kind.name().to_string());
+                    (
+                        ChaosKind::Kill,
+                        format!("SIGKILL {} and restart", kind.name()),
+                    )
                 }
                 Action::OutageStart => {
                     c.shipping.kill().await?;
-                    format!("shipping-service down for {:?}", self.config.outage)
+                    (
+                        ChaosKind::OutageStart,
+                        format!("shipping-service down for {:?}", self.config.outage),
+                    )
                 }
                 Action::OutageEnd => {
                     c.shipping.start(&http).await?;
-                    "shipping-service back".to_string()
+                    (ChaosKind::OutageEnd, "shipping-service back".to_string())
                 }
                 Action::RestartDatabase(cmd) => {
                     let out = tokio::process::Command::new("sh")
@@ -398,7 +432,10 @@ impl Lab {
                         "database restart {cmd:?} failed: {}",
                         String::from_utf8_lossy(&out.stderr)
                     );
-                    "database server restarted".to_string()
+                    (
+                        ChaosKind::DatabaseRestart,
+                        "database server restarted".to_string(),
+                    )
                 }
             };
             drop(c);
@@ -406,6 +443,8 @@ impl Lab {
             events.push(ChaosEvent {
                 at_ms: started.elapsed().as_millis() as u64,
                 what,
+                kind,
+                service,
             });
         }
         Ok(events)
@@ -469,6 +508,15 @@ impl Lab {
             .try_get(0)?;
         let shipment_events = unread(&self.shipping_db, &self.order_db, "shipments").await?;
         Ok(orders + order_events + packing + reports + shipment_events)
+    }
+
+    /// Per mode, when its orders were committed, its shipments created and
+    /// its orders acknowledged as shipped, read from both databases and
+    /// relative to the start of `report`'s run: the report's timelines.
+    /// Call it right after [`Lab::run`] (with `--serve`, orders sent later by
+    /// hand would be counted too).
+    pub async fn timelines(&self, report: &LabReport) -> anyhow::Result<Vec<Timeline>> {
+        crate::html::timelines(&self.order_db, &self.shipping_db, report.started_at_ms).await
     }
 
     /// Stops both services, then removes the lab's state: the directory of

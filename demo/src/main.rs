@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use demo::bench::{BenchBackend, BenchConfig};
 use demo::lab::{FaultProfile, Lab, LabConfig, Storage};
 use service_kit::DeliveryMode;
 
@@ -16,8 +17,12 @@ const DEFAULT_ADMIN_TOKEN: &str = "lab-admin-token";
 /// both services as real processes, SIGKILLed and restarted at random
 /// moments, and what was lost and duplicated counted from their databases.
 #[derive(Debug, Parser)]
-#[command(name = "demo", version)]
+#[command(name = "demo", version, args_conflicts_with_subcommands = true)]
 struct Args {
+    /// Something else than the lab.
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Orders per mode.
     #[arg(long, default_value_t = 300)]
     orders: usize,
@@ -80,6 +85,12 @@ struct Args {
     #[arg(long)]
     json: bool,
 
+    /// Also write the result as one self-contained HTML file: the table and,
+    /// per mode, a timeline of orders, shipments and acknowledgements with
+    /// the faults on the same axis.
+    #[arg(long, value_name = "FILE.html")]
+    report: Option<PathBuf>,
+
     /// Leave the stack running afterwards on fixed ports, for curl, until Ctrl-C.
     #[arg(long)]
     serve: bool,
@@ -111,6 +122,72 @@ struct Args {
     quiet: bool,
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The end-to-end benchmark: faults off, each mode on a fresh cluster,
+    /// ingest and end-to-end rates against the database's commit ceiling
+    /// measured in the same run (see the README).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// Orders per mode.
+    #[arg(long, default_value_t = 5000)]
+    orders: usize,
+
+    /// Concurrent connections posting orders; also the ceiling loop's tasks
+    /// (each with a pooled connection of its own).
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+
+    /// Modes, comma-separated, or `all` for all six.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "at-most-once,at-least-once,effectively-once,pull-effectively-once"
+    )]
+    modes: Vec<String>,
+
+    /// shipping-service's packing time; small, so delivery is what is measured.
+    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+    warehouse_delay: Duration,
+
+    /// Also run on this Postgres server (a fresh database per mode, dropped
+    /// afterwards). Without it, Postgres runs when TEST_POSTGRES_URL (default
+    /// postgres://postgres@127.0.0.1:5432/postgres) answers within 3 s.
+    #[arg(long, value_name = "postgres://...")]
+    database: Option<String>,
+
+    /// SQLite only, even if a Postgres server answers.
+    #[arg(long, conflicts_with = "database")]
+    sqlite_only: bool,
+
+    /// Longest wait, per mode, for every order to ship.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    deadline: Duration,
+
+    /// Stop waiting when no order shipped for this long.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    stall: Duration,
+
+    /// Transactions per ceiling run.
+    #[arg(long, default_value_t = 2000)]
+    ceiling_tx: usize,
+
+    /// Send orders without an Idempotency-Key (by default each carries its own).
+    #[arg(long)]
+    no_key: bool,
+
+    /// Print the result as JSON on stdout (progress still goes to stderr).
+    #[arg(long)]
+    json: bool,
+
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     // The same executable runs the services the lab starts.
@@ -123,18 +200,81 @@ fn main() -> ExitCode {
             }
         };
     }
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if matches!(args.command, Some(Command::Bench(_))) && std::env::var_os("RUST_LOG").is_none() {
+        // The services inherit it (set before any thread starts).
+        std::env::set_var("RUST_LOG", demo::bench::SERVICE_LOG_FILTER);
+    }
     let run = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")
-        .and_then(|rt| rt.block_on(lab(args)));
+        .and_then(|rt| {
+            rt.block_on(async move {
+                match args.command.take() {
+                    Some(Command::Bench(b)) => bench(b).await,
+                    None => lab(args).await,
+                }
+            })
+        });
     match run {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(2),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the benchmark; `Ok(false)` when a mode did not deliver every order.
+async fn bench(args: BenchArgs) -> anyhow::Result<bool> {
+    let exe: PathBuf = std::env::current_exe().context("locating the executable")?;
+    let mut cfg = BenchConfig::new(exe);
+    cfg.orders = args.orders;
+    cfg.connections = args.connections;
+    cfg.modes = demo::bench::parse_modes(&args.modes)?;
+    cfg.warehouse_delay = args.warehouse_delay;
+    cfg.deadline = args.deadline;
+    cfg.stall = args.stall;
+    cfg.ceiling_tx = args.ceiling_tx;
+    cfg.client_keys = !args.no_key;
+    cfg.progress = !args.quiet;
+    cfg.backends = vec![BenchBackend::Sqlite];
+    let skipped = match &args.database {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            cfg.backends.push(BenchBackend::Postgres(url.clone()));
+            None
+        }
+        Some(other) => anyhow::bail!("--database must be a postgres:// URL, not {other:?}"),
+        None if args.sqlite_only => Some("Postgres not run (--sqlite-only)".to_string()),
+        None => {
+            let url = service_kit::testing::postgres_admin_url();
+            if demo::bench::postgres_answers(&url).await {
+                cfg.backends.push(BenchBackend::Postgres(url));
+                None
+            } else {
+                let why = format!(
+                    "Postgres not run: nothing answered at {} (--database names a server)",
+                    resilience::store::redact(&url)
+                );
+                eprintln!("{why}");
+                Some(why)
+            }
+        }
+    };
+    let mut report = demo::bench::run(&cfg).await?;
+    report.notes.extend(skipped);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", demo::bench::render(&report));
+    }
+    match demo::bench::check_counts(&report) {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            eprintln!("incomplete: {e}");
+            Ok(false)
         }
     }
 }
@@ -187,6 +327,13 @@ async fn lab(args: Args) -> anyhow::Result<bool> {
             return Err(e);
         }
     };
+    if let Some(path) = &args.report {
+        if let Err(e) = write_report(&lab, &report, path).await {
+            say_kept(lab.shutdown(args.keep).await.ok().flatten(), true);
+            return Err(e);
+        }
+        eprintln!("report written to {}", path.display());
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -218,6 +365,18 @@ async fn lab(args: Args) -> anyhow::Result<bool> {
     }
     say_kept(lab.shutdown(args.keep).await?, !ok);
     Ok(ok)
+}
+
+/// The HTML report, with the timelines read from the databases now (before
+/// `--serve` lets other orders in).
+async fn write_report(
+    lab: &Lab,
+    report: &demo::lab::LabReport,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let timelines = lab.timelines(report).await?;
+    let html = demo::html::render(report, &timelines)?;
+    std::fs::write(path, html).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Where `--keep` left the lab's state; after a failure without it, that it exists.

@@ -9,7 +9,7 @@ fn ms(v: Option<i64>) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v} ms"))
 }
 
-fn verdict(inv: &Invariants) -> &'static str {
+pub(crate) fn verdict(inv: &Invariants) -> &'static str {
     match inv.mode.as_deref() {
         None => "",
         Some(_) if !crate::audit::violations(inv).is_empty() => "BROKEN",
@@ -165,6 +165,7 @@ mod tests {
         };
         let report = LabReport {
             seed: 7,
+            started_at_ms: 0,
             backend: "sqlite".into(),
             faults: FaultProfile::default(),
             outage_ms: 5000,

@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use service_kit::DeliveryMode;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// Limits on what an order may contain.
@@ -15,7 +16,7 @@ pub const MAX_QUANTITY: i64 = 10_000;
 const MAX_ID_LEN: usize = 64;
 
 /// An order id (a UUID).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(transparent)]
 pub struct OrderId(pub Uuid);
 
@@ -48,17 +49,19 @@ impl FromStr for OrderId {
 }
 
 /// One line of an order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Item {
-    /// Stock-keeping unit.
+    /// Stock-keeping unit (1 to 64 printable characters, trimmed).
+    #[schema(min_length = 1, max_length = 64)]
     pub sku: String,
-    /// How many; at least 1.
+    /// How many; 1 to 10 000.
+    #[schema(minimum = 1, maximum = 10_000)]
     pub quantity: i64,
 }
 
 /// Where an order is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OrderStatus {
     /// Committed; shipping has not acknowledged it yet.
@@ -140,12 +143,14 @@ pub struct IllegalTransition {
 }
 
 /// The body of `POST /orders`, as received.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrderRequest {
-    /// Who ordered.
+    /// Who ordered (1 to 64 printable characters, trimmed).
+    #[schema(min_length = 1, max_length = 64)]
     pub customer_id: String,
-    /// What was ordered.
+    /// What was ordered (1 to 100 lines).
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<Item>,
     /// How to deliver it to shipping (default: the service's configured mode).
     #[serde(default)]
@@ -215,7 +220,7 @@ impl NewOrder {
 }
 
 /// An order as stored and as answered.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct Order {
     /// The order's id.
     pub id: OrderId,
@@ -244,10 +249,11 @@ pub struct Order {
 }
 
 /// A report from shipping-service about an order's shipment.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ShipmentEvent {
-    /// The shipment the report is about.
+    /// The shipment the report is about (a UUID).
+    #[schema(format = Uuid)]
     pub shipment_id: String,
     /// `accepted` or `shipped`.
     pub status: OrderStatus,

@@ -24,6 +24,7 @@
 //! | `outbox` | [`outbox`] | sqlx (and `retry`, `idempotency`) |
 //! | `feed` | [`feed`] | sqlx (and `retry`) |
 //! | `signing` | [`signing`] | hmac, sha2 (the verifier layer also needs `axum`) |
+//! | `metrics` | (counters in [`outbox`] and [`idempotency`]) | metrics (the facade; the application installs a recorder) |
 //!
 //! `default-features = false, features = ["circuit-breaker"]` builds the
 //! breaker on tower alone.

@@ -1,5 +1,6 @@
 //! Operator endpoints shared by the services: outbox counts, dead letters and
-//! their requeue, breaker states, and run-time fault rates.
+//! their requeue, breaker states, run-time fault rates, and the Prometheus
+//! scrape (`GET /metrics`, see [`crate::metrics`]).
 //!
 //! Off unless a non-empty token is configured (every path answers 404 then); with one,
 //! each call needs `Authorization: Bearer <token>` (401 otherwise). The token
@@ -49,6 +50,7 @@ pub fn router(state: AdminState) -> Router {
         return Router::new();
     }
     Router::new()
+        .route("/metrics", get(metrics_text))
         .route("/admin/outbox", get(outbox_stats))
         .route("/admin/dead-letters", get(dead_letters))
         .route("/admin/dead-letters/requeue", post(requeue_all))
@@ -109,6 +111,10 @@ async fn authorize(State(state): State<AdminState>, req: Request, next: Next) ->
         return res;
     }
     next.run(req).await
+}
+
+async fn metrics_text(State(s): State<AdminState>) -> Response {
+    crate::metrics::render(&s).await
 }
 
 async fn outbox_stats(State(s): State<AdminState>) -> Result<Json<Value>, Problem> {

@@ -18,9 +18,11 @@
 //! - [`config`]: clap settings of the relay, retries, admin token and faults.
 //! - [`stack`]: the outgoing client stacks, assembled and commented in one place.
 //! - [`auth`]: [`auth::require_signed`], the layer on service-to-service routes.
+//! - [`openapi`]: what both services' OpenAPI documents share.
 //! - [`admin`]: operator endpoints (outbox, dead letters, breakers, faults).
 //! - [`trace`]: W3C trace context: the request span middleware, the context
 //!   stored with outbox messages, feed events and shipments.
+//! - [`metrics`]: the Prometheus recorder, the HTTP middleware, `/metrics`.
 //! - [`testing`]: throw-away SQLite or Postgres databases for tests and the lab.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![forbid(unsafe_code)]
@@ -31,7 +33,9 @@ pub mod config;
 mod extract;
 pub mod feeds;
 pub mod memory_dedupe;
+pub mod metrics;
 pub mod mode;
+pub mod openapi;
 mod shutdown;
 pub mod stack;
 mod telemetry;

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 /// | `memory-dedupe` | as effectively-once | de-duplicates by key in a process-local map | duplicates after a receiver restart (counter-example) |
 /// | `pull-at-least-once` | appends to its own event log, served as a feed | reads from its offset, commits the offset after the state change, periodically | never loses, may duplicate |
 /// | `pull-effectively-once` | as pull-at-least-once | commits the offset in the state change's transaction | never loses, never duplicates |
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum DeliveryMode {
     /// One plain HTTP call after commit; no retry, no key.

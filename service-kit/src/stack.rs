@@ -64,6 +64,8 @@ pub fn default_breaker() -> CircuitBreakerConfig {
         .slow_call_duration(Duration::from_secs(1))
         .slow_call_rate_threshold(80.0)
         .half_open_permits(5)
+        // Counted as they happen; the closed path stays free of metrics.
+        .on_state_change(crate::metrics::count_transition)
         .open_backoff(
             OpenDuration::exponential(Duration::from_millis(500), 2.0, Duration::from_secs(10))
                 .with_jitter(0.2),
@@ -153,6 +155,14 @@ impl Delivery {
         pull: crate::feeds::PullSource,
     ) -> Result<Self, BuildError> {
         args.validate()?;
+        // /metrics is an admin path: no recorder unless admin is on.
+        if args
+            .admin_token
+            .as_deref()
+            .is_some_and(|t| !t.trim().is_empty())
+        {
+            crate::metrics::install();
+        }
         let cfg = StackConfig {
             timeout,
             faults: args.faults()?,

@@ -6,6 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use service_kit::trace::TraceContext;
 use service_kit::DeliveryMode;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 const MAX_ITEMS: usize = 100;
@@ -18,17 +19,19 @@ pub fn parse_uuid(raw: &str, what: &str) -> Result<Uuid, String> {
 }
 
 /// One line of a shipment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Item {
-    /// Stock-keeping unit.
+    /// Stock-keeping unit (1 to 64 printable characters).
+    #[schema(min_length = 1, max_length = 64)]
     pub sku: String,
-    /// How many; at least 1.
+    /// How many; 1 to 10 000.
+    #[schema(minimum = 1, maximum = 10_000)]
     pub quantity: i64,
 }
 
 /// Where a shipment is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ShipmentStatus {
     /// In the warehouse.
@@ -65,12 +68,14 @@ impl FromStr for ShipmentStatus {
 }
 
 /// The body of `POST /shipments`, as received.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateShipmentRequest {
-    /// The order being shipped.
+    /// The order being shipped (a UUID).
+    #[schema(format = Uuid)]
     pub order_id: String,
-    /// What to ship.
+    /// What to ship (1 to 100 lines).
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<Item>,
     /// How to report back to order-service (default at-most-once).
     #[serde(default)]
@@ -125,7 +130,7 @@ impl NewShipment {
 }
 
 /// A shipment as stored and as answered.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct Shipment {
     /// The shipment's id (a UUID).
     pub id: Uuid,

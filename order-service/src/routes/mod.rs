@@ -6,10 +6,13 @@ mod orders;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
 use axum::Router;
+use service_kit::openapi::Common;
 use service_kit::{detach, method_not_allowed, not_found};
 use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
 use resilience::feed::FeedLog;
 use resilience::idempotency::IdempotencyLayer;
@@ -46,6 +49,19 @@ pub struct AppState {
     pub config: Arc<Config>,
 }
 
+/// The OpenAPI document's fixed part; the paths come from the handlers.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "order-service",
+        description = "Takes orders and gets them to shipping-service. Errors are \
+            `application/problem+json` (RFC 9457). The `/admin` routes (off by default) \
+            are not part of this document."
+    ),
+    modifiers(&Common)
+)]
+pub struct ApiDoc;
+
 /// The router with every route and the service-wide layers.
 pub fn router(state: AppState) -> Router {
     let max_body = state.config.max_body_bytes;
@@ -61,31 +77,34 @@ pub fn router(state: AppState) -> Router {
     // hides the key from it (only for requests marked `x-dedupe: memory`).
     let memory =
         axum::middleware::from_fn_with_state(state.memory.clone(), memory_dedupe::middleware);
-    Router::new()
-        .route(
-            "/orders",
-            post(orders::create)
+    let signed = require_signed(&state.verifier);
+    // Every public route is declared with `routes!`, from its handler's
+    // `#[utoipa::path]`: the route and its OpenAPI description are one
+    // declaration (tests/tests/openapi.rs checks none is served without it).
+    let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(
+            routes!(orders::create)
                 .layer(idem.clone())
-                .layer(memory.clone())
-                .get(orders::list),
+                .layer(memory.clone()),
         )
-        .route(
-            "/orders/feed/{mode}",
+        .routes(routes!(orders::list))
+        .routes(
             // The feeds are service-to-service: signed reads only.
-            get(orders::feed).route_layer(require_signed(&state.verifier)),
+            routes!(orders::feed).map(|r| r.route_layer(signed.clone())),
         )
-        .route("/orders/{id}", get(orders::get_one))
-        .route(
-            "/orders/{id}/shipment-events",
+        .routes(routes!(orders::get_one))
+        .routes(
             // Only shipping-service may report: signed, checked before the
             // idempotency layer opens a transaction.
-            post(orders::shipment_event)
+            routes!(orders::shipment_event)
                 .layer(idem)
                 .layer(memory)
-                .route_layer(require_signed(&state.verifier)),
+                .map(|r| r.route_layer(signed)),
         )
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .split_for_parts();
+    api.route("/openapi.json", service_kit::openapi::serve(&doc))
         .with_state(state.clone())
         .merge(admin::router(state.admin))
         .fallback(not_found)
@@ -98,4 +117,6 @@ pub fn router(state: AppState) -> Router {
         // Handlers finish their transaction even if the caller hangs up.
         .layer(axum::middleware::from_fn(detach))
         .layer(TraceLayer::new_for_http())
+        // Counts and times each request by route template.
+        .layer(axum::middleware::from_fn(service_kit::metrics::track_http))
 }

@@ -6,8 +6,13 @@ use resilience::idempotency::Tx;
 use resilience::outbox::OutboxError;
 use serde::{Deserialize, Serialize};
 use service_kit::feeds::{feed_name, parse_feed_mode};
+use service_kit::openapi::{
+    BadRequest, Conflict, FeedMode, FeedPage, Gone, NotFound, PayloadTooLarge, Unauthorized,
+    Unavailable, Unprocessable, UnsupportedMediaType,
+};
 use service_kit::trace::{CurrentTrace, TraceContext};
 use service_kit::{cursor, db_error, internal_error, ApiJson, ApiPath, ApiQuery, Problem};
+use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use crate::domain::{CreateOrderRequest, NewOrder, Order, OrderId, OrderStatus, ShipmentEvent};
@@ -29,6 +34,23 @@ fn parse_id(raw: &str) -> Result<OrderId, Problem> {
 /// first answer back instead of a second order. The answer shows the order as
 /// committed (`pending`); the relay, or in at-most-once mode the single call
 /// made right after the commit, moves it on.
+#[utoipa::path(
+    post,
+    path = "/orders",
+    tag = "orders",
+    params(service_kit::openapi::IdempotencyHeaders),
+    request_body(content = CreateOrderRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The order, committed (`pending`); a repeat with the same Idempotency-Key replays this answer", body = Order,
+            headers(("Location" = String, description = "/orders/{id}"))),
+        (status = 400, response = BadRequest),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub(super) async fn create(
     State(app): State<AppState>,
     CurrentTrace(trace): CurrentTrace,
@@ -128,6 +150,28 @@ async fn deliver_at_most_once(app: AppState, order: Order, trace: TraceContext) 
 
 /// `GET /orders/feed/{mode}?after=&limit=&wait=`: the pull modes' event log
 /// (`order-created` events), long-polled; see `service_kit::feeds`.
+#[utoipa::path(
+    get,
+    path = "/orders/feed/{mode}",
+    tag = "feeds",
+    security((
+        "service_timestamp" = [], "service_nonce" = [], "service_signature" = []
+    )),
+    params(
+        ("mode" = FeedMode, Path, description = "The pull mode whose feed to read"),
+        service_kit::openapi::FeedParams,
+    ),
+    responses(
+        (status = 200, description = "A page of `order-created` events", body = FeedPage),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 410, response = Gone),
+        (status = 413, response = PayloadTooLarge),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub(super) async fn feed(
     State(app): State<AppState>,
     ApiPath(mode): ApiPath<String>,
@@ -138,6 +182,18 @@ pub(super) async fn feed(
 }
 
 /// `GET /orders/{id}`.
+#[utoipa::path(
+    get,
+    path = "/orders/{id}",
+    tag = "orders",
+    params(("id" = uuid::Uuid, Path, description = "The order's id")),
+    responses(
+        (status = 200, description = "The order", body = Order),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub(super) async fn get_one(
     State(app): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -149,21 +205,41 @@ pub(super) async fn get_one(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ListQuery {
+    /// Only orders with this status.
+    #[param(value_type = Option<OrderStatus>)]
     status: Option<String>,
+    /// Where to go on from: the `next_cursor` of the previous page.
+    #[param(max_length = 128)]
     cursor: Option<String>,
+    /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
 }
 
-#[derive(Debug, Serialize)]
+/// A page of orders, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
 pub(super) struct OrderPage {
     orders: Vec<Order>,
+    /// The `cursor` of the next page; `null` on the last page.
     next_cursor: Option<String>,
 }
 
 /// `GET /orders?status=&limit=&cursor=`: oldest first, keyset-paginated.
+#[utoipa::path(
+    get,
+    path = "/orders",
+    tag = "orders",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of orders", body = OrderPage),
+        (status = 400, response = BadRequest),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub(super) async fn list(
     State(app): State<AppState>,
     ApiQuery(q): ApiQuery<ListQuery>,
@@ -200,6 +276,30 @@ pub(super) async fn list(
 /// no-op (200); a backwards move is a 409; a report about a shipment other
 /// than the order's own is a 422 and changes nothing (see
 /// [`crate::store::OrderStore::apply_event`]).
+#[utoipa::path(
+    post,
+    path = "/orders/{id}/shipment-events",
+    tag = "callbacks",
+    security((
+        "service_timestamp" = [], "service_nonce" = [], "service_signature" = []
+    )),
+    params(
+        ("id" = uuid::Uuid, Path, description = "The order's id"),
+        service_kit::openapi::IdempotencyHeaders,
+    ),
+    request_body(content = ShipmentEvent, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The order after the report (a repeated report changes nothing)", body = Order),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub(super) async fn shipment_event(
     State(app): State<AppState>,
     tx: Tx,

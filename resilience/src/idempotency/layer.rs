@@ -163,6 +163,8 @@ async fn commit(config: &IdempotencyConfig, t: Transaction<'static, Any>) -> Res
 }
 
 fn in_flight(config: &IdempotencyConfig) -> Problem {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("idempotency_conflicts_total").increment(1);
     Problem::conflict(
         "request in flight",
         "a request with this Idempotency-Key is still being processed; retry later",
@@ -183,8 +185,12 @@ fn key_reused() -> Problem {
 fn answer_from(stored: Stored, fp: &str) -> Result<Response, Problem> {
     if stored.fingerprint != fp {
         tracing::debug!("idempotency key reused with a different fingerprint");
+        #[cfg(feature = "metrics")]
+        metrics::counter!("idempotency_mismatches_total").increment(1);
         return Err(key_reused());
     }
+    #[cfg(feature = "metrics")]
+    metrics::counter!("idempotency_replays_total").increment(1);
     Ok(record::replay(stored))
 }
 

@@ -532,6 +532,20 @@ impl Relay {
                 self.mark_dead(msg, reason, *status).await
             }
         };
+        #[cfg(feature = "metrics")]
+        if result.is_ok() {
+            // Deferrals spent no attempt (the breaker counts its rejections).
+            let outcome = match &outcome {
+                DeliveryOutcome::Delivered => Some("delivered"),
+                DeliveryOutcome::Retry { .. } => Some("retry"),
+                DeliveryOutcome::Dead { .. } => Some("dead"),
+                DeliveryOutcome::Deferred { .. } => None,
+            };
+            if let Some(outcome) = outcome {
+                metrics::counter!("outbox_delivery_attempts_total", "outcome" => outcome)
+                    .increment(1);
+            }
+        }
         if let Err(e) = result {
             // The lease runs out and the message is claimed again: at worst a
             // repeat send, which the receiver's idempotency key absorbs.
@@ -577,6 +591,10 @@ impl Relay {
             return Err(e.into());
         }
         tx.commit().await?;
+        // Commit of the business transaction that enqueued it, to this 2xx.
+        #[cfg(feature = "metrics")]
+        metrics::histogram!("outbox_delivery_seconds")
+            .record(now.saturating_sub(msg.created_at).max(0) as f64 / 1000.0);
         Ok(())
     }
 

@@ -6,10 +6,13 @@ mod shipments;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
 use axum::Router;
+use service_kit::openapi::Common;
 use service_kit::{detach, method_not_allowed, not_found};
 use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
 use resilience::feed::FeedLog;
 use resilience::idempotency::IdempotencyLayer;
@@ -41,6 +44,19 @@ pub struct AppState {
     pub config: Arc<Config>,
 }
 
+/// The OpenAPI document's fixed part; the paths come from the handlers.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "shipping-service",
+        description = "Ships orders and reports back to order-service. Errors are \
+            `application/problem+json` (RFC 9457). The `/admin` routes (off by default) \
+            are not part of this document."
+    ),
+    modifiers(&Common)
+)]
+pub struct ApiDoc;
+
 /// The router with every route and the service-wide layers.
 pub fn router(state: AppState) -> Router {
     let max_body = state.config.max_body_bytes;
@@ -56,25 +72,29 @@ pub fn router(state: AppState) -> Router {
     // hides the key from it (only for requests marked `x-dedupe: memory`).
     let memory =
         axum::middleware::from_fn_with_state(state.memory.clone(), memory_dedupe::middleware);
-    Router::new()
-        .route(
-            "/shipments",
+    let signed = require_signed(&state.verifier);
+    // Every public route is declared with `routes!`, from its handler's
+    // `#[utoipa::path]`: the route and its OpenAPI description are one
+    // declaration (tests/tests/openapi.rs checks none is served without it).
+    let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(
             // Only order-service may create shipments: signed, checked
             // before the idempotency layer opens a transaction.
-            post(shipments::create)
+            routes!(shipments::create)
                 .layer(idem)
                 .layer(memory)
-                .route_layer(require_signed(&state.verifier))
-                .get(shipments::list),
+                .map(|r| r.route_layer(signed.clone())),
         )
-        .route(
-            "/shipments/feed/{mode}",
+        .routes(routes!(shipments::list))
+        .routes(
             // The feeds are service-to-service: signed reads only.
-            get(shipments::feed).route_layer(require_signed(&state.verifier)),
+            routes!(shipments::feed).map(|r| r.route_layer(signed)),
         )
-        .route("/shipments/{id}", get(shipments::get_one))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
+        .routes(routes!(shipments::get_one))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .split_for_parts();
+    api.route("/openapi.json", service_kit::openapi::serve(&doc))
         .with_state(state.clone())
         .merge(admin::router(state.admin))
         .fallback(not_found)
@@ -86,4 +106,6 @@ pub fn router(state: AppState) -> Router {
         // Handlers finish their transaction even if the caller hangs up.
         .layer(axum::middleware::from_fn(detach))
         .layer(TraceLayer::new_for_http())
+        // Counts and times each request by route template.
+        .layer(axum::middleware::from_fn(service_kit::metrics::track_http))
 }

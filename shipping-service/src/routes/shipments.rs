@@ -5,8 +5,13 @@ use resilience::feed::{FeedQuery, Page};
 use resilience::idempotency::Tx;
 use serde::{Deserialize, Serialize};
 use service_kit::feeds::{feed_name, parse_feed_mode};
+use service_kit::openapi::{
+    BadRequest, Conflict, FeedMode, FeedPage, Gone, NotFound, PayloadTooLarge, Unauthorized,
+    Unavailable, Unprocessable, UnsupportedMediaType,
+};
 use service_kit::trace::CurrentTrace;
 use service_kit::{cursor, db_error, ApiJson, ApiPath, ApiQuery, Problem};
+use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use crate::domain::{parse_uuid, CreateShipmentRequest, NewShipment, Shipment};
@@ -20,6 +25,27 @@ const MAX_PAGE: u32 = 100;
 /// order-service in effectively-once mode), the shipment and the record of
 /// the key commit in one transaction, and a repeat replays this answer
 /// instead of creating a second shipment.
+#[utoipa::path(
+    post,
+    path = "/shipments",
+    tag = "shipments",
+    security((
+        "service_timestamp" = [], "service_nonce" = [], "service_signature" = []
+    )),
+    params(service_kit::openapi::IdempotencyHeaders),
+    request_body(content = CreateShipmentRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The shipment, `packing`; a repeat with the same Idempotency-Key replays this answer", body = Shipment,
+            headers(("Location" = String, description = "/shipments/{id}"))),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub(super) async fn create(
     State(app): State<AppState>,
     CurrentTrace(trace): CurrentTrace,
@@ -49,6 +75,28 @@ pub(super) async fn create(
 /// `GET /shipments/feed/{mode}?after=&limit=&wait=`: the pull modes' event
 /// log (`shipment-created`, `shipment-shipped`), long-polled; see
 /// `service_kit::feeds`.
+#[utoipa::path(
+    get,
+    path = "/shipments/feed/{mode}",
+    tag = "feeds",
+    security((
+        "service_timestamp" = [], "service_nonce" = [], "service_signature" = []
+    )),
+    params(
+        ("mode" = FeedMode, Path, description = "The pull mode whose feed to read"),
+        service_kit::openapi::FeedParams,
+    ),
+    responses(
+        (status = 200, description = "A page of `shipment-created` and `shipment-shipped` events", body = FeedPage),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 410, response = Gone),
+        (status = 413, response = PayloadTooLarge),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub(super) async fn feed(
     State(app): State<AppState>,
     ApiPath(mode): ApiPath<String>,
@@ -59,6 +107,18 @@ pub(super) async fn feed(
 }
 
 /// `GET /shipments/{id}`.
+#[utoipa::path(
+    get,
+    path = "/shipments/{id}",
+    tag = "shipments",
+    params(("id" = uuid::Uuid, Path, description = "The shipment's id")),
+    responses(
+        (status = 200, description = "The shipment", body = Shipment),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub(super) async fn get_one(
     State(app): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -70,21 +130,41 @@ pub(super) async fn get_one(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ListQuery {
+    /// Only the shipments of this order (a UUID).
+    #[param(format = Uuid)]
     order_id: Option<String>,
+    /// Where to go on from: the `next_cursor` of the previous page.
+    #[param(max_length = 128)]
     cursor: Option<String>,
+    /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
 }
 
-#[derive(Debug, Serialize)]
+/// A page of shipments, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
 pub(super) struct ShipmentPage {
     shipments: Vec<Shipment>,
+    /// The `cursor` of the next page; `null` on the last page.
     next_cursor: Option<String>,
 }
 
 /// `GET /shipments?order_id=&limit=&cursor=`: oldest first, keyset-paginated.
+#[utoipa::path(
+    get,
+    path = "/shipments",
+    tag = "shipments",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of shipments", body = ShipmentPage),
+        (status = 400, response = BadRequest),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub(super) async fn list(
     State(app): State<AppState>,
     ApiQuery(q): ApiQuery<ListQuery>,
