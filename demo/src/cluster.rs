@@ -45,6 +45,7 @@ pub fn serve_main(args: &[String]) -> Option<anyhow::Result<()>> {
         }
         _ => return None,
     };
+    service_kit::flush_traces();
     Some(run)
 }
 

@@ -6,5 +6,7 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     service_kit::init_tracing(config.log_format);
     let app = Application::build(config).await?;
-    app.run_until_stopped(service_kit::shutdown_signal()).await
+    let outcome = app.run_until_stopped(service_kit::shutdown_signal()).await;
+    service_kit::flush_traces();
+    outcome
 }

@@ -8,6 +8,7 @@ use resilience::outbox::{DeliveryHandler, OutboxError, OutgoingRequest, SentMess
 use serde::{Deserialize, Serialize};
 use service_kit::memory_dedupe::MEMORY_DEDUPE_HEADER;
 use service_kit::stack::SendService;
+use service_kit::trace::TraceContext;
 use service_kit::DeliveryMode;
 use sqlx::{Any, Transaction};
 use tower::ServiceExt;
@@ -47,16 +48,48 @@ pub fn shipment_body(order: &Order) -> ShipmentRequest<'_> {
     }
 }
 
+/// The data of an `order-created` feed event: the shipment request, and the
+/// trace context of the order's creation (`traceparent`, `tracestate`).
+#[derive(Debug, Clone, Serialize)]
+pub struct OrderCreated<'a> {
+    /// What shipping needs to know of the order.
+    #[serde(flatten)]
+    pub shipment: ShipmentRequest<'a>,
+    /// The trace context: trace of the order, parent the span that created it.
+    pub traceparent: String,
+    /// The caller's `tracestate`, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
+}
+
+/// The `order-created` event data of an order created in `trace`.
+pub fn order_created<'a>(order: &'a Order, trace: &TraceContext) -> OrderCreated<'a> {
+    OrderCreated {
+        shipment: shipment_body(order),
+        traceparent: trace.traceparent(),
+        tracestate: trace.tracestate().map(str::to_owned),
+    }
+}
+
 /// The shipment request for an order, as an outgoing HTTP request. In
 /// effectively-once (and memory-dedupe) mode every attempt carries the
-/// message's idempotency key.
-pub fn shipment_request(shipping_url: &str, order: &Order) -> Result<OutgoingRequest, OutboxError> {
+/// message's idempotency key. Every attempt also carries the `traceparent`
+/// (and `tracestate`) of the order's creation (`trace`), stored with the
+/// message, so a retry after a crash continues the same trace.
+pub fn shipment_request(
+    shipping_url: &str,
+    order: &Order,
+    trace: &TraceContext,
+) -> Result<OutgoingRequest, OutboxError> {
     let body = shipment_body(order);
     let mut req =
         OutgoingRequest::post_json(shipping_url, "/shipments", &body, KIND_CREATE_SHIPMENT)?
             .correlate(order.id.to_string())
             .header("x-client-id", CLIENT_ID)
             .with_idempotency_key(order.delivery_mode.uses_idempotency_key());
+    for (name, value) in trace.headers() {
+        req = req.header(name, value);
+    }
     if order.delivery_mode.dedupes_in_memory() {
         req = req.header(MEMORY_DEDUPE_HEADER, "memory");
     }
@@ -91,8 +124,9 @@ pub async fn send_once(
     plain: &SendService,
     shipping_url: &str,
     order: &Order,
+    trace: &TraceContext,
 ) -> Result<String, SendError> {
-    let req = shipment_request(shipping_url, order)
+    let req = shipment_request(shipping_url, order, trace)
         .and_then(|r| r.to_http())
         .map_err(|e| SendError::Invalid(e.to_string()))?;
     let res = plain

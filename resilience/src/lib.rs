@@ -46,6 +46,7 @@
 //! - [`outbox`]: the transactional outbox and its relay (the durable retry loop).
 //! - [`feed`]: pull delivery: an event log served as a feed, and a leased
 //!   consumer that keeps its offset in its own database.
+//! - [`trace`]: W3C `traceparent`/`tracestate`, parsed strictly.
 //! - [`signing`]: HMAC-SHA256 signatures of service-to-service requests: a
 //!   client layer that signs each attempt, a server layer that answers 401.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
@@ -71,6 +72,7 @@ pub mod retry;
 pub mod signing;
 #[cfg(feature = "store")]
 pub mod store;
+pub mod trace;
 
 /// An outgoing HTTP stack as the delivery machinery drives it:
 /// `http::Request<Bytes>` in, `http::Response<Bytes>` out, errors boxed.

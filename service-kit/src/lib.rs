@@ -20,6 +20,8 @@
 //! - [`auth`]: [`auth::require_signed`], the layer on service-to-service routes.
 //! - [`openapi`]: what both services' OpenAPI documents share.
 //! - [`admin`]: operator endpoints (outbox, dead letters, breakers, faults).
+//! - [`trace`]: W3C trace context: the request span middleware, the context
+//!   stored with outbox messages, feed events and shipments.
 //! - [`metrics`]: the Prometheus recorder, the HTTP middleware, `/metrics`.
 //! - [`testing`]: throw-away SQLite or Postgres databases for tests and the lab.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
@@ -38,6 +40,7 @@ mod shutdown;
 pub mod stack;
 mod telemetry;
 pub mod testing;
+pub mod trace;
 
 pub use extract::{ApiJson, ApiPath, ApiQuery};
 pub use mode::DeliveryMode;
@@ -47,7 +50,7 @@ pub use resilience::problem::{
     PROBLEM_TYPE_BASE,
 };
 pub use shutdown::{serve, serve_with_limits, shutdown_signal, ServerLimits, Shutdown};
-pub use telemetry::{init_tracing, LogFormat};
+pub use telemetry::{flush_traces, init_tracing, LogFormat};
 
 /// An opaque keyset cursor: `(created_at_ms, id)` of the last row of a page.
 pub mod cursor {

@@ -4,6 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use service_kit::trace::TraceContext;
 use service_kit::DeliveryMode;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -90,6 +91,9 @@ pub struct NewShipment {
     pub items: Vec<Item>,
     /// How the shipped report travels back.
     pub mode: DeliveryMode,
+    /// The trace context the shipment is created in (set by the caller of
+    /// [`NewShipment::parse`]).
+    pub trace: Option<TraceContext>,
 }
 
 impl NewShipment {
@@ -120,6 +124,7 @@ impl NewShipment {
             order_id,
             items: req.items,
             mode: req.delivery_mode.unwrap_or(DeliveryMode::AtMostOnce),
+            trace: None,
         })
     }
 }
@@ -149,6 +154,9 @@ pub struct Shipment {
     pub report_error: Option<String>,
     /// When order-service acknowledged the shipped report.
     pub reported_at: Option<String>,
+    /// The trace context it was created in (stored, not part of the API).
+    #[serde(skip)]
+    pub trace: Option<TraceContext>,
 }
 
 #[cfg(test)]

@@ -44,6 +44,13 @@ pub fn shipped_report(
         .correlate(shipment.id.to_string())
         .header("x-client-id", CLIENT_ID)
         .with_idempotency_key(shipment.delivery_mode.uses_idempotency_key());
+    // The report joins the shipment's trace (the order's), on every attempt,
+    // as a child of the span that created the shipment.
+    if let Some(trace) = &shipment.trace {
+        for (name, value) in trace.headers() {
+            req = req.header(name, value);
+        }
+    }
     if shipment.delivery_mode.dedupes_in_memory() {
         req = req.header(MEMORY_DEDUPE_HEADER, "memory");
     }

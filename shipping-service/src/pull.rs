@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use resilience::feed::{ApplyError, FeedEvent, FeedHandler, FeedLog};
 use serde::Serialize;
 use service_kit::feeds::feed_name;
+use service_kit::trace::{TraceContext, TRACEPARENT, TRACESTATE};
 use service_kit::DeliveryMode;
 use sqlx::{Any, Transaction};
 use uuid::Uuid;
@@ -33,6 +34,12 @@ pub struct ShipmentData {
     pub order_id: String,
     /// The shipment.
     pub shipment_id: String,
+    /// The shipment's trace context (the order's trace), if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// Its `tracestate`, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 /// Appends `event_type` for `shipment` to its mode's feed, inside `tx`.
@@ -45,6 +52,11 @@ pub async fn append(
     let data = ShipmentData {
         order_id: shipment.order_id.to_string(),
         shipment_id: shipment.id.to_string(),
+        traceparent: shipment.trace.as_ref().map(TraceContext::traceparent),
+        tracestate: shipment
+            .trace
+            .as_ref()
+            .and_then(|t| t.tracestate().map(str::to_owned)),
     };
     feed.append(
         tx,
@@ -97,9 +109,23 @@ impl FeedHandler for OrderFeedHandler {
                 event.event_type
             )));
         }
-        let req: CreateShipmentRequest = serde_json::from_value(event.data.clone())
+        // The trace context travels next to the shipment request's fields.
+        let mut data = event.data.clone();
+        let (traceparent, tracestate) = match data.as_object_mut() {
+            Some(fields) => (fields.remove(TRACEPARENT), fields.remove(TRACESTATE)),
+            None => (None, None),
+        };
+        let req: CreateShipmentRequest = serde_json::from_value(data)
             .map_err(|e| ApplyError::Refused(format!("unreadable event data: {e}")))?;
         let mut new = NewShipment::parse(req).map_err(ApplyError::Refused)?;
+        // The shipment continues the order's trace, or starts one.
+        let trace = traceparent
+            .as_ref()
+            .and_then(|v| v.as_str())
+            .and_then(|tp| TraceContext::parse(tp, tracestate.as_ref().and_then(|v| v.as_str())))
+            .map(|caller| caller.child())
+            .unwrap_or_else(TraceContext::new_root);
+        new.trace = Some(trace);
         // The feed decides the mode the report travels back in.
         new.mode = self.mode;
         let shipment = self.store.insert(tx, &new, self.delay).await?;

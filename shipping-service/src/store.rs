@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use resilience::store::{now_ms, rfc3339, Backend, Db};
+use service_kit::trace::TraceContext;
 use service_kit::DeliveryMode;
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
@@ -11,7 +12,7 @@ use uuid::Uuid;
 use crate::domain::{NewShipment, Shipment, ShipmentStatus};
 
 const COLUMNS: &str = "id, order_id, items, delivery_mode, status, created_at, ship_at, \
-                       shipped_at, report_attempts, report_error, reported_at";
+                       shipped_at, report_attempts, report_error, reported_at, traceparent, tracestate";
 
 /// One page of shipments.
 #[derive(Debug)]
@@ -53,7 +54,8 @@ impl ShipmentStore {
             serde_json::to_string(&new.items).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         sqlx::query(
             "INSERT INTO shipments (id, order_id, items, delivery_mode, status, created_at, \
-             ship_at, updated_at) VALUES ($1, $2, $3, $4, 'packing', $5, $6, $5)",
+             ship_at, updated_at, traceparent, tracestate) \
+             VALUES ($1, $2, $3, $4, 'packing', $5, $6, $5, $7, $8)",
         )
         .bind(id.to_string())
         .bind(new.order_id.to_string())
@@ -61,6 +63,12 @@ impl ShipmentStore {
         .bind(new.mode.as_str())
         .bind(now)
         .bind(ship_at)
+        .bind(new.trace.as_ref().map(TraceContext::traceparent))
+        .bind(
+            new.trace
+                .as_ref()
+                .and_then(|t| t.tracestate().map(str::to_owned)),
+        )
         .execute(&mut **tx)
         .await?;
         Ok(Shipment {
@@ -75,6 +83,7 @@ impl ShipmentStore {
             report_attempts: 0,
             report_error: None,
             reported_at: None,
+            trace: new.trace.clone(),
         })
     }
 
@@ -248,5 +257,11 @@ fn shipment_from_row(row: &AnyRow) -> Result<Shipment, sqlx::Error> {
         report_attempts: row.try_get("report_attempts")?,
         report_error: row.try_get("report_error")?,
         reported_at: row.try_get::<Option<i64>, _>("reported_at")?.map(rfc3339),
+        trace: row
+            .try_get::<Option<String>, _>("traceparent")?
+            .and_then(|tp| {
+                let ts: Option<String> = row.try_get("tracestate").ok().flatten();
+                TraceContext::parse(&tp, ts.as_deref())
+            }),
     })
 }

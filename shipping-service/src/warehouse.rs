@@ -138,6 +138,7 @@ impl Warehouse {
         }
         tx.commit().await?;
         for s in &shipped {
+            let _in_trace = trace_span(s).entered();
             tracing::info!(shipment_id = %s.id, order_id = %s.order_id, "shipment shipped");
         }
         let count = shipped.len();
@@ -157,6 +158,11 @@ impl Warehouse {
 
     /// At-most-once: one call, no retry; the outcome is recorded.
     async fn report(&self, shipment: Shipment) {
+        let span = trace_span(&shipment);
+        tracing::Instrument::instrument(self.report_traced(shipment), span).await
+    }
+
+    async fn report_traced(&self, shipment: Shipment) {
         let outcome = report_once(&self.plain, &self.order_url, &shipment).await;
         let error = match &outcome {
             Ok(()) => None,
@@ -173,4 +179,16 @@ impl Warehouse {
             tracing::error!(shipment_id = %shipment.id, error = %e, "could not record the report outcome");
         }
     }
+}
+
+/// The span of work on one shipment, in its trace (`trace_id`), so the log
+/// lines about it carry the order's trace id.
+fn trace_span(shipment: &Shipment) -> tracing::Span {
+    let span = tracing::info_span!("shipment", trace_id = tracing::field::Empty);
+    if let Some(t) = &shipment.trace {
+        // Exported (with OTLP on) as a child of the shipment's creation.
+        let _ = service_kit::trace::in_trace(&span, Some(t));
+        span.record("trace_id", t.trace_id());
+    }
+    span
 }

@@ -10,13 +10,14 @@ use service_kit::openapi::{
     BadRequest, Conflict, FeedMode, FeedPage, Gone, NotFound, PayloadTooLarge, Unauthorized,
     Unavailable, Unprocessable, UnsupportedMediaType,
 };
+use service_kit::trace::{CurrentTrace, TraceContext};
 use service_kit::{cursor, db_error, internal_error, ApiJson, ApiPath, ApiQuery, Problem};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use crate::domain::{CreateOrderRequest, NewOrder, Order, OrderId, OrderStatus, ShipmentEvent};
 use crate::pull;
-use crate::shipping::{send_once, shipment_body, shipment_request};
+use crate::shipping::{order_created, send_once, shipment_request};
 use crate::store::ApplyError;
 
 const DEFAULT_PAGE: u32 = 20;
@@ -52,6 +53,7 @@ fn parse_id(raw: &str) -> Result<OrderId, Problem> {
 )]
 pub(super) async fn create(
     State(app): State<AppState>,
+    CurrentTrace(trace): CurrentTrace,
     tx: Tx,
     ApiJson(req): ApiJson<CreateOrderRequest>,
 ) -> Result<(StatusCode, HeaderMap, Json<Order>), Problem> {
@@ -64,7 +66,7 @@ pub(super) async fn create(
         // Pull: the order and its event commit together; shipping reads the
         // event from the feed at its own offset.
         let feed = feed_name(pull::RESOURCE, order.delivery_mode);
-        let body = shipment_body(&order);
+        let body = order_created(&order, &trace);
         app.feed
             .append(
                 &mut conn,
@@ -82,7 +84,8 @@ pub(super) async fn create(
         tx.after_commit(move || Box::pin(async move { log.notify() }));
     } else if order.delivery_mode.uses_outbox() {
         // The order and the message to shipping commit together, or not at all.
-        let msg = shipment_request(&app.config.shipping_url, &order).map_err(internal_error)?;
+        let msg =
+            shipment_request(&app.config.shipping_url, &order, &trace).map_err(internal_error)?;
         app.outbox
             .enqueue(&mut conn, msg)
             .await
@@ -92,7 +95,13 @@ pub(super) async fn create(
     } else {
         let app = app.clone();
         let order = order.clone();
-        tx.after_commit(move || Box::pin(deliver_at_most_once(app, order)));
+        let span = tracing::Span::current();
+        tx.after_commit(move || {
+            Box::pin(tracing::Instrument::instrument(
+                deliver_at_most_once(app, order, trace),
+                span,
+            ))
+        });
     }
     drop(conn);
     tracing::info!(order_id = %order.id, mode = %order.delivery_mode, "order created");
@@ -114,9 +123,9 @@ fn outbox_error(err: OutboxError) -> Problem {
 
 /// At-most-once: one call after the commit, no retry. Whatever happens, the
 /// order is already committed; a failure is recorded on it and logged.
-async fn deliver_at_most_once(app: AppState, order: Order) {
+async fn deliver_at_most_once(app: AppState, order: Order, trace: TraceContext) {
     let id = order.id;
-    let outcome = send_once(&app.plain, &app.config.shipping_url, &order).await;
+    let outcome = send_once(&app.plain, &app.config.shipping_url, &order, &trace).await;
     let recorded = match &outcome {
         Ok(shipment_id) => {
             tracing::info!(order_id = %id, %shipment_id, "shipping accepted the order");

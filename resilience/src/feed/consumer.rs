@@ -14,6 +14,7 @@ use sqlx::{Any, Row, Transaction};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::{BoxError, ServiceExt};
+use tracing::Instrument;
 
 use super::wire::{FeedEvent, FeedQuery, Page};
 use super::FeedError;
@@ -646,7 +647,12 @@ impl FeedConsumer {
         let (mut applied, mut dead) = (0u64, 0u64);
         for event in &page.events {
             exec(&mut tx, "SAVEPOINT feed_event").await?;
-            match self.handler.apply(&mut tx, event).await {
+            match self
+                .handler
+                .apply(&mut tx, event)
+                .instrument(event_span(&self.config.feed, event))
+                .await
+            {
                 Ok(()) => {
                     exec(&mut tx, "RELEASE SAVEPOINT feed_event").await?;
                     applied += 1;
@@ -730,7 +736,12 @@ impl FeedConsumer {
                 continue;
             }
             exec(&mut tx, "SAVEPOINT feed_event").await?;
-            match self.handler.apply(&mut tx, &event).await {
+            match self
+                .handler
+                .apply(&mut tx, &event)
+                .instrument(event_span(&self.config.feed, &event))
+                .await
+            {
                 Ok(()) => {
                     tracing::info!(feed = %self.config.feed, id = %d.id, "requeued feed event applied");
                     self.update(|s| s.applied += 1);
@@ -912,4 +923,24 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+/// The span of one event's handling: its feed, position and, when its data
+/// carries a `traceparent`, its `trace_id`, so the handler's log lines have it.
+fn event_span(feed: &str, event: &FeedEvent) -> tracing::Span {
+    let span = tracing::info_span!(
+        "feed_event",
+        trace_id = tracing::field::Empty,
+        feed = %feed,
+        position = event.position,
+    );
+    if let Some(trace_id) = event
+        .data
+        .get(crate::trace::TRACEPARENT)
+        .and_then(|v| v.as_str())
+        .and_then(crate::trace::trace_id_of)
+    {
+        span.record("trace_id", trace_id.as_str());
+    }
+    span
 }

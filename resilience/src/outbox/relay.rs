@@ -423,7 +423,31 @@ impl Relay {
         Ok(req)
     }
 
+    /// One attempt at one message, in a span carrying the message's
+    /// `trace_id` (from its stored `traceparent`), so every log line of the
+    /// attempt has it.
     async fn deliver(&self, c: Claimed) {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "outbox_delivery",
+            trace_id = tracing::field::Empty,
+            message_id = %c.msg.id,
+            kind = %c.msg.kind,
+            attempt = c.msg.attempts + 1,
+        );
+        if let Some(trace_id) = c
+            .request
+            .headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(crate::trace::TRACEPARENT))
+            .and_then(|(_, value)| crate::trace::trace_id_of(value))
+        {
+            span.record("trace_id", trace_id.as_str());
+        }
+        self.deliver_traced(c).instrument(span).await
+    }
+
+    async fn deliver_traced(&self, c: Claimed) {
         let attempt = u32::try_from(c.msg.attempts).unwrap_or(u32::MAX);
         let outcome = match self.request(&c) {
             Err(reason) => {

@@ -100,6 +100,9 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        // The request's span: continues the caller's trace (inside detach,
+        // so the span covers the task the handler runs in).
+        .layer(axum::middleware::from_fn(service_kit::trace::middleware))
         // Handlers finish their transaction even if the caller hangs up.
         .layer(axum::middleware::from_fn(detach))
         .layer(TraceLayer::new_for_http())

@@ -9,6 +9,7 @@ use service_kit::openapi::{
     BadRequest, Conflict, FeedMode, FeedPage, Gone, NotFound, PayloadTooLarge, Unauthorized,
     Unavailable, Unprocessable, UnsupportedMediaType,
 };
+use service_kit::trace::CurrentTrace;
 use service_kit::{cursor, db_error, ApiJson, ApiPath, ApiQuery, Problem};
 use utoipa::{IntoParams, ToSchema};
 
@@ -47,10 +48,13 @@ const MAX_PAGE: u32 = 100;
 )]
 pub(super) async fn create(
     State(app): State<AppState>,
+    CurrentTrace(trace): CurrentTrace,
     tx: Tx,
     ApiJson(req): ApiJson<CreateShipmentRequest>,
 ) -> Result<(StatusCode, HeaderMap, Json<Shipment>), Problem> {
-    let new = NewShipment::parse(req).map_err(Problem::unprocessable)?;
+    let mut new = NewShipment::parse(req).map_err(Problem::unprocessable)?;
+    // The shipment continues the caller's trace (the order's).
+    new.trace = Some(trace);
     let mut conn = tx.lock().await?;
     let shipment = app
         .store
