@@ -41,7 +41,14 @@ pub struct PgProxy {
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+    position(hay, needle).is_some()
+}
+
+fn position(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() {
+        return None;
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 impl PgProxy {
@@ -132,6 +139,10 @@ impl PgProxy {
         let mut tail: Vec<u8> = Vec::new();
         let mut marked = false;
         let mut doomed = false;
+        // The client bytes sent *after* the marker: only a COMMIT in them is
+        // the marked transaction's own (the carried-over tail may hold an
+        // earlier transaction's COMMIT).
+        let mut after: Vec<u8> = Vec::new();
         loop {
             tokio::select! {
                 _ = cut.changed() => return,
@@ -140,18 +151,23 @@ impl PgProxy {
                     let chunk = &cbuf[..n];
                     let mut window = std::mem::take(&mut tail);
                     window.extend_from_slice(chunk);
-                    if !marked {
+                    if marked {
+                        after.extend_from_slice(chunk);
+                    } else {
                         let mut s = self.lock();
                         if let Some(m) = s.marker.clone() {
-                            if contains(&window, &m) {
+                            if let Some(at) = position(&window, &m) {
                                 marked = true;
                                 s.marker = None;
+                                after = window[at + m.len()..].to_vec();
                             }
                         }
                     }
-                    if marked && !doomed && contains(&window, b"COMMIT") {
+                    if marked && !doomed && contains(&after, b"COMMIT") {
                         doomed = true;
                     }
+                    let keep_after = after.len().saturating_sub(256);
+                    after.drain(..keep_after);
                     let keep = window.len().saturating_sub(256);
                     tail = window[keep..].to_vec();
                     if sw.write_all(chunk).await.is_err() {
