@@ -37,7 +37,6 @@ pub use crate::audit::violations;
 use crate::audit::{audit_all, Invariants};
 use crate::cluster::{Cluster, ClusterConfig, Kind};
 pub use crate::faults::FaultProfile;
-use crate::html::Timeline;
 
 /// How long "nothing left to deliver" must hold before the lab counts.
 const QUIET: Duration = Duration::from_secs(1);
@@ -517,13 +516,10 @@ impl Lab {
         Ok(orders + order_events + packing + reports + shipment_events)
     }
 
-    /// Per mode, when its orders were committed, its shipments created and
-    /// its orders acknowledged as shipped, read from both databases and
-    /// relative to the start of `report`'s run: the report's timelines.
-    /// Call it right after [`Lab::run`] (with `--serve`, orders sent later by
-    /// hand would be counted too).
-    pub async fn timelines(&self, report: &LabReport) -> anyhow::Result<Vec<Timeline>> {
-        crate::html::timelines(&self.order_db, &self.shipping_db, report.started_at_ms).await
+    /// order-service's and shipping-service's databases (the report's
+    /// timelines are read from them: [`crate::html::timelines`]).
+    pub fn databases(&self) -> (&Db, &Db) {
+        (&self.order_db, &self.shipping_db)
     }
 
     /// Stops both services, then removes the lab's state: the directory of

@@ -374,7 +374,10 @@ async fn write_report(
     report: &demo::lab::LabReport,
     path: &std::path::Path,
 ) -> anyhow::Result<()> {
-    let timelines = lab.timelines(report).await?;
+    let (order_db, shipping_db) = lab.databases();
+    // Right after the run: with --serve, orders sent later by hand would be
+    // counted too.
+    let timelines = demo::html::timelines(order_db, shipping_db, report.started_at_ms).await?;
     let html = demo::html::render(report, &timelines)?;
     std::fs::write(path, html).with_context(|| format!("writing {}", path.display()))
 }

@@ -114,7 +114,13 @@ async fn authorize(State(state): State<AdminState>, req: Request, next: Next) ->
 }
 
 async fn metrics_text(State(s): State<AdminState>) -> Response {
-    crate::metrics::render(&s).await
+    crate::metrics::render(&crate::metrics::Sources {
+        outbox: &s.outbox,
+        breakers: &s.breakers,
+        db: &s.db,
+        feeds: &s.feeds,
+    })
+    .await
 }
 
 async fn outbox_stats(State(s): State<AdminState>) -> Result<Json<Value>, Problem> {

@@ -31,8 +31,6 @@ use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gau
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use resilience::circuit_breaker::{State, StateChange};
 
-use crate::admin::AdminState;
-
 /// The `Content-Type` of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -242,7 +240,18 @@ struct Sampled {
     feeds: Vec<resilience::feed::ConsumerStatus>,
 }
 
-async fn sample(s: &AdminState) -> Sampled {
+/// What a scrape samples: the service's delivery machinery (the admin
+/// state's parts, passed in so this module does not depend on the admin
+/// router that serves it).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sources<'a> {
+    pub(crate) outbox: &'a resilience::outbox::Outbox,
+    pub(crate) breakers: &'a resilience::circuit_breaker::BreakerRegistry,
+    pub(crate) db: &'a resilience::store::Db,
+    pub(crate) feeds: &'a [resilience::feed::ConsumerHandle],
+}
+
+async fn sample(s: &Sources<'_>) -> Sampled {
     let outbox = match s.outbox.stats().await {
         Ok(stats) => Some(stats),
         Err(e) => {
@@ -353,7 +362,7 @@ fn render_sampled(v: &Sampled) -> String {
 
 /// The `GET /metrics` answer: the process's event series, then this
 /// service's state.
-pub(crate) async fn render(s: &AdminState) -> Response {
+pub(crate) async fn render(s: &Sources<'_>) -> Response {
     let sampled = sample(s).await;
     let mut body = String::new();
     if let Some(handle) = install() {
