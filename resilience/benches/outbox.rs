@@ -132,6 +132,39 @@ struct Figures {
     max: Duration,
 }
 
+impl Figures {
+    /// The drain figure and the latency percentiles from when each id was
+    /// committed and when it arrived (every committed id must have arrived).
+    fn new(
+        backend: &'static str,
+        drain_msgs: usize,
+        drain: Duration,
+        committed: &HashMap<String, Instant>,
+        arrived: &HashMap<String, Instant>,
+    ) -> Result<Self> {
+        let n = committed.len();
+        let mut lat: Vec<Duration> = committed
+            .iter()
+            .filter_map(|(id, at)| arrived.get(id).map(|r| r.saturating_duration_since(*at)))
+            .collect();
+        anyhow::ensure!(
+            n > 0 && lat.len() == n,
+            "latency: {} of {n} matched",
+            lat.len()
+        );
+        lat.sort();
+        let pct = |p: f64| lat[((p / 100.0 * n as f64).ceil() as usize).clamp(1, n) - 1];
+        Ok(Self {
+            backend,
+            drain_msgs,
+            drain,
+            p50: pct(50.0),
+            p99: pct(99.0),
+            max: lat[n - 1],
+        })
+    }
+}
+
 async fn measure(backend: Backend, name: &'static str, messages: usize) -> Result<Figures> {
     let tdb = TestDatabase::create(backend).await?;
     let db = tdb.connect("bench", "outbox_bench").await?;
@@ -174,26 +207,11 @@ async fn measure(backend: Backend, name: &'static str, messages: usize) -> Resul
         .lock()
         .map_err(|_| anyhow::anyhow!("poisoned"))?
         .clone();
-    let mut lat: Vec<Duration> = committed
-        .iter()
-        .filter_map(|(id, at)| received.get(id).map(|r| r.saturating_duration_since(*at)))
-        .collect();
-    anyhow::ensure!(lat.len() == n, "latency: {} of {n} matched", lat.len());
-    lat.sort();
-    let pct = |p: f64| lat[((p / 100.0 * n as f64).ceil() as usize).clamp(1, n) - 1];
-
     stop.cancel();
     let _ = task.await;
     db.close().await;
     tdb.cleanup().await;
-    Ok(Figures {
-        backend: name,
-        drain_msgs: messages,
-        drain,
-        p50: pct(50.0),
-        p99: pct(99.0),
-        max: lat[n - 1],
-    })
+    Figures::new(name, messages, drain, &committed, &received)
 }
 
 const FEED: &str = "bench.events";
@@ -323,25 +341,11 @@ async fn measure_feed(backend: Backend, name: &'static str, events: usize) -> Re
         .lock()
         .map_err(|_| anyhow::anyhow!("poisoned"))?
         .clone();
-    let mut lat: Vec<Duration> = committed
-        .iter()
-        .filter_map(|(id, at)| applied.get(id).map(|r| r.saturating_duration_since(*at)))
-        .collect();
-    anyhow::ensure!(lat.len() == n, "latency: {} of {n} matched", lat.len());
-    lat.sort();
-    let pct = |p: f64| lat[((p / 100.0 * n as f64).ceil() as usize).clamp(1, n) - 1];
     stop.cancel();
     let _ = task.await;
     db.close().await;
     tdb.cleanup().await;
-    Ok(Figures {
-        backend: name,
-        drain_msgs: events,
-        drain,
-        p50: pct(50.0),
-        p99: pct(99.0),
-        max: lat[n - 1],
-    })
+    Figures::new(name, events, drain, &committed, &applied)
 }
 
 fn main() -> Result<()> {
