@@ -2,7 +2,7 @@
 //! that only the other service may call (`POST /shipments`, the
 //! shipment-events callback, the event feeds). Public routes stay open.
 //!
-//! ```ignore
+//! ```text
 //! .route("/orders/feed", get(feed).route_layer(require_signed(&state.verifier)))
 //! ```
 //!
