@@ -604,3 +604,27 @@ impl ProcessStack {
         Ok(())
     }
 }
+
+/// Asserts a problem answer: the status, `application/problem+json`, and a
+/// body whose `status` matches and that has a `title`. Returns the body.
+pub async fn expect_problem(res: reqwest::Response, status: u16) -> anyhow::Result<Value> {
+    let got = res.status();
+    let ct = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let text = res.text().await?;
+    anyhow::ensure!(got == status, "expected {status}, got {got}: {text}");
+    anyhow::ensure!(
+        ct == "application/problem+json",
+        "content-type {ct:?}: {text}"
+    );
+    let body: Value = serde_json::from_str(&text)?;
+    anyhow::ensure!(
+        body["status"] == status && body["title"].is_string(),
+        "{body}"
+    );
+    Ok(body)
+}

@@ -5,7 +5,8 @@ use std::time::Duration;
 use anyhow::ensure;
 use serde_json::{json, Value};
 use tests::{
-    audit::audit, both_backends, eventually, sample_order, Stack, StackOptions, TestBackend,
+    audit::audit, both_backends, eventually, expect_problem, sample_order, Stack, StackOptions,
+    TestBackend,
 };
 
 const SETTLE: Duration = Duration::from_secs(15);
@@ -83,28 +84,6 @@ async fn health_endpoints(backend: TestBackend) -> anyhow::Result<()> {
         );
     }
     stack.shutdown().await
-}
-
-/// Asserts a problem answer and returns its body.
-async fn expect_problem(res: reqwest::Response, status: u16) -> anyhow::Result<Value> {
-    ensure!(
-        res.status() == status,
-        "expected {status}, got {}",
-        res.status()
-    );
-    let ct = res
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    ensure!(ct == "application/problem+json", "content-type {ct:?}");
-    let body: Value = res.json().await?;
-    ensure!(
-        body["status"] == status && body["title"].is_string(),
-        "{body}"
-    );
-    Ok(body)
 }
 
 async fn order_count(stack: &Stack) -> anyhow::Result<i64> {

@@ -8,34 +8,12 @@ use anyhow::ensure;
 use reqwest::header::HeaderValue;
 use serde_json::{json, Value};
 use tests::{
-    both_backends, sample_order, Stack, StackOptions, TestBackend, TestDatabases, ADMIN_TOKEN,
+    both_backends, expect_problem, sample_order, Stack, StackOptions, TestBackend, TestDatabases,
+    ADMIN_TOKEN,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PROBLEM_BASE: &str = "https://reliable-delivery.example/problems/";
-
-/// Asserts a problem answer (with a type URI of its own kind) and returns it.
-async fn expect_problem(res: reqwest::Response, status: u16) -> anyhow::Result<Value> {
-    let got = res.status();
-    let ct = res
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let text = res.text().await?;
-    ensure!(got == status, "expected {status}, got {got}: {text}");
-    ensure!(
-        ct == "application/problem+json",
-        "content-type {ct:?}: {text}"
-    );
-    let body: Value = serde_json::from_str(&text)?;
-    ensure!(
-        body["status"] == status && body["title"].is_string(),
-        "{body}"
-    );
-    Ok(body)
-}
 
 fn problem_type(p: &Value) -> &str {
     p["type"].as_str().unwrap_or_default()

@@ -17,7 +17,9 @@ use rand::{Rng, SeedableRng};
 use resilience::store::Db;
 use serde_json::{json, Value};
 use sqlx::Row;
-use tests::{both_backends, eventually, sample_order, ProcessStack, TestBackend, ADMIN_TOKEN};
+use tests::{
+    both_backends, eventually, expect_problem, sample_order, ProcessStack, TestBackend, ADMIN_TOKEN,
+};
 use tokio::time::Instant;
 
 const EXE: &str = env!("CARGO_BIN_EXE_svc");
@@ -359,25 +361,6 @@ async fn memory_dedupe_duplicates_only_after_a_receiver_restart(
 // ---------------------------------------------------------------------------
 // 4: retention, 410, and the feed endpoint's refusals.
 
-async fn expect_problem(res: reqwest::Response, status: u16, what: &str) -> anyhow::Result<Value> {
-    let got = res.status();
-    let ct = res
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let body = res.text().await?;
-    ensure!(got == status, "{what}: {got}, expected {status}: {body}");
-    ensure!(
-        ct == "application/problem+json",
-        "{what}: content-type {ct:?}: {body}"
-    );
-    let v: Value = serde_json::from_str(&body).with_context(|| format!("{what}: {body}"))?;
-    ensure!(v["status"] == status, "{what}: {v}");
-    Ok(v)
-}
-
 /// order-service trims its feeds after 1 s while shipping's consumers are
 /// off; a reader from 0 then gets 410 problem+json, and a consumer started
 /// afterwards says `gone` in /admin/feeds instead of skipping the gap.
@@ -428,7 +411,9 @@ async fn consumer_behind_retention_gets_410(backend: TestBackend) -> anyhow::Res
             return Ok(None);
         }
         Ok(Some(
-            expect_problem(res, 410, "after=0 behind retention").await?,
+            expect_problem(res, 410)
+                .await
+                .context("after=0 behind retention")?,
         ))
     })
     .await?;
@@ -452,7 +437,9 @@ async fn consumer_behind_retention_gets_410(backend: TestBackend) -> anyhow::Res
     ensure!(left == 0, "{left} events left after the trim");
     // Still 410 from anywhere behind the mark, not a page that starts later.
     let res = get(format!("/orders/feed/{PEO}?after=2")).await?;
-    expect_problem(res, 410, "after=2 behind retention").await?;
+    expect_problem(res, 410)
+        .await
+        .context("after=2 behind retention")?;
     // A reader at the head is not behind: an empty page.
     let res = get(format!("/orders/feed/{PEO}?after=3")).await?;
     ensure!(res.status() == 200, "after=3: {}", res.status());
@@ -461,17 +448,21 @@ async fn consumer_behind_retention_gets_410(backend: TestBackend) -> anyhow::Res
 
     // The feed endpoint's refusals.
     let res = get("/orders/feed/nonsense".into()).await?;
-    expect_problem(res, 404, "unknown feed").await?;
+    expect_problem(res, 404).await.context("unknown feed")?;
     let res = get("/orders/feed/effectively-once".into()).await?;
-    expect_problem(res, 404, "a push mode has no feed").await?;
+    expect_problem(res, 404)
+        .await
+        .context("a push mode has no feed")?;
     let res = get(format!("/orders/feed/{PEO}?after=-1")).await?;
-    expect_problem(res, 400, "after=-1").await?;
+    expect_problem(res, 400).await.context("after=-1")?;
     let res = get(format!("/orders/feed/{PEO}?wait=soon")).await?;
-    expect_problem(res, 400, "wait=soon").await?;
+    expect_problem(res, 400).await.context("wait=soon")?;
     let res = get(format!("/orders/feed/{PEO}?limit=0")).await?;
-    expect_problem(res, 400, "limit=0").await?;
+    expect_problem(res, 400).await.context("limit=0")?;
     let res = get(format!("/orders/feed/{PEO}?after=99")).await?;
-    expect_problem(res, 409, "after beyond the head").await?;
+    expect_problem(res, 409)
+        .await
+        .context("after beyond the head")?;
 
     // shipping's consumers start now, from offset 0, behind the trim.
     stack.cluster.shipping.kill().await?;
