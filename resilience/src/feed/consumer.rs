@@ -454,6 +454,28 @@ impl FeedConsumer {
         }))
     }
 
+    /// Renews the lease if this consumer still holds it at `committed`
+    /// (a compare-and-set that also locks the offset row); returns the rows
+    /// changed: 1 while the lease is ours, 0 once another consumer took it.
+    async fn renew<'e, E>(&self, executor: E, committed: i64) -> Result<u64, sqlx::Error>
+    where
+        E: sqlx::Executor<'e, Database = Any>,
+    {
+        let now = now_ms();
+        Ok(sqlx::query(
+            "UPDATE feed_offsets SET lease_until = $4, updated_at = $5 \
+             WHERE feed = $1 AND holder = $2 AND position = $3",
+        )
+        .bind(&self.config.feed)
+        .bind(&self.config.holder)
+        .bind(committed)
+        .bind(now + self.lease_ms())
+        .bind(now)
+        .execute(executor)
+        .await?
+        .rows_affected())
+    }
+
     fn lease_ms(&self) -> i64 {
         self.config.lease.as_millis() as i64
     }
@@ -469,20 +491,7 @@ impl FeedConsumer {
         if held.renewed.elapsed() < self.config.lease / 3 {
             return Ok(());
         }
-        let now = now_ms();
-        let n = sqlx::query(
-            "UPDATE feed_offsets SET lease_until = $4, updated_at = $5 \
-             WHERE feed = $1 AND holder = $2 AND position = $3",
-        )
-        .bind(&self.config.feed)
-        .bind(&self.config.holder)
-        .bind(held.committed)
-        .bind(now + self.lease_ms())
-        .bind(now)
-        .execute(self.db.pool())
-        .await?
-        .rows_affected();
-        if n != 1 {
+        if self.renew(self.db.pool(), held.committed).await? != 1 {
             return Err(RoundError::Lost);
         }
         held.renewed = Instant::now();
@@ -626,20 +635,7 @@ impl FeedConsumer {
         let same_tx = self.config.commit == Commit::SameTransaction;
         if same_tx {
             // Lock the offset row and check we still own it at this offset.
-            let now = now_ms();
-            let n = sqlx::query(
-                "UPDATE feed_offsets SET lease_until = $4, updated_at = $5 \
-                 WHERE feed = $1 AND holder = $2 AND position = $3",
-            )
-            .bind(&self.config.feed)
-            .bind(&self.config.holder)
-            .bind(held.committed)
-            .bind(now + self.lease_ms())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if n != 1 {
+            if self.renew(&mut *tx, held.committed).await? != 1 {
                 tx.rollback().await?;
                 return Err(RoundError::Lost);
             }
