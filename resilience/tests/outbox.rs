@@ -16,7 +16,10 @@ use axum::routing::post;
 use axum::Router;
 use resilience::circuit_breaker::BreakerRegistry;
 use resilience::fault::{FaultConfig, FaultHandle};
-use resilience::outbox::{DeadLetter, NoopHandler, Outbox, OutgoingRequest, Relay, RelayConfig};
+use resilience::outbox::{
+    DeadLetter, DeliveryHandler, NoopHandler, Outbox, OutgoingRequest, Relay, RelayConfig,
+    SentMessage,
+};
 use resilience::retry::Backoff;
 use resilience::store::{Backend, Db};
 use service_kit::stack::{self, StackConfig};
@@ -541,8 +544,11 @@ async fn wakes_up_on_commit(backend: Backend) -> Result<()> {
     let relay = start_relay(&relay_outbox, cfg, &stop)?;
     tokio::time::sleep(Duration::from_millis(200)).await; // let it go idle (and LISTEN)
     let writer = if backend == Backend::Postgres {
-        // Another replica's outbox: its in-process notify cannot reach the relay.
-        Outbox::new(e.tdb.connect("outbox", "outbox_test").await?)
+        // Another replica's outbox, which runs no relay: its in-process
+        // notify cannot reach the relay, its coalesced pg_notify does.
+        let writer = Outbox::new(e.tdb.connect("outbox", "outbox_test").await?);
+        writer.spawn_wakeups(stop.clone());
+        writer
     } else {
         relay_outbox.clone()
     };
@@ -661,6 +667,124 @@ async fn purge_and_stats(backend: Backend) -> Result<()> {
     Ok(())
 }
 
+/// Records each delivery's reaction with the transaction it ran in
+/// (Postgres: its txid), and refuses the messages correlated `refuse`.
+struct Reactions {
+    backend: Backend,
+}
+
+#[async_trait::async_trait]
+impl DeliveryHandler for Reactions {
+    async fn delivered(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        msg: &SentMessage,
+        _response: &axum::http::Response<bytes::Bytes>,
+    ) -> Result<(), sqlx::Error> {
+        if msg.correlation_id.as_deref() == Some("refuse") {
+            return Err(sqlx::Error::Protocol("reaction refused".into()));
+        }
+        let txid = match self.backend {
+            Backend::Postgres => "CAST(txid_current() AS BIGINT)",
+            Backend::Sqlite => "0",
+        };
+        sqlx::query(&format!(
+            "INSERT INTO reactions (id, txid) VALUES ($1, {txid})"
+        ))
+        .bind(&msg.id)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Outcomes that finish together commit together: a drain of 400 messages
+/// takes far fewer outcome transactions than messages (Postgres counts them
+/// by txid), each reaction commits with its own delivery, and a reaction
+/// that fails holds back only its own message, not the batch it was in.
+async fn outcomes_commit_in_batches(backend: Backend) -> Result<()> {
+    let e = env(backend).await?;
+    sqlx::query("CREATE TABLE reactions (id TEXT PRIMARY KEY, txid BIGINT NOT NULL)")
+        .execute(e.db.pool())
+        .await?;
+    let (url, peer, _p) = start_peer().await?;
+    let outbox = Outbox::new(e.db.clone());
+    enqueue(&outbox, &url, 400, "x").await?;
+    let stop = CancellationToken::new();
+    let relay = Relay::new(
+        outbox.clone(),
+        service(Duration::from_secs(2))?,
+        Arc::new(Reactions { backend }),
+        relay_config("relay"),
+    );
+    let task = tokio::spawn(relay.run(stop.clone()));
+    wait_db(
+        &e.db,
+        "400 reactions",
+        "SELECT COUNT(*) FROM reactions",
+        400,
+    )
+    .await?;
+    let delivered = count(
+        &e.db,
+        "SELECT COUNT(*) FROM outbox WHERE status = 'delivered'",
+    )
+    .await?;
+    ensure!(delivered == 400, "{delivered} delivered, 400 reactions");
+    if backend == Backend::Postgres {
+        let txs = count(&e.db, "SELECT COUNT(DISTINCT txid) FROM reactions").await?;
+        ensure!(
+            txs <= 100,
+            "400 outcomes took {txs} transactions: they are not written in batches"
+        );
+    }
+
+    // Refused reactions among good ones: the good ones are delivered with
+    // their reactions; the refused ones stay pending, unreacted, with the error.
+    let mut tx = outbox.db().begin().await?;
+    for i in 0..60 {
+        let who = if i % 20 == 0 { "refuse" } else { "fine" };
+        let msg =
+            OutgoingRequest::post_json(&url, "/things", &serde_json::json!({ "m": i }), "thing")?
+                .correlate(who)
+                .with_idempotency_key(true);
+        outbox.enqueue(&mut tx, msg).await?;
+    }
+    tx.commit().await?;
+    outbox.notify();
+    wait_db(
+        &e.db,
+        "457 reactions",
+        "SELECT COUNT(*) FROM reactions",
+        457,
+    )
+    .await?;
+    wait_db(
+        &e.db,
+        "the refused ones rescheduled with their error",
+        "SELECT COUNT(*) FROM outbox WHERE correlation_id = 'refuse' AND status = 'pending' \
+         AND last_error LIKE '%reaction refused%'",
+        3,
+    )
+    .await?;
+    stop.cancel();
+    task.await?;
+    let bad = count(
+        &e.db,
+        "SELECT COUNT(*) FROM outbox o JOIN reactions r ON r.id = o.id \
+         WHERE o.status <> 'delivered' OR o.correlation_id = 'refuse'",
+    )
+    .await?;
+    ensure!(bad == 0, "{bad} reactions without their delivery");
+    ensure!(
+        peer.distinct() == 460,
+        "peer saw {} messages",
+        peer.distinct()
+    );
+    e.tdb.cleanup().await;
+    Ok(())
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite { $(
@@ -685,4 +809,5 @@ on_both_backends!(
     wakes_up_on_commit,
     graceful_shutdown_with_sends_in_flight,
     purge_and_stats,
+    outcomes_commit_in_batches,
 );

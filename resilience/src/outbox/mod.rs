@@ -43,8 +43,16 @@
 //! # Wake-ups
 //!
 //! New work is sent at once: [`Outbox::notify`] (called after commit) wakes the
-//! local relay; on Postgres, [`Outbox::enqueue`] also issues `pg_notify`, which
-//! the relays of other replicas `LISTEN` to. A slow poll is the safety net.
+//! local relay and, on Postgres, asks for one coalesced `pg_notify`, which the
+//! relays of other replicas `LISTEN` to. The notify is sent by a task of its
+//! own ([`Relay::run`] starts it; a process that enqueues but runs no relay
+//! starts it with [`Outbox::spawn_wakeups`]), *outside* the producer's
+//! transaction: a `NOTIFY` inside a transaction takes a cluster-wide lock at
+//! commit, which serialises every enqueuing commit and halved the commit
+//! rate (issue 14). Many commits while one notify is in flight make one more
+//! notify, not many. A producer that dies between its commit and the notify
+//! costs the other replicas at most their poll interval: the slow poll is the
+//! safety net.
 
 mod relay;
 
@@ -196,6 +204,8 @@ pub struct DeadLetter {
 pub struct Outbox {
     db: Db,
     wake: Arc<Notify>,
+    /// Asks the notifier task for one `pg_notify` (Postgres).
+    poke: Arc<Notify>,
     channel: String,
 }
 
@@ -206,6 +216,7 @@ impl Outbox {
         Self {
             db,
             wake: Arc::new(Notify::new()),
+            poke: Arc::new(Notify::new()),
             channel,
         }
     }
@@ -253,13 +264,6 @@ impl Outbox {
         .bind(now)
         .execute(&mut **tx)
         .await?;
-        if self.db.backend() == Backend::Postgres {
-            // Delivered to listeners when (and only if) the transaction commits.
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(&self.channel)
-                .execute(&mut **tx)
-                .await?;
-        }
         Ok(id)
     }
 
@@ -325,18 +329,47 @@ impl Outbox {
             }
             q.execute(&mut **tx).await?;
         }
-        if self.db.backend() == Backend::Postgres {
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(&self.channel)
-                .execute(&mut **tx)
-                .await?;
-        }
         Ok(ids)
     }
 
-    /// Wakes the local relay (call after the enqueuing transaction committed).
+    /// Wakes the local relay (call after the enqueuing transaction
+    /// committed) and, on Postgres, the relays of other replicas through one
+    /// coalesced `pg_notify` (see the module's "Wake-ups").
     pub fn notify(&self) {
         self.wake.notify_one();
+        self.poke.notify_one();
+    }
+
+    /// Starts the task that sends this process's coalesced `pg_notify`
+    /// (Postgres; on SQLite the task ends at once). [`Relay::run`] runs one
+    /// itself: call this only in a process that enqueues without running a
+    /// relay. It ends when `stop` is cancelled.
+    pub fn spawn_wakeups(
+        &self,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.clone().send_notifies(stop))
+    }
+
+    /// Sends one `pg_notify` per burst of [`Outbox::notify`] calls until
+    /// `stop`: calls made while one is in flight make one more, not many.
+    pub(crate) async fn send_notifies(self, stop: tokio_util::sync::CancellationToken) {
+        if self.db.backend() != Backend::Postgres {
+            return;
+        }
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = self.poke.notified() => {}
+            }
+            let sent = sqlx::query("SELECT pg_notify($1, '')")
+                .bind(&self.channel)
+                .execute(self.db.pool())
+                .await;
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "outbox pg_notify failed; other replicas poll");
+            }
+        }
     }
 
     /// How many messages wait to be delivered (an index-only count over

@@ -203,6 +203,59 @@ struct Claimed {
     request: OutgoingRequest,
 }
 
+/// Outcomes written in one transaction at most (both backends' parameter
+/// limits stay far away: one `UPDATE` binds at most this many ids).
+const SETTLE_BATCH: usize = 256;
+
+/// One outcome waiting to be written, and who waits for it.
+struct Settlement {
+    msg: SentMessage,
+    outcome: DeliveryOutcome,
+    response: Option<Response<Bytes>>,
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Hands outcomes to the relay's settle loop, which writes them in batches.
+#[derive(Clone)]
+struct Settler(tokio::sync::mpsc::UnboundedSender<Settlement>);
+
+impl Settler {
+    /// Queues the outcome and waits until it is written (or given up on,
+    /// which leaves the message to its lease).
+    async fn settle(
+        &self,
+        msg: SentMessage,
+        outcome: DeliveryOutcome,
+        response: Option<Response<Bytes>>,
+    ) {
+        let (done, written) = tokio::sync::oneshot::channel();
+        let s = Settlement {
+            msg,
+            outcome,
+            response,
+            done,
+        };
+        if self.0.send(s).is_ok() {
+            let _ = written.await;
+        }
+    }
+}
+
+/// Counts one recorded outcome. Deferrals spent no attempt (the breaker
+/// counts its rejections).
+#[cfg(feature = "metrics")]
+fn record_outcome_metrics(_msg: &SentMessage, outcome: &DeliveryOutcome) {
+    let outcome = match outcome {
+        DeliveryOutcome::Delivered => Some("delivered"),
+        DeliveryOutcome::Retry { .. } => Some("retry"),
+        DeliveryOutcome::Dead { .. } => Some("dead"),
+        DeliveryOutcome::Deferred { .. } => None,
+    };
+    if let Some(outcome) = outcome {
+        metrics::counter!("outbox_delivery_attempts_total", "outcome" => outcome).increment(1);
+    }
+}
+
 const RETURNING: &str = "id, destination, method, path, headers, body, kind, correlation_id, \
                          idempotency_key, attempts, created_at";
 
@@ -285,12 +338,30 @@ impl Relay {
     /// by the lease: past it the message is left to expire and be claimed
     /// again, and the slot is freed.
     pub async fn run(self, stop: CancellationToken) {
-        let wake = self.outbox.wake_handle();
         #[cfg(feature = "postgres")]
         let listener = (self.outbox.db().backend() == Backend::Postgres)
             .then(|| tokio::spawn(listen(self.outbox.clone(), stop.clone())));
         #[cfg(not(feature = "postgres"))]
         let listener: Option<tokio::task::JoinHandle<()>> = None;
+        let notifier = tokio::spawn(self.outbox.clone().send_notifies(stop.clone()));
+        let (settle_tx, settle_rx) = tokio::sync::mpsc::unbounded_channel();
+        let settler = Settler(settle_tx);
+        tokio::join!(self.claim_loop(&stop, settler), self.settle_loop(settle_rx));
+        if let Err(e) = self.release_leases().await {
+            tracing::warn!(error = %e, "could not release leases; they expire on their own");
+        }
+        if let Some(l) = listener {
+            l.abort();
+        }
+        notifier.abort();
+        tracing::info!(owner = %self.config.owner, "relay stopped");
+    }
+
+    /// Claims and sends until `stop`, then lets the sends in flight finish.
+    /// Outcomes go to the settle loop through `settler`; dropping it (with
+    /// the last send) ends that loop.
+    async fn claim_loop(&self, stop: &CancellationToken, settler: Settler) {
+        let wake = self.outbox.wake_handle();
         let mut last_purge = tokio::time::Instant::now();
         let concurrency = self.config.concurrency.max(1);
         // Claim again once this many slots are free (or nothing is in flight).
@@ -306,7 +377,7 @@ impl Relay {
                     Ok(batch) => {
                         full = batch.len() as i64 >= limit;
                         for c in batch {
-                            in_flight.push(self.deliver_bounded(c));
+                            in_flight.push(self.deliver_bounded(c, Some(settler.clone())));
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "relay round failed; will retry"),
@@ -332,19 +403,143 @@ impl Relay {
             }
         }
         while in_flight.next().await.is_some() {}
-        if let Err(e) = self.release_leases().await {
-            tracing::warn!(error = %e, "could not release leases; they expire on their own");
+    }
+
+    /// Writes outcomes as they arrive, in batches: every outcome that queued
+    /// while the previous batch was being written goes into the next one
+    /// transaction (group commit, with no added wait). A batch that fails is
+    /// written again one outcome per transaction, as [`Relay::settle`] does,
+    /// so one bad outcome cannot hold back the others. Ends when every
+    /// [`Settler`] is gone and the queue is empty.
+    async fn settle_loop(&self, mut rx: tokio::sync::mpsc::UnboundedReceiver<Settlement>) {
+        let mut batch: Vec<Settlement> = Vec::new();
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            while batch.len() < SETTLE_BATCH {
+                match rx.try_recv() {
+                    Ok(s) => batch.push(s),
+                    Err(_) => break,
+                }
+            }
+            if batch.len() == 1 {
+                for s in batch.drain(..) {
+                    self.settle(&s.msg, s.outcome, s.response.as_ref()).await;
+                    let _ = s.done.send(());
+                }
+                continue;
+            }
+            match self.settle_batch(&batch).await {
+                Ok(()) => {
+                    for s in batch.drain(..) {
+                        #[cfg(feature = "metrics")]
+                        record_outcome_metrics(&s.msg, &s.outcome);
+                        let _ = s.done.send(());
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, n = batch.len(), "batched outcomes failed; writing them one by one");
+                    for s in batch.drain(..) {
+                        self.settle(&s.msg, s.outcome, s.response.as_ref()).await;
+                        let _ = s.done.send(());
+                    }
+                }
+            }
         }
-        if let Some(l) = listener {
-            l.abort();
+    }
+
+    /// Several outcomes in one transaction: one `UPDATE` for all deliveries
+    /// with the same status, then the owner's reactions, one statement per
+    /// retry or dead letter. Every row is still guarded by `lease_owner = me
+    /// AND status = 'pending'`, so a batch written after its leases were
+    /// taken over (or a batch written again after an ambiguous commit)
+    /// changes nothing and runs no reaction twice.
+    async fn settle_batch(&self, batch: &[Settlement]) -> Result<(), OutboxError> {
+        let now = now_ms();
+        let mut tx = self.outbox.db().begin().await?;
+        // Deliveries, grouped by the peer's status.
+        let mut statuses: Vec<u16> = Vec::new();
+        for s in batch {
+            if let (DeliveryOutcome::Delivered, Some(res)) = (&s.outcome, &s.response) {
+                let st = res.status().as_u16();
+                if !statuses.contains(&st) {
+                    statuses.push(st);
+                }
+            }
         }
-        tracing::info!(owner = %self.config.owner, "relay stopped");
+        let mut won: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for st in statuses {
+            let ids: Vec<&str> = batch
+                .iter()
+                .filter(|s| {
+                    matches!(s.outcome, DeliveryOutcome::Delivered)
+                        && s.response.as_ref().map(|r| r.status().as_u16()) == Some(st)
+                })
+                .map(|s| s.msg.id.as_str())
+                .collect();
+            let marks: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 4)).collect();
+            let sql = format!(
+                "UPDATE outbox SET status = 'delivered', attempts = attempts + 1,                  delivered_at = $1, updated_at = $1, lease_owner = NULL, lease_until = NULL,                  last_status = $2, last_error = NULL                  WHERE lease_owner = $3 AND status = 'pending' AND id IN ({}) RETURNING id",
+                marks.join(", ")
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&sql)
+                .bind(now)
+                .bind(i64::from(st))
+                .bind(&self.config.owner);
+            for id in &ids {
+                q = q.bind(*id);
+            }
+            won.extend(q.fetch_all(&mut *tx).await?);
+        }
+        for s in batch {
+            match (&s.outcome, &s.response) {
+                (DeliveryOutcome::Delivered, Some(res)) => {
+                    if won.contains(&s.msg.id) {
+                        self.handler.delivered(&mut tx, &s.msg, res).await?;
+                    } else {
+                        tracing::warn!(id = %s.msg.id, "lease lost before the outcome was recorded; another relay owns it");
+                    }
+                }
+                (DeliveryOutcome::Delivered, None) => {}
+                (
+                    DeliveryOutcome::Retry {
+                        delay,
+                        reason,
+                        status,
+                    },
+                    _,
+                ) => {
+                    tracing::debug!(id = %s.msg.id, kind = %s.msg.kind, %reason, ?delay, "delivery failed; rescheduled");
+                    self.reschedule_in(&mut tx, &s.msg, *delay, Some(reason), *status, true)
+                        .await?;
+                }
+                (DeliveryOutcome::Deferred { delay }, _) => {
+                    tracing::debug!(id = %s.msg.id, ?delay, "circuit open; deferred");
+                    self.reschedule_in(&mut tx, &s.msg, *delay, None, None, false)
+                        .await?;
+                }
+                (DeliveryOutcome::Dead { reason, status }, _) => {
+                    tracing::warn!(id = %s.msg.id, kind = %s.msg.kind, %reason, "message dead-lettered");
+                    if self.dead_in(&mut tx, &s.msg, reason, *status).await? {
+                        self.handler.dead(&mut tx, &s.msg, reason).await?;
+                    }
+                }
+            }
+        }
+        tx.commit().await?;
+        #[cfg(feature = "metrics")]
+        for s in batch {
+            if won.contains(&s.msg.id) {
+                metrics::histogram!("outbox_delivery_seconds")
+                    .record(now.saturating_sub(s.msg.created_at).max(0) as f64 / 1000.0);
+            }
+        }
+        Ok(())
     }
 
     /// One send and its outcome, bounded by the lease.
-    async fn deliver_bounded(&self, c: Claimed) {
+    async fn deliver_bounded(&self, c: Claimed, settler: Option<Settler>) {
         let id = c.msg.id.clone();
-        if tokio::time::timeout(self.config.lease, self.deliver(c))
+        if tokio::time::timeout(self.config.lease, self.deliver(c, settler))
             .await
             .is_err()
         {
@@ -365,7 +560,7 @@ impl Relay {
                     }
                     return;
                 }
-                self.deliver(c).await;
+                self.deliver(c, None).await;
             })
             .await;
         Ok(n)
@@ -426,7 +621,7 @@ impl Relay {
     /// One attempt at one message, in a span carrying the message's
     /// `trace_id` (from its stored `traceparent`), so every log line of the
     /// attempt has it.
-    async fn deliver(&self, c: Claimed) {
+    async fn deliver(&self, c: Claimed, settler: Option<Settler>) {
         use tracing::Instrument;
         let span = tracing::info_span!(
             "outbox_delivery",
@@ -444,10 +639,10 @@ impl Relay {
         {
             span.record("trace_id", trace_id.as_str());
         }
-        self.deliver_traced(c).instrument(span).await
+        self.deliver_traced(c, settler).instrument(span).await
     }
 
-    async fn deliver_traced(&self, c: Claimed) {
+    async fn deliver_traced(&self, c: Claimed, settler: Option<Settler>) {
         let attempt = u32::try_from(c.msg.attempts).unwrap_or(u32::MAX);
         let outcome = match self.request(&c) {
             Err(reason) => {
@@ -475,7 +670,10 @@ impl Relay {
             self.block(&c.request.destination, now_ms() + delay.as_millis() as i64);
         }
         let outcome = self.apply_limits(&c.msg, outcome);
-        self.settle(&c.msg, outcome, response.as_ref()).await;
+        match settler {
+            Some(settler) => settler.settle(c.msg, outcome, response).await,
+            None => self.settle(&c.msg, outcome, response.as_ref()).await,
+        }
     }
 
     /// Turns a retry into a dead letter once the attempt or age limit is reached.
@@ -534,17 +732,7 @@ impl Relay {
         };
         #[cfg(feature = "metrics")]
         if result.is_ok() {
-            // Deferrals spent no attempt (the breaker counts its rejections).
-            let outcome = match &outcome {
-                DeliveryOutcome::Delivered => Some("delivered"),
-                DeliveryOutcome::Retry { .. } => Some("retry"),
-                DeliveryOutcome::Dead { .. } => Some("dead"),
-                DeliveryOutcome::Deferred { .. } => None,
-            };
-            if let Some(outcome) = outcome {
-                metrics::counter!("outbox_delivery_attempts_total", "outcome" => outcome)
-                    .increment(1);
-            }
+            record_outcome_metrics(msg, &outcome);
         }
         if let Err(e) = result {
             // The lease runs out and the message is claimed again: at worst a
@@ -606,6 +794,21 @@ impl Relay {
         status: Option<u16>,
         spent_attempt: bool,
     ) -> Result<(), OutboxError> {
+        let mut conn = self.outbox.db().pool().acquire().await?;
+        self.reschedule_in(&mut conn, msg, delay, error, status, spent_attempt)
+            .await
+    }
+
+    /// [`Relay::reschedule`] on a given connection (or transaction).
+    async fn reschedule_in(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        msg: &SentMessage,
+        delay: Duration,
+        error: Option<&str>,
+        status: Option<u16>,
+        spent_attempt: bool,
+    ) -> Result<(), OutboxError> {
         let now = now_ms();
         sqlx::query(
             "UPDATE outbox SET attempts = attempts + $1, next_attempt_at = $2, updated_at = $3, \
@@ -620,7 +823,7 @@ impl Relay {
         .bind(status.map(i64::from))
         .bind(&msg.id)
         .bind(&self.config.owner)
-        .execute(self.outbox.db().pool())
+        .execute(&mut *conn)
         .await?;
         Ok(())
     }
@@ -631,25 +834,35 @@ impl Relay {
         reason: &str,
         status: Option<u16>,
     ) -> Result<(), OutboxError> {
-        let now = now_ms();
         let mut tx = self.outbox.db().begin().await?;
+        if self.dead_in(&mut tx, msg, reason, status).await? {
+            self.handler.dead(&mut tx, msg, reason).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Marks `msg` dead if this relay still holds it; true if it did.
+    async fn dead_in(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        msg: &SentMessage,
+        reason: &str,
+        status: Option<u16>,
+    ) -> Result<bool, OutboxError> {
         let updated = sqlx::query(
             "UPDATE outbox SET status = 'dead', attempts = attempts + 1, updated_at = $1, \
              lease_owner = NULL, lease_until = NULL, last_error = $2, last_status = $3 \
              WHERE id = $4 AND lease_owner = $5 AND status = 'pending'",
         )
-        .bind(now)
+        .bind(now_ms())
         .bind(reason)
         .bind(status.map(i64::from))
         .bind(&msg.id)
         .bind(&self.config.owner)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
-        if updated.rows_affected() == 1 {
-            self.handler.dead(&mut tx, msg, reason).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        Ok(updated.rows_affected() == 1)
     }
 
     async fn release(&self, id: &str) -> Result<(), OutboxError> {
