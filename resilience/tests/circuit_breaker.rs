@@ -623,3 +623,29 @@ async fn many_clones_admit_exactly_n_probes() {
         assert_eq!(b.snapshot().half_open_permits_available, N as u32);
     }
 }
+
+#[test]
+fn open_rejection_reports_exact_retry_after_and_until() {
+    use resilience::circuit_breaker::{Clock, ManualClock};
+    let clock = ManualClock::new();
+    let b = BreakerHandle::new(cfg().clock(clock.clone()).build().unwrap());
+    b.transition_to_open();
+    let opened = clock.now();
+    clock.advance(Duration::from_millis(3_250));
+    let e = b.check().expect_err("open");
+    assert_eq!(e.state(), State::Open);
+    assert_eq!(e.retry_after(), Duration::from_millis(6_750));
+    assert_eq!(e.until(), opened + 10 * S);
+    assert_eq!(b.snapshot().rejected, 1);
+    // One nanosecond before the deadline: still rejected, 1 ns to wait.
+    clock.advance(Duration::from_millis(6_750) - Duration::from_nanos(1));
+    let e = b.check().expect_err("still open");
+    assert_eq!(e.retry_after(), Duration::from_nanos(1));
+    assert_eq!(e.until(), opened + 10 * S);
+    assert_eq!(b.snapshot().rejected, 2);
+    // At the deadline: a probe is admitted.
+    clock.advance(Duration::from_nanos(1));
+    b.check().expect("half-open probe");
+    assert_eq!(b.state(), State::HalfOpen);
+    assert_eq!(b.snapshot().rejected, 2);
+}

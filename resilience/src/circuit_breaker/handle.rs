@@ -279,7 +279,24 @@ impl Shared {
 
     #[inline]
     fn now_nanos(&self) -> u64 {
-        dur_nanos(self.cfg.clock.now().saturating_duration_since(self.origin))
+        self.nanos_at(self.clock_now())
+    }
+
+    /// The clock, never earlier than `origin` (so that `nanos_at` and
+    /// `instant` round-trip exactly).
+    #[inline]
+    fn clock_now(&self) -> Instant {
+        self.cfg.clock.now().max(self.origin)
+    }
+
+    /// Nanoseconds from `origin` to `at` (saturating), the same value as
+    /// `dur_nanos(at - origin)` without the 128-bit detour.
+    #[inline]
+    fn nanos_at(&self, at: Instant) -> u64 {
+        let d = at.saturating_duration_since(self.origin);
+        d.as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(d.subsec_nanos()))
     }
 
     fn instant(&self, nanos: u64) -> Instant {
@@ -289,6 +306,28 @@ impl Shared {
     fn reject(&self, state: State, now: u64, retry_after: Duration) -> CircuitOpen {
         self.rejected.fetch_add(1, Ordering::Relaxed);
         CircuitOpen::new(state, self.instant(now), retry_after)
+    }
+
+    /// The open-state admission: one clock read, and while the wait is not
+    /// over, a rejection built from that same reading (no conversion back
+    /// from nanoseconds to an `Instant`). `Ok(now)` once the wait is over:
+    /// the caller makes the open → half-open transition as of `now`.
+    #[inline]
+    fn reject_open(&self) -> Result<u64, CircuitOpen> {
+        let at = self.clock_now();
+        let until = self.open_until.load(Ordering::Acquire);
+        let now = self.nanos_at(at);
+        if now >= until {
+            return Ok(now);
+        }
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        // `at == instant(now)` (`at >= origin`, nanosecond resolution), so
+        // this is the value `reject` would build.
+        Err(CircuitOpen::new(
+            State::Open,
+            at,
+            Duration::from_nanos(until - now),
+        ))
     }
 
     /// Admits a call or says why not. The closed, untimed case is inlined
@@ -315,13 +354,9 @@ impl Shared {
                 METRICS_ONLY => PermitKind::MetricsOnly,
                 DISABLED => PermitKind::Untracked,
                 OPEN => {
-                    let now = self.now_nanos();
-                    let until = self.open_until.load(Ordering::Acquire);
-                    if now >= until {
-                        self.transition_if(gen, State::HalfOpen, now);
-                        continue;
-                    }
-                    return Err(self.reject(State::Open, now, Duration::from_nanos(until - now)));
+                    let now = self.reject_open()?;
+                    self.transition_if(gen, State::HalfOpen, now);
+                    continue;
                 }
                 FORCED_OPEN => {
                     let now = self.now_nanos();
