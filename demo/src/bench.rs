@@ -215,6 +215,8 @@ pub struct ModeReport {
     pub writes: Writes,
     /// Peak resident memory of each service.
     pub rss: Rss,
+    /// CPU time each service spent per delivered order.
+    pub cpu: Cpu,
     /// The figures against the ceiling and against at-most-once.
     pub ratios: Ratios,
 }
@@ -261,12 +263,27 @@ pub struct Writes {
     /// `pg_stat_database.xact_commit` (read-only transactions included),
     /// minus the benchmark's own probes.
     pub commits_per_order: Option<f64>,
+    /// Write transactions: transaction ids the server handed out while the
+    /// mode ran (Postgres assigns one only to a transaction that writes;
+    /// read-only ones and the benchmark's probes take none). Server-wide, so
+    /// both services count, and so would anything else writing meanwhile.
+    pub write_commits_per_order: Option<f64>,
     /// `tup_inserted + tup_updated + tup_deleted`.
     pub rows_written_per_order: Option<f64>,
     /// `pg_stat_statements` calls (BEGIN and COMMIT included).
     pub statements_per_order: Option<f64>,
     /// `pg_stat_statements` calls of `COMMIT` (explicit transactions).
     pub commit_statements_per_order: Option<f64>,
+}
+
+/// CPU time (user + system) of each service process from its start to the
+/// last order shipped, in milliseconds per delivered order.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Cpu {
+    /// order-service.
+    pub order_ms_per_order: Option<f64>,
+    /// shipping-service.
+    pub shipping_ms_per_order: Option<f64>,
 }
 
 /// `VmHWM` of each service process, kB.
@@ -353,6 +370,23 @@ fn parse_loadavg(text: &str) -> Option<LoadAvg> {
         five: it.next()??,
         fifteen: it.next()??,
     })
+}
+
+/// CPU time (user + system, ms) a running process has used so far.
+pub fn cpu_ms(pid: u32) -> Option<f64> {
+    parse_cpu_ms(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn parse_cpu_ms(stat: &str) -> Option<f64> {
+    // Fields after the command name (which may hold spaces, hence the last
+    // ')'): state is the first, utime the 12th, stime the 13th; in clock
+    // ticks of USER_HZ, which Linux fixes at 100 for user space.
+    const USER_HZ: f64 = 100.0;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) * 1000.0 / USER_HZ)
 }
 
 /// Peak resident set (`VmHWM`, kB) of a running process.
@@ -706,6 +740,14 @@ async fn run_mode_on(
         order_kb: cluster.order.pid().and_then(peak_rss_kb),
         shipping_kb: cluster.shipping.pid().and_then(peak_rss_kb),
     };
+    let per_order = |ms: Option<f64>| {
+        ms.filter(|_| e2e.shipped > 0)
+            .map(|ms| ms / e2e.shipped as f64)
+    };
+    let cpu = Cpu {
+        order_ms_per_order: per_order(cluster.order.pid().and_then(cpu_ms)),
+        shipping_ms_per_order: per_order(cluster.shipping.pid().and_then(cpu_ms)),
+    };
     cluster.stop().await?;
     probe.close().await;
 
@@ -724,6 +766,7 @@ async fn run_mode_on(
         e2e,
         writes,
         rss,
+        cpu,
         ratios: Ratios::default(),
     };
     Ok((report, pss))
@@ -853,6 +896,8 @@ async fn await_shipped(
 struct PgStats {
     commits: i64,
     rows: i64,
+    /// The next transaction id to be assigned (server-wide).
+    next_xid: i64,
     statements: Option<i64>,
     commit_statements: Option<i64>,
 }
@@ -869,19 +914,20 @@ async fn enable_statements(probe: &Db) -> anyhow::Result<bool> {
     if loaded == 0 {
         return Ok(false);
     }
-    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements SCHEMA public")
         .execute(probe.pool())
         .await?;
     Ok(true)
 }
 
 const PG_STATS: &str = "/* bench-probe */ SELECT CAST(xact_commit AS BIGINT), \
-     CAST(tup_inserted + tup_updated + tup_deleted AS BIGINT) \
+     CAST(tup_inserted + tup_updated + tup_deleted AS BIGINT), \
+     CAST(txid_snapshot_xmax(txid_current_snapshot()) AS BIGINT) \
      FROM pg_stat_database WHERE datname = current_database()";
 
 const PG_STATEMENTS: &str = "/* bench-probe */ SELECT CAST(COALESCE(SUM(s.calls), 0) AS BIGINT), \
      CAST(COALESCE(SUM(s.calls) FILTER (WHERE upper(btrim(s.query)) = 'COMMIT'), 0) AS BIGINT) \
-     FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
+     FROM public.pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
      WHERE d.datname = current_database() AND s.query NOT LIKE '%bench-probe%'";
 
 async fn pg_stats(probe: &Db, statements: bool, own: &AtomicU64) -> anyhow::Result<PgStats> {
@@ -890,6 +936,7 @@ async fn pg_stats(probe: &Db, statements: bool, own: &AtomicU64) -> anyhow::Resu
     let mut stats = PgStats {
         commits: row.try_get(0)?,
         rows: row.try_get(1)?,
+        next_xid: row.try_get(2)?,
         ..PgStats::default()
     };
     if statements {
@@ -927,6 +974,7 @@ async fn pg_stats_after(url: &str, statements: bool) -> anyhow::Result<PgStats> 
     let mut stats = PgStats {
         commits: row.try_get(0)?,
         rows: row.try_get(1)?,
+        next_xid: row.try_get(2)?,
         ..PgStats::default()
     };
     if statements {
@@ -946,6 +994,7 @@ fn writes_per_order(before: &PgStats, after: &PgStats, own: u64, delivered: usiz
     let own = i64::try_from(own).unwrap_or(i64::MAX);
     Writes {
         commits_per_order: Some(per(after.commits - before.commits - own)),
+        write_commits_per_order: Some(per(after.next_xid - before.next_xid)),
         rows_written_per_order: Some(per(after.rows - before.rows)),
         statements_per_order: after
             .statements
@@ -1038,13 +1087,14 @@ pub fn render(report: &BenchReport) -> String {
         let _ = writeln!(
             out,
             "| mode | ingest req/s | ÷ ceiling | p50 ms | p99 ms | e2e orders/s | ÷ ceiling \
-             | ÷ at-most-once | commits/order | rows/order | statements/order \
-             | RSS order MB | RSS shipping MB | load |"
+             | ÷ at-most-once | write tx/order | commits/order | rows/order \
+             | statements/order | CPU ms/order (order / shipping) | RSS order MB \
+             | RSS shipping MB | load |"
         );
         let _ = writeln!(
             out,
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: \
-             | ---: | --- |"
+             | ---: | ---: | ---: | --- |"
         );
         for m in &b.modes {
             let e2e = if m.e2e.complete {
@@ -1064,7 +1114,7 @@ pub fn render(report: &BenchReport) -> String {
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} → {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} → {} |",
                 m.mode,
                 ingest,
                 opt(m.ratios.ingest_to_ceiling, 2),
@@ -1073,9 +1123,12 @@ pub fn render(report: &BenchReport) -> String {
                 e2e,
                 opt(m.ratios.e2e_to_ceiling, 2),
                 opt(m.ratios.e2e_to_at_most_once, 2),
+                opt(m.writes.write_commits_per_order, 2),
                 opt(m.writes.commits_per_order, 2),
                 opt(m.writes.rows_written_per_order, 2),
                 opt(m.writes.statements_per_order, 1),
+                opt(m.cpu.order_ms_per_order, 2),
+                opt(m.cpu.shipping_ms_per_order, 2),
                 mb(m.rss.order_kb),
                 mb(m.rss.shipping_kb),
                 load(m.load_start),
@@ -1089,7 +1142,10 @@ pub fn render(report: &BenchReport) -> String {
          e2e: first order created to last shipped, from order-service's database; \
          ÷ ceiling: against the commit loop above, same backend, same run; \
          ÷ at-most-once: against the baseline mode in the same run; \
+         write tx: transactions that wrote (transaction ids assigned, server-wide), \
+         commits: all commits, read-only ones included; \
          commits, rows, statements: per delivered order, both services together; \
+         CPU: user + system time of each service process over the run, per delivered order; \
          RSS: peak (VmHWM); load: 1-minute load average when the mode started → ended."
     );
     for n in &report.notes {
@@ -1189,6 +1245,7 @@ mod tests {
                 orders_per_s: e2e,
             },
             writes: Writes::default(),
+            cpu: Cpu::default(),
             rss: Rss {
                 order_kb: Some(20480),
                 shipping_kb: None,
@@ -1282,6 +1339,13 @@ mod tests {
     }
 
     #[test]
+    fn cpu_time_parses_past_a_command_with_spaces() {
+        let stat = "4242 (tokio rt) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0";
+        assert_eq!(parse_cpu_ms(stat), Some(3000.0));
+        assert_eq!(parse_cpu_ms("4242 (x) S 1"), None);
+    }
+
+    #[test]
     fn numbers_group_thousands() {
         assert_eq!(num(0.4), "0");
         assert_eq!(num(999.0), "999");
@@ -1294,17 +1358,20 @@ mod tests {
         let before = PgStats {
             commits: 100,
             rows: 0,
+            next_xid: 1000,
             statements: Some(10),
             commit_statements: Some(1),
         };
         let after = PgStats {
             commits: 1110,
             rows: 500,
+            next_xid: 1300,
             statements: Some(2010),
             commit_statements: Some(301),
         };
         let w = writes_per_order(&before, &after, 10, 100);
         assert_eq!(w.commits_per_order, Some(10.0));
+        assert_eq!(w.write_commits_per_order, Some(3.0));
         assert_eq!(w.rows_written_per_order, Some(5.0));
         assert_eq!(w.statements_per_order, Some(20.0));
         assert_eq!(w.commit_statements_per_order, Some(3.0));

@@ -232,7 +232,7 @@ impl OrderStore {
         .bind(error)
         .bind(now_ms())
         .bind(id.to_string())
-        .execute(self.db.pool())
+        .execute(self.db.writer())
         .await?;
         Ok(())
     }

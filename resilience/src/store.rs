@@ -99,6 +99,10 @@ impl DbOptions {
 #[derive(Debug, Clone)]
 pub struct Db {
     pool: AnyPool,
+    /// SQLite: the one connection every write goes through, so writers
+    /// queue in-process (first come, first served) instead of polling the
+    /// file lock. Postgres: the pool itself.
+    writer: AnyPool,
     backend: Backend,
     url: String,
     schema: String,
@@ -145,11 +149,11 @@ impl Db {
         let pool_opts = AnyPoolOptions::new()
             .max_connections(opts.max_connections)
             .acquire_timeout(opts.acquire_timeout);
-        let pool = match backend {
+        let (pool, writer) = match backend {
             Backend::Sqlite => {
                 let busy_ms = opts.acquire_timeout.as_millis();
-                pool_opts
-                    .after_connect(move |conn, _meta| {
+                let pragmas = move |pool_opts: AnyPoolOptions| {
+                    pool_opts.after_connect(move |conn, _meta| {
                         Box::pin(async move {
                             // WAL lets readers proceed while one writer commits;
                             // NORMAL sync is durable across process crashes in WAL mode.
@@ -161,8 +165,24 @@ impl Db {
                             Ok(())
                         })
                     })
-                    .connect_with(connect_opts)
-                    .await?
+                };
+                // SQLite lets one connection write at a time. Writers that
+                // each hold a connection of their own wait for the file lock
+                // by sleeping and polling (busy timeout), which wastes the
+                // lock's idle moments and stretches the tail (issue 14).
+                // One writer connection makes them queue in the pool's
+                // in-process wait list instead: the lock is handed over the
+                // moment it is free. Other processes on the same file still
+                // meet the busy timeout.
+                let writer = pragmas(
+                    AnyPoolOptions::new()
+                        .max_connections(1)
+                        .acquire_timeout(opts.acquire_timeout),
+                )
+                .connect_with(connect_opts.clone())
+                .await?;
+                let pool = pragmas(pool_opts).connect_with(connect_opts).await?;
+                (pool, writer)
             }
             Backend::Postgres => {
                 // Create the schema once, on a connection of its own, before the
@@ -190,7 +210,7 @@ impl Db {
                     keepalive * 1000,
                 );
                 let search_path = session;
-                pool_opts
+                let pool = pool_opts
                     .after_connect(move |conn, _meta| {
                         let search_path = search_path.clone();
                         Box::pin(async move {
@@ -199,11 +219,13 @@ impl Db {
                         })
                     })
                     .connect_with(connect_opts)
-                    .await?
+                    .await?;
+                (pool.clone(), pool)
             }
         };
         Ok(Self {
             pool,
+            writer,
             backend,
             url,
             schema: opts.schema.clone(),
@@ -233,9 +255,17 @@ impl Db {
         self.migrate(m).await
     }
 
-    /// The pool, for queries outside a transaction.
+    /// The pool, for reads outside a transaction.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// Where writes outside a transaction go: on SQLite the single writer
+    /// connection that [`Db::begin`] also uses (writers queue in-process),
+    /// on Postgres the pool. Do not call it while holding a transaction of
+    /// this `Db` on SQLite: that waits for the connection it holds.
+    pub fn writer(&self) -> &AnyPool {
+        &self.writer
     }
 
     /// Which engine this is.
@@ -257,11 +287,13 @@ impl Db {
     /// Begins a transaction that will write.
     ///
     /// On SQLite this is `BEGIN IMMEDIATE`: the write lock is taken up front, so
-    /// a transaction that reads then writes waits for the lock (busy timeout)
-    /// instead of failing with `SQLITE_BUSY` when it tries to upgrade.
+    /// a transaction that reads then writes waits for the lock instead of
+    /// failing with `SQLITE_BUSY` when it tries to upgrade; and it runs on
+    /// the one writer connection (see [`Db::writer`]), so writers of this
+    /// process wait in line in-process rather than polling the file lock.
     pub async fn begin(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
         match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await,
             Backend::Postgres => self.pool.begin().await,
         }
     }
@@ -277,6 +309,7 @@ impl Db {
     /// Closes the pool, waiting for connections to be returned.
     pub async fn close(&self) {
         self.pool.close().await;
+        self.writer.close().await;
     }
 }
 

@@ -173,7 +173,7 @@ impl Warehouse {
         };
         if let Err(e) = self
             .store
-            .record_report(self.store.db().pool(), shipment.id, error.as_deref())
+            .record_report(self.store.db().writer(), shipment.id, error.as_deref())
             .await
         {
             tracing::error!(shipment_id = %shipment.id, error = %e, "could not record the report outcome");

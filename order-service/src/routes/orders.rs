@@ -131,7 +131,7 @@ async fn deliver_at_most_once(app: AppState, order: Order, trace: TraceContext) 
             tracing::info!(order_id = %id, %shipment_id, "shipping accepted the order");
             match app
                 .store
-                .record_accepted(app.store.db().pool(), id, Some(shipment_id), None)
+                .record_accepted(app.store.db().writer(), id, Some(shipment_id), None)
                 .await
             {
                 Ok(_) => app.store.record_attempt(id, None).await,

@@ -431,7 +431,7 @@ impl FeedConsumer {
         )
         .bind(&self.config.feed)
         .bind(now)
-        .execute(self.db.pool())
+        .execute(self.db.writer())
         .await?;
         let position: Option<i64> = sqlx::query_scalar(
             "UPDATE feed_offsets SET holder = $2, lease_until = $3, updated_at = $4, \
@@ -443,7 +443,7 @@ impl FeedConsumer {
         .bind(&self.config.holder)
         .bind(now + self.lease_ms())
         .bind(now)
-        .fetch_optional(self.db.pool())
+        .fetch_optional(self.db.writer())
         .await?;
         Ok(position.map(|p| Held {
             offset: p,
@@ -491,7 +491,7 @@ impl FeedConsumer {
         if held.renewed.elapsed() < self.config.lease / 3 {
             return Ok(());
         }
-        if self.renew(self.db.pool(), held.committed).await? != 1 {
+        if self.renew(self.db.writer(), held.committed).await? != 1 {
             return Err(RoundError::Lost);
         }
         held.renewed = Instant::now();
@@ -512,7 +512,7 @@ impl FeedConsumer {
         .bind(held.head)
         .bind(now + self.lease_ms())
         .bind(now)
-        .execute(self.db.pool())
+        .execute(self.db.writer())
         .await?
         .rows_affected();
         if n != 1 {
@@ -542,7 +542,7 @@ impl FeedConsumer {
         .bind(&self.config.feed)
         .bind(&self.config.holder)
         .bind(now_ms())
-        .execute(self.db.pool())
+        .execute(self.db.writer())
         .await;
         if let Err(e) = res {
             tracing::warn!(feed = %self.config.feed, error = %e, "could not release the lease; it runs out on its own");
@@ -795,7 +795,7 @@ impl FeedConsumer {
         .bind(feed)
         .bind(id)
         .bind(now_ms())
-        .execute(db.pool())
+        .execute(db.writer())
         .await?
         .rows_affected();
         Ok(n == 1)
@@ -809,7 +809,7 @@ impl FeedConsumer {
         )
         .bind(feed)
         .bind(now_ms())
-        .execute(db.pool())
+        .execute(db.writer())
         .await?
         .rows_affected();
         Ok(n)
@@ -828,7 +828,7 @@ impl FeedConsumer {
         .bind(feed)
         .bind(position)
         .bind(now)
-        .execute(db.pool())
+        .execute(db.writer())
         .await?;
         Ok(())
     }

@@ -60,7 +60,7 @@ impl IdempotencyReaper {
 
     /// Deletes at most one batch of records expired now.
     pub async fn reap_batch(&self) -> Result<u64, IdempotencyError> {
-        Ok(record::delete_expired(self.db.pool(), now_ms(), self.batch).await?)
+        Ok(record::delete_expired(self.db.writer(), now_ms(), self.batch).await?)
     }
 
     /// Deletes batches until none is full.
@@ -68,7 +68,7 @@ impl IdempotencyReaper {
         let now = now_ms();
         let mut total = 0;
         loop {
-            let n = record::delete_expired(self.db.pool(), now, self.batch).await?;
+            let n = record::delete_expired(self.db.writer(), now, self.batch).await?;
             total += n;
             if n < self.batch as u64 {
                 return Ok(total);

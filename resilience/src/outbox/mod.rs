@@ -437,7 +437,7 @@ impl Outbox {
         )
         .bind(now)
         .bind(id)
-        .execute(self.db.pool())
+        .execute(self.db.writer())
         .await?;
         if res.rows_affected() == 1 {
             self.notify();
@@ -454,7 +454,7 @@ impl Outbox {
              lease_owner = NULL, lease_until = NULL, updated_at = $1 WHERE status = 'dead'",
         )
         .bind(now)
-        .execute(self.db.pool())
+        .execute(self.db.writer())
         .await?;
         if res.rows_affected() > 0 {
             self.notify();
@@ -475,7 +475,7 @@ impl Outbox {
         )
         .bind(cutoff)
         .bind(batch)
-        .execute(self.db.pool())
+        .execute(self.db.writer())
         .await?;
         Ok(res.rows_affected())
     }

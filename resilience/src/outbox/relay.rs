@@ -603,7 +603,7 @@ impl Relay {
         for d in &blocked {
             query = query.bind(d);
         }
-        let rows = query.fetch_all(self.outbox.db().pool()).await?;
+        let rows = query.fetch_all(self.outbox.db().writer()).await?;
         rows.iter().map(claimed_from_row).collect()
     }
 
@@ -794,7 +794,7 @@ impl Relay {
         status: Option<u16>,
         spent_attempt: bool,
     ) -> Result<(), OutboxError> {
-        let mut conn = self.outbox.db().pool().acquire().await?;
+        let mut conn = self.outbox.db().writer().acquire().await?;
         self.reschedule_in(&mut conn, msg, delay, error, status, spent_attempt)
             .await
     }
@@ -872,7 +872,7 @@ impl Relay {
         )
         .bind(id)
         .bind(&self.config.owner)
-        .execute(self.outbox.db().pool())
+        .execute(self.outbox.db().writer())
         .await?;
         Ok(())
     }
@@ -883,7 +883,7 @@ impl Relay {
              WHERE lease_owner = $1 AND status = 'pending'",
         )
         .bind(&self.config.owner)
-        .execute(self.outbox.db().pool())
+        .execute(self.outbox.db().writer())
         .await?;
         Ok(res.rows_affected())
     }
