@@ -1312,7 +1312,7 @@ mod tests {
         assert!(
             text.contains(
                 "| effectively-once | 500 | 0.25 | 1.2 | 9.0 | 300 | 0.15 | 0.75 | n/a | n/a \
-                 | n/a | 20.0 | n/a | 1.50 → n/a |"
+                 | n/a | n/a | n/a / n/a | 20.0 | n/a | 1.50 → n/a |"
             ),
             "{text}"
         );
