@@ -263,10 +263,11 @@ pub struct Writes {
     /// `pg_stat_database.xact_commit` (read-only transactions included),
     /// minus the benchmark's own probes.
     pub commits_per_order: Option<f64>,
-    /// Write transactions: transaction ids the server handed out while the
-    /// mode ran (Postgres assigns one only to a transaction that writes;
-    /// read-only ones and the benchmark's probes take none). Server-wide, so
-    /// both services count, and so would anything else writing meanwhile.
+    /// Write transactions: `COMMIT` records in the write-ahead log while the
+    /// mode ran, counted with `pg_walinspect` (a read-only transaction writes
+    /// none; savepoints commit inside their transaction's record). The log
+    /// is server-wide, so both services count, and so would anything else
+    /// writing meanwhile. `None` without `pg_walinspect`.
     pub write_commits_per_order: Option<f64>,
     /// `tup_inserted + tup_updated + tup_deleted`.
     pub rows_written_per_order: Option<f64>,
@@ -530,12 +531,14 @@ async fn run_backend(cfg: &BenchConfig, backend: &BenchBackend) -> anyhow::Resul
              counted rather than guessed"
             .to_string(),
         BenchBackend::Postgres(_) if statements == Some(true) => {
-            "commits: pg_stat_database.xact_commit (read-only transactions included) minus the \
+            "write tx: COMMIT records in the write-ahead log (pg_walinspect), server-wide; \
+             commits: pg_stat_database.xact_commit (read-only transactions included) minus the \
              benchmark's own probes; rows: tup_inserted + tup_updated + tup_deleted; statements: \
              pg_stat_statements calls (BEGIN and COMMIT included)"
                 .to_string()
         }
-        BenchBackend::Postgres(_) => "commits: pg_stat_database.xact_commit (read-only \
+        BenchBackend::Postgres(_) => "write tx: COMMIT records in the write-ahead log \
+             (pg_walinspect), server-wide; commits: pg_stat_database.xact_commit (read-only \
              transactions included, e.g. relay polls and feed reads) minus the benchmark's own \
              probes; rows: tup_inserted + tup_updated + tup_deleted; statements n/a: \
              pg_stat_statements is not in shared_preload_libraries (the server's config is \
@@ -728,6 +731,7 @@ async fn run_mode_on(
     } else {
         None
     };
+    let wal = postgres && enable_walinspect(&probe).await;
     let before = if postgres {
         Some(pg_stats(&probe, pss == Some(true), &own).await?)
     } else {
@@ -753,7 +757,8 @@ async fn run_mode_on(
 
     let writes = match before {
         Some(before) => {
-            let after = pg_stats_after(&database.url("order"), pss == Some(true)).await?;
+            let since = wal.then_some(before.wal_lsn.as_str());
+            let after = pg_stats_after(&database.url("order"), pss == Some(true), since).await?;
             writes_per_order(&before, &after, own.load(Ordering::Relaxed), e2e.shipped)
         }
         None => Writes::default(),
@@ -892,15 +897,38 @@ async fn await_shipped(
 }
 
 /// Counters of one Postgres database.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct PgStats {
     commits: i64,
     rows: i64,
-    /// The next transaction id to be assigned (server-wide).
-    next_xid: i64,
+    /// The write-ahead log's insert position (server-wide).
+    wal_lsn: String,
+    /// `COMMIT` records since the `before` position (after the mode only).
+    wal_commits: Option<i64>,
     statements: Option<i64>,
     commit_statements: Option<i64>,
 }
+
+/// Creates `pg_walinspect` (Postgres 15 and later, shipped with the server's
+/// contrib modules) in the throwaway database; whether the write-ahead log
+/// can be read to count write commits.
+async fn enable_walinspect(probe: &Db) -> bool {
+    match sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_walinspect SCHEMA public")
+        .execute(probe.pool())
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "pg_walinspect unavailable: write commits not counted");
+            false
+        }
+    }
+}
+
+/// `COMMIT` records in the write-ahead log between two positions.
+const WAL_COMMITS: &str = "/* bench-probe */ SELECT CAST(COALESCE(SUM(count), 0) AS BIGINT) \
+     FROM public.pg_get_wal_stats(CAST($1 AS pg_lsn), CAST($2 AS pg_lsn), true) \
+     WHERE \"resource_manager/record_type\" = 'Transaction/COMMIT'";
 
 /// Creates `pg_stat_statements` in the (throwaway) database when the server
 /// loads it; whether statements can be counted.
@@ -922,7 +950,7 @@ async fn enable_statements(probe: &Db) -> anyhow::Result<bool> {
 
 const PG_STATS: &str = "/* bench-probe */ SELECT CAST(xact_commit AS BIGINT), \
      CAST(tup_inserted + tup_updated + tup_deleted AS BIGINT), \
-     CAST(txid_snapshot_xmax(txid_current_snapshot()) AS BIGINT) \
+     CAST(pg_current_wal_lsn() AS TEXT) \
      FROM pg_stat_database WHERE datname = current_database()";
 
 const PG_STATEMENTS: &str = "/* bench-probe */ SELECT CAST(COALESCE(SUM(s.calls), 0) AS BIGINT), \
@@ -936,7 +964,7 @@ async fn pg_stats(probe: &Db, statements: bool, own: &AtomicU64) -> anyhow::Resu
     let mut stats = PgStats {
         commits: row.try_get(0)?,
         rows: row.try_get(1)?,
-        next_xid: row.try_get(2)?,
+        wal_lsn: row.try_get(2)?,
         ..PgStats::default()
     };
     if statements {
@@ -951,7 +979,11 @@ async fn pg_stats(probe: &Db, statements: bool, own: &AtomicU64) -> anyhow::Resu
 /// The counters once the services and the probe have disconnected (a
 /// backend flushes its counters when it exits), on a plain connection that
 /// runs nothing else.
-async fn pg_stats_after(url: &str, statements: bool) -> anyhow::Result<PgStats> {
+async fn pg_stats_after(
+    url: &str,
+    statements: bool,
+    since_lsn: Option<&str>,
+) -> anyhow::Result<PgStats> {
     let mut conn = sqlx::PgConnection::connect(url).await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -974,13 +1006,22 @@ async fn pg_stats_after(url: &str, statements: bool) -> anyhow::Result<PgStats> 
     let mut stats = PgStats {
         commits: row.try_get(0)?,
         rows: row.try_get(1)?,
-        next_xid: row.try_get(2)?,
+        wal_lsn: row.try_get(2)?,
         ..PgStats::default()
     };
     if statements {
         let row = sqlx::query(PG_STATEMENTS).fetch_one(&mut conn).await?;
         stats.statements = Some(row.try_get(0)?);
         stats.commit_statements = Some(row.try_get(1)?);
+    }
+    if let Some(since) = since_lsn {
+        stats.wal_commits = Some(
+            sqlx::query_scalar(WAL_COMMITS)
+                .bind(since)
+                .bind(&stats.wal_lsn)
+                .fetch_one(&mut conn)
+                .await?,
+        );
     }
     conn.close().await?;
     Ok(stats)
@@ -994,7 +1035,7 @@ fn writes_per_order(before: &PgStats, after: &PgStats, own: u64, delivered: usiz
     let own = i64::try_from(own).unwrap_or(i64::MAX);
     Writes {
         commits_per_order: Some(per(after.commits - before.commits - own)),
-        write_commits_per_order: Some(per(after.next_xid - before.next_xid)),
+        write_commits_per_order: after.wal_commits.map(per),
         rows_written_per_order: Some(per(after.rows - before.rows)),
         statements_per_order: after
             .statements
@@ -1142,7 +1183,7 @@ pub fn render(report: &BenchReport) -> String {
          e2e: first order created to last shipped, from order-service's database; \
          ÷ ceiling: against the commit loop above, same backend, same run; \
          ÷ at-most-once: against the baseline mode in the same run; \
-         write tx: transactions that wrote (transaction ids assigned, server-wide), \
+         write tx: transactions that wrote (COMMIT records in the write-ahead log), \
          commits: all commits, read-only ones included; \
          commits, rows, statements: per delivered order, both services together; \
          CPU: user + system time of each service process over the run, per delivered order; \
@@ -1358,14 +1399,15 @@ mod tests {
         let before = PgStats {
             commits: 100,
             rows: 0,
-            next_xid: 1000,
+            wal_lsn: "0/1000".into(),
             statements: Some(10),
             commit_statements: Some(1),
         };
         let after = PgStats {
             commits: 1110,
             rows: 500,
-            next_xid: 1300,
+            wal_lsn: "0/2000".into(),
+            wal_commits: Some(300),
             statements: Some(2010),
             commit_statements: Some(301),
         };
