@@ -1400,6 +1400,7 @@ mod tests {
             commits: 100,
             rows: 0,
             wal_lsn: "0/1000".into(),
+            wal_commits: None,
             statements: Some(10),
             commit_statements: Some(1),
         };
