@@ -285,6 +285,12 @@ pub struct Cpu {
     pub order_ms_per_order: Option<f64>,
     /// shipping-service.
     pub shipping_ms_per_order: Option<f64>,
+    /// This process while it posted the orders (the load generator).
+    pub client_ms_per_order: Option<f64>,
+    /// Every `postgres` process on the machine, exited backends included
+    /// (through the postmaster's children time), from the first order
+    /// posted to the last shipped. Postgres runs only.
+    pub postgres_ms_per_order: Option<f64>,
 }
 
 /// `VmHWM` of each service process, kB.
@@ -371,6 +377,34 @@ fn parse_loadavg(text: &str) -> Option<LoadAvg> {
         five: it.next()??,
         fifteen: it.next()??,
     })
+}
+
+/// CPU time (ms) of every process named `postgres`, counting the time of
+/// exited children each has waited for (the postmaster reaps the backends).
+pub fn postgres_cpu_ms() -> Option<f64> {
+    let mut total = 0.0;
+    let mut seen = false;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if !stat.contains("(postgres)") {
+            continue;
+        }
+        if let Some(ms) = parse_cpu_ms_with_children(&stat) {
+            total += ms;
+            seen = true;
+        }
+    }
+    seen.then_some(total)
+}
+
+fn parse_cpu_ms_with_children(stat: &str) -> Option<f64> {
+    const USER_HZ: f64 = 100.0;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: Option<f64> = (11..15).map(|i| f.get(i)?.parse::<f64>().ok()).sum();
+    Some(ticks? * 1000.0 / USER_HZ)
 }
 
 /// CPU time (user + system, ms) a running process has used so far.
@@ -738,8 +772,13 @@ async fn run_mode_on(
         None
     };
 
+    let client_before = cpu_ms(std::process::id());
+    let postgres_before = postgres.then(postgres_cpu_ms).flatten();
     let ingest = ingest(cfg, &cluster.order.url(), mode).await?;
+    let client_after = cpu_ms(std::process::id());
     let e2e = await_shipped(cfg, &probe, mode, ingest.created, &own).await?;
+    let postgres_after = postgres.then(postgres_cpu_ms).flatten();
+    let delta = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
     let rss = Rss {
         order_kb: cluster.order.pid().and_then(peak_rss_kb),
         shipping_kb: cluster.shipping.pid().and_then(peak_rss_kb),
@@ -751,6 +790,8 @@ async fn run_mode_on(
     let cpu = Cpu {
         order_ms_per_order: per_order(cluster.order.pid().and_then(cpu_ms)),
         shipping_ms_per_order: per_order(cluster.shipping.pid().and_then(cpu_ms)),
+        client_ms_per_order: per_order(delta(client_before, client_after)),
+        postgres_ms_per_order: per_order(delta(postgres_before, postgres_after)),
     };
     cluster.stop().await?;
     probe.close().await;
@@ -1129,7 +1170,7 @@ pub fn render(report: &BenchReport) -> String {
             out,
             "| mode | ingest req/s | ÷ ceiling | p50 ms | p99 ms | e2e orders/s | ÷ ceiling \
              | ÷ at-most-once | write tx/order | commits/order | rows/order \
-             | statements/order | CPU ms/order (order / shipping) | RSS order MB \
+             | statements/order | CPU ms/order (order / shipping / client / postgres) | RSS order MB \
              | RSS shipping MB | load |"
         );
         let _ = writeln!(
@@ -1155,7 +1196,7 @@ pub fn render(report: &BenchReport) -> String {
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} → {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} / {} | {} | {} | {} → {} |",
                 m.mode,
                 ingest,
                 opt(m.ratios.ingest_to_ceiling, 2),
@@ -1170,6 +1211,8 @@ pub fn render(report: &BenchReport) -> String {
                 opt(m.writes.statements_per_order, 1),
                 opt(m.cpu.order_ms_per_order, 2),
                 opt(m.cpu.shipping_ms_per_order, 2),
+                opt(m.cpu.client_ms_per_order, 2),
+                opt(m.cpu.postgres_ms_per_order, 2),
                 mb(m.rss.order_kb),
                 mb(m.rss.shipping_kb),
                 load(m.load_start),
@@ -1186,7 +1229,8 @@ pub fn render(report: &BenchReport) -> String {
          write tx: transactions that wrote (COMMIT records in the write-ahead log), \
          commits: all commits, read-only ones included; \
          commits, rows, statements: per delivered order, both services together; \
-         CPU: user + system time of each service process over the run, per delivered order; \
+         CPU: user + system time per delivered order of each service process over the run, \
+         of the bench's own client while it posted, and of all postgres processes; \
          RSS: peak (VmHWM); load: 1-minute load average when the mode started → ended."
     );
     for n in &report.notes {
@@ -1353,7 +1397,7 @@ mod tests {
         assert!(
             text.contains(
                 "| effectively-once | 500 | 0.25 | 1.2 | 9.0 | 300 | 0.15 | 0.75 | n/a | n/a \
-                 | n/a | n/a | n/a / n/a | 20.0 | n/a | 1.50 → n/a |"
+                 | n/a | n/a | n/a / n/a / n/a / n/a | 20.0 | n/a | 1.50 → n/a |"
             ),
             "{text}"
         );
@@ -1384,6 +1428,9 @@ mod tests {
         let stat = "4242 (tokio rt) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0";
         assert_eq!(parse_cpu_ms(stat), Some(3000.0));
         assert_eq!(parse_cpu_ms("4242 (x) S 1"), None);
+        assert_eq!(parse_cpu_ms_with_children(stat), Some(3000.0));
+        let postmaster = "7 (postgres) S 1 7 7 0 -1 0 0 0 0 0 10 10 500 480 20 0 9 0";
+        assert_eq!(parse_cpu_ms_with_children(postmaster), Some(10000.0));
     }
 
     #[test]

@@ -161,6 +161,10 @@ impl Application {
             for c in self.consumers {
                 tasks.push(tokio::spawn(c.run(background.token())));
             }
+        } else {
+            // No relay here, yet other replicas' relays must hear of this
+            // replica's enqueues: its coalesced pg_notify needs a task.
+            tasks.push(self.relay.outbox().spawn_wakeups(background.token()));
         }
         let limits = self.state.config.delivery.server_limits();
         serve_with_limits(

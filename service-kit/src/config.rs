@@ -25,7 +25,7 @@ pub struct DeliveryArgs {
     pub relay_batch: i64,
 
     /// Sends the relay keeps in flight at once.
-    #[arg(long, env = "RELAY_CONCURRENCY", default_value_t = 32)]
+    #[arg(long, env = "RELAY_CONCURRENCY", default_value_t = 64)]
     pub relay_concurrency: usize,
 
     /// How long a relay's claim on a message is exclusive.

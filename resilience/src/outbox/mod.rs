@@ -40,6 +40,20 @@
 //! only when a lease expired while its first send was in flight, which the
 //! receiver's idempotency key makes harmless.
 //!
+//! # Outcomes, in batches
+//!
+//! [`Relay::run`] writes outcomes through one settle loop: whatever finished
+//! while the previous batch was committing goes into the next transaction,
+//! deliveries in one `UPDATE … WHERE id IN (…)` and each owner reaction
+//! ([`DeliveryHandler`]) beside them. Under load one commit records many
+//! messages; when idle a batch is one message, written at once (nothing
+//! waits for a batch to fill). A batch whose transaction fails (a reaction
+//! refused, a lost connection) is written again one outcome per
+//! transaction, so a failing reaction holds back only its own message; every
+//! row keeps its `lease_owner = me AND status = 'pending'` guard, so writing
+//! an outcome twice (after an ambiguous commit) changes nothing the second
+//! time.
+//!
 //! # Wake-ups
 //!
 //! New work is sent at once: [`Outbox::notify`] (called after commit) wakes the

@@ -48,7 +48,7 @@ impl Default for RelayConfig {
         Self {
             owner: format!("relay-{}", uuid::Uuid::new_v4().simple()),
             batch_size: 64,
-            concurrency: 32,
+            concurrency: 64,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             backoff: Backoff::new(Duration::from_millis(100), 2.0, Duration::from_secs(10)),
@@ -323,6 +323,11 @@ impl Relay {
     /// The relay's configuration.
     pub fn config(&self) -> &RelayConfig {
         &self.config
+    }
+
+    /// The outbox this relay drains.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
     }
 
     /// Runs until `stop` fires: claims, sends, records; sleeps until the next
