@@ -280,20 +280,20 @@ impl OrderStore {
                 if order.shipment_id.is_none() {
                     // `accepted` without an id (the acknowledgement was
                     // unreadable): this report's shipment becomes the order's.
-                    let res = sqlx::query(
+                    let sql = format!(
                         "UPDATE orders SET shipment_id = $1, updated_at = $2 \
-                         WHERE id = $3 AND shipment_id IS NULL",
-                    )
-                    .bind(&event.shipment_id)
-                    .bind(now_ms())
-                    .bind(id.to_string())
-                    .execute(&mut **tx)
-                    .await?;
-                    if res.rows_affected() == 0 {
+                         WHERE id = $3 AND shipment_id IS NULL RETURNING {COLUMNS}"
+                    );
+                    let row = sqlx::query(&sql)
+                        .bind(&event.shipment_id)
+                        .bind(now_ms())
+                        .bind(id.to_string())
+                        .fetch_optional(&mut **tx)
+                        .await?;
+                    let Some(row) = row else {
                         continue;
-                    }
-                    let order = get_in(&mut **tx, id).await?.ok_or(ApplyError::NotFound)?;
-                    return Ok((order, Transition::Unchanged));
+                    };
+                    return Ok((order_from_row(&row)?, Transition::Unchanged));
                 }
                 return Ok((order, Transition::Unchanged));
             }
@@ -302,26 +302,27 @@ impl OrderStore {
                 OrderStatus::Shipped => (Some(now), Some(now)),
                 _ => (Some(now), None),
             };
-            let res = sqlx::query(
+            // The changed row comes back with the write: no second read.
+            let sql = format!(
                 "UPDATE orders SET status = $1, updated_at = $2, last_error = NULL, \
                  accepted_at = COALESCE(accepted_at, $3), \
                  shipped_at = COALESCE(shipped_at, $4), \
                  shipment_id = COALESCE(shipment_id, $5) \
                  WHERE id = $6 AND status = $7 \
-                 AND (shipment_id IS NULL OR shipment_id = $5)",
-            )
-            .bind(event.status.as_str())
-            .bind(now)
-            .bind(accepted_at)
-            .bind(shipped_at)
-            .bind(&event.shipment_id)
-            .bind(id.to_string())
-            .bind(order.status.as_str())
-            .execute(&mut **tx)
-            .await?;
-            if res.rows_affected() == 1 {
-                let order = get_in(&mut **tx, id).await?.ok_or(ApplyError::NotFound)?;
-                return Ok((order, Transition::Changed));
+                 AND (shipment_id IS NULL OR shipment_id = $5) RETURNING {COLUMNS}"
+            );
+            let row = sqlx::query(&sql)
+                .bind(event.status.as_str())
+                .bind(now)
+                .bind(accepted_at)
+                .bind(shipped_at)
+                .bind(&event.shipment_id)
+                .bind(id.to_string())
+                .bind(order.status.as_str())
+                .fetch_optional(&mut **tx)
+                .await?;
+            if let Some(row) = row {
+                return Ok((order_from_row(&row)?, Transition::Changed));
             }
         }
         Err(ApplyError::Db(sqlx::Error::Protocol(

@@ -357,6 +357,18 @@ impl Db {
                 }
             }
         };
+        self.commit_resolved_as(tx, xid).await
+    }
+
+    /// [`Db::commit_resolved`] for a transaction whose id the caller already
+    /// read inside it (for instance with `RETURNING txid_current()` on its
+    /// last write), which saves the round trip that asks for it. `xid` must
+    /// be that transaction's own id, or `None` if it wrote nothing.
+    pub async fn commit_resolved_as(
+        &self,
+        tx: Transaction<'static, Any>,
+        xid: Option<i64>,
+    ) -> CommitOutcome {
         let err = match tx.commit().await {
             Ok(()) => return CommitOutcome::Committed,
             Err(e) => e,

@@ -155,7 +155,12 @@ where
 /// transaction committed (the answer the handler gave is true), else the
 /// problem to answer: nothing saved, or outcome unknown.
 async fn commit(config: &IdempotencyConfig, t: Transaction<'static, Any>) -> Result<(), Problem> {
-    match config.db.commit_resolved(t).await {
+    committed(config, config.db.commit_resolved(t).await)
+}
+
+/// The answer to a commit's outcome: `Ok` if it committed, else the problem.
+fn committed(config: &IdempotencyConfig, outcome: CommitOutcome) -> Result<(), Problem> {
+    match outcome {
         CommitOutcome::Committed => Ok(()),
         CommitOutcome::RolledBack(e) => Err(commit_failed(e, config.retry_after_secs())),
         CommitOutcome::Unknown(e) => Err(commit_unknown(e, config.retry_after_secs())),
@@ -313,8 +318,8 @@ where
         created_at: now,
         expires_at: now.saturating_add(config.ttl_ms()),
     };
-    match record::insert(&mut *transaction, &new).await {
-        Ok(()) => {}
+    let xid = match record::insert(&mut *transaction, &new, db.backend()).await {
+        Ok(xid) => xid,
         Err(e) if is_unique_violation(&e) => {
             // Another request with this key committed after our lookup: our
             // writes go, theirs stand, and we answer with their response.
@@ -330,8 +335,12 @@ where
             rollback(transaction).await;
             return Err(db_error(e));
         }
-    }
-    commit(config, transaction).await?;
+    };
+    let outcome = match xid {
+        Some(xid) => db.commit_resolved_as(transaction, Some(xid)).await,
+        None => db.commit_resolved(transaction).await,
+    };
+    committed(config, outcome)?;
     tx.run_hooks().await;
     Ok(Response::from_parts(res_parts, Body::from(res_body)))
 }

@@ -7,6 +7,7 @@ use sqlx::any::AnyRow;
 use sqlx::{Any, Executor, Row};
 
 use super::IDEMPOTENT_REPLAYED;
+use crate::store::Backend;
 
 /// A completed response as stored.
 #[derive(Debug)]
@@ -106,27 +107,45 @@ where
 }
 
 /// Inserts a completed record; a unique violation means another request
-/// with the same key committed first.
-pub(crate) async fn insert<'c, E>(conn: E, rec: &NewRecord<'_>) -> Result<(), sqlx::Error>
+/// with the same key committed first. On Postgres it also returns the
+/// transaction's id (the insert has just given it one), which the commit
+/// needs to resolve a lost answer: one round trip instead of two.
+pub(crate) async fn insert<'c, E>(
+    conn: E,
+    rec: &NewRecord<'_>,
+    backend: Backend,
+) -> Result<Option<i64>, sqlx::Error>
 where
     E: Executor<'c, Database = Any>,
 {
-    sqlx::query(
-        "INSERT INTO idempotency_keys \
+    const INSERT: &str = "INSERT INTO idempotency_keys \
          (scope, idem_key, fingerprint, status, headers, body, created_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(rec.scope)
-    .bind(rec.key)
-    .bind(rec.fingerprint)
-    .bind(rec.status)
-    .bind(rec.headers.as_str())
-    .bind(rec.body.to_vec())
-    .bind(rec.created_at)
-    .bind(rec.expires_at)
-    .execute(conn)
-    .await?;
-    Ok(())
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+    let sql = match backend {
+        Backend::Postgres => {
+            std::borrow::Cow::Owned(format!("{INSERT} RETURNING CAST(txid_current() AS BIGINT)"))
+        }
+        Backend::Sqlite => std::borrow::Cow::Borrowed(INSERT),
+    };
+    let query = sqlx::query(&sql)
+        .bind(rec.scope)
+        .bind(rec.key)
+        .bind(rec.fingerprint)
+        .bind(rec.status)
+        .bind(rec.headers.as_str())
+        .bind(rec.body.to_vec())
+        .bind(rec.created_at)
+        .bind(rec.expires_at);
+    match backend {
+        Backend::Postgres => {
+            let row = query.fetch_one(conn).await?;
+            Ok(Some(row.try_get(0)?))
+        }
+        Backend::Sqlite => {
+            query.execute(conn).await?;
+            Ok(None)
+        }
+    }
 }
 
 /// Deletes up to `batch` records expired at `now`; returns how many.
