@@ -244,7 +244,7 @@ impl Settler {
 /// Counts one recorded outcome. Deferrals spent no attempt (the breaker
 /// counts its rejections).
 #[cfg(feature = "metrics")]
-fn record_outcome_metrics(_msg: &SentMessage, outcome: &DeliveryOutcome) {
+fn record_outcome_metrics(outcome: &DeliveryOutcome) {
     let outcome = match outcome {
         DeliveryOutcome::Delivered => Some("delivered"),
         DeliveryOutcome::Retry { .. } => Some("retry"),
@@ -349,6 +349,8 @@ impl Relay {
         #[cfg(not(feature = "postgres"))]
         let listener: Option<tokio::task::JoinHandle<()>> = None;
         let notifier = tokio::spawn(self.outbox.clone().send_notifies(stop.clone()));
+        // Unbounded, yet it never holds more than `concurrency` outcomes:
+        // each send waits until its own outcome is written.
         let (settle_tx, settle_rx) = tokio::sync::mpsc::unbounded_channel();
         let settler = Settler(settle_tx);
         tokio::join!(self.claim_loop(&stop, settler), self.settle_loop(settle_rx));
@@ -426,28 +428,23 @@ impl Relay {
                     Err(_) => break,
                 }
             }
-            if batch.len() == 1 {
-                for s in batch.drain(..) {
+            // A batch of one is written the plain way, as is a failed batch.
+            let batched = batch.len() > 1
+                && match self.settle_batch(&batch).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::debug!(error = %e, n = batch.len(), "batched outcomes failed; writing them one by one");
+                        false
+                    }
+                };
+            for s in batch.drain(..) {
+                if batched {
+                    #[cfg(feature = "metrics")]
+                    record_outcome_metrics(&s.outcome);
+                } else {
                     self.settle(&s.msg, s.outcome, s.response.as_ref()).await;
-                    let _ = s.done.send(());
                 }
-                continue;
-            }
-            match self.settle_batch(&batch).await {
-                Ok(()) => {
-                    for s in batch.drain(..) {
-                        #[cfg(feature = "metrics")]
-                        record_outcome_metrics(&s.msg, &s.outcome);
-                        let _ = s.done.send(());
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, n = batch.len(), "batched outcomes failed; writing them one by one");
-                    for s in batch.drain(..) {
-                        self.settle(&s.msg, s.outcome, s.response.as_ref()).await;
-                        let _ = s.done.send(());
-                    }
-                }
+                let _ = s.done.send(());
             }
         }
     }
@@ -737,7 +734,7 @@ impl Relay {
         };
         #[cfg(feature = "metrics")]
         if result.is_ok() {
-            record_outcome_metrics(msg, &outcome);
+            record_outcome_metrics(&outcome);
         }
         if let Err(e) = result {
             // The lease runs out and the message is claimed again: at worst a
