@@ -104,8 +104,8 @@ pub struct Db {
     /// file lock. Postgres: the pool itself.
     writer: AnyPool,
     backend: Backend,
-    url: String,
-    schema: String,
+    url: std::sync::Arc<str>,
+    schema: std::sync::Arc<str>,
 }
 
 impl Db {
@@ -227,8 +227,8 @@ impl Db {
             pool,
             writer,
             backend,
-            url,
-            schema: opts.schema.clone(),
+            url: url.into(),
+            schema: opts.schema.as_str().into(),
         })
     }
 

@@ -32,7 +32,7 @@ pub struct FeedLog {
     waiters: Arc<Notify>,
     /// Pokes the cross-replica notifier task (Postgres).
     poke: Arc<Notify>,
-    channel: String,
+    channel: Arc<str>,
     /// Long-polls re-read at least this often (the net under lost wake-ups).
     recheck: Duration,
 }
@@ -40,7 +40,7 @@ pub struct FeedLog {
 impl FeedLog {
     /// The feeds in `db` (tables come with [`Db::migrate_resilience`]).
     pub fn new(db: Db) -> Self {
-        let channel = format!("resilience_feed_{}", db.schema());
+        let channel = format!("resilience_feed_{}", db.schema()).into();
         Self {
             db,
             waiters: Arc::new(Notify::new()),
@@ -134,7 +134,7 @@ impl FeedLog {
                 () = self.poke.notified() => {}
             }
             let sent = sqlx::query("SELECT pg_notify($1, '')")
-                .bind(&self.channel)
+                .bind(&*self.channel)
                 .execute(self.db.pool())
                 .await;
             if let Err(e) = sent {

@@ -220,13 +220,13 @@ pub struct Outbox {
     wake: Arc<Notify>,
     /// Asks the notifier task for one `pg_notify` (Postgres).
     poke: Arc<Notify>,
-    channel: String,
+    channel: Arc<str>,
 }
 
 impl Outbox {
     /// The outbox in `db` (its table comes with [`Db::migrate_resilience`]).
     pub fn new(db: Db) -> Self {
-        let channel = format!("resilience_outbox_{}", db.schema());
+        let channel = format!("resilience_outbox_{}", db.schema()).into();
         Self {
             db,
             wake: Arc::new(Notify::new()),
@@ -377,7 +377,7 @@ impl Outbox {
                 () = self.poke.notified() => {}
             }
             let sent = sqlx::query("SELECT pg_notify($1, '')")
-                .bind(&self.channel)
+                .bind(&*self.channel)
                 .execute(self.db.pool())
                 .await;
             if let Err(e) = sent {
