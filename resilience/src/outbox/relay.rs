@@ -480,7 +480,10 @@ impl Relay {
                 .collect();
             let marks: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 4)).collect();
             let sql = format!(
-                "UPDATE outbox SET status = 'delivered', attempts = attempts + 1,                  delivered_at = $1, updated_at = $1, lease_owner = NULL, lease_until = NULL,                  last_status = $2, last_error = NULL                  WHERE lease_owner = $3 AND status = 'pending' AND id IN ({}) RETURNING id",
+                "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, \
+                 delivered_at = $1, updated_at = $1, lease_owner = NULL, lease_until = NULL, \
+                 last_status = $2, last_error = NULL \
+                 WHERE lease_owner = $3 AND status = 'pending' AND id IN ({}) RETURNING id",
                 marks.join(", ")
             );
             let mut q = sqlx::query_scalar::<_, String>(&sql)
