@@ -474,7 +474,9 @@ async fn consumer_behind_retention_gets_410(backend: TestBackend) -> anyhow::Res
         let gone = [PEO, PAL]
             .iter()
             .all(|m| consumer(&feeds, &format!("orders.{m}")).is_ok_and(|c| c["gone"] == true));
-        Ok(gone.then_some(feeds))
+        // Not yet: the last answer becomes the timeout's "last error".
+        ensure!(gone, "not both gone yet: {feeds}");
+        Ok(Some(feeds))
     })
     .await?;
     for m in [PEO, PAL] {
