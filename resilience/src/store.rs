@@ -313,6 +313,34 @@ impl Db {
     }
 }
 
+/// Sends one `pg_notify(channel)` per burst of `poke` notifications until
+/// `stop` resolves: pokes that arrive while one notify is in flight make one
+/// more notify, not many. It runs outside any producer's transaction, so no
+/// commit waits on the server-wide lock that a `NOTIFY` takes. A failed
+/// notify is only logged: the listeners' slow poll is the safety net.
+#[cfg(any(feature = "outbox", all(feature = "feed", feature = "postgres")))]
+pub(crate) async fn notify_on_poke(
+    db: &Db,
+    channel: &str,
+    poke: &tokio::sync::Notify,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            () = poke.notified() => {}
+        }
+        let sent = sqlx::query("SELECT pg_notify($1, '')")
+            .bind(channel)
+            .execute(db.pool())
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, %channel, "pg_notify failed; listeners poll");
+        }
+    }
+}
+
 /// What became of a transaction whose `COMMIT` was sent.
 #[derive(Debug)]
 pub enum CommitOutcome {

@@ -128,19 +128,7 @@ impl FeedLog {
 
     #[cfg(feature = "postgres")]
     async fn send_notifies(self, stop: CancellationToken) {
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = self.poke.notified() => {}
-            }
-            let sent = sqlx::query("SELECT pg_notify($1, '')")
-                .bind(&*self.channel)
-                .execute(self.db.pool())
-                .await;
-            if let Err(e) = sent {
-                tracing::debug!(error = %e, "feed pg_notify failed; remote readers poll");
-            }
-        }
+        crate::store::notify_on_poke(&self.db, &self.channel, &self.poke, stop.cancelled()).await;
     }
 
     #[cfg(feature = "postgres")]

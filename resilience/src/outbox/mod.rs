@@ -371,19 +371,7 @@ impl Outbox {
         if self.db.backend() != Backend::Postgres {
             return;
         }
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = self.poke.notified() => {}
-            }
-            let sent = sqlx::query("SELECT pg_notify($1, '')")
-                .bind(&*self.channel)
-                .execute(self.db.pool())
-                .await;
-            if let Err(e) = sent {
-                tracing::debug!(error = %e, "outbox pg_notify failed; other replicas poll");
-            }
-        }
+        crate::store::notify_on_poke(&self.db, &self.channel, &self.poke, stop.cancelled()).await;
     }
 
     /// How many messages wait to be delivered (an index-only count over
