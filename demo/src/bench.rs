@@ -400,11 +400,7 @@ pub fn postgres_cpu_ms() -> Option<f64> {
 }
 
 fn parse_cpu_ms_with_children(stat: &str) -> Option<f64> {
-    const USER_HZ: f64 = 100.0;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: Option<f64> = (11..15).map(|i| f.get(i)?.parse::<f64>().ok()).sum();
-    Some(ticks? * 1000.0 / USER_HZ)
+    stat_ms(stat, 4)
 }
 
 /// CPU time (user + system, ms) a running process has used so far.
@@ -413,15 +409,20 @@ pub fn cpu_ms(pid: u32) -> Option<f64> {
 }
 
 fn parse_cpu_ms(stat: &str) -> Option<f64> {
-    // Fields after the command name (which may hold spaces, hence the last
-    // ')'): state is the first, utime the 12th, stime the 13th; in clock
-    // ticks of USER_HZ, which Linux fixes at 100 for user space.
+    stat_ms(stat, 2)
+}
+
+/// The sum of the first `n` time fields of a `/proc/<pid>/stat` line
+/// (utime, stime, cutime, cstime), in ms. The fields after the command name
+/// (which may hold spaces, hence the last ')'): state is the first, utime
+/// the 12th; in clock ticks of USER_HZ, which Linux fixes at 100 for user
+/// space.
+fn stat_ms(stat: &str, n: usize) -> Option<f64> {
     const USER_HZ: f64 = 100.0;
     let rest = &stat[stat.rfind(')')? + 1..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = f.get(11)?.parse().ok()?;
-    let stime: f64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) * 1000.0 / USER_HZ)
+    let ticks: Option<f64> = (11..11 + n).map(|i| f.get(i)?.parse::<f64>().ok()).sum();
+    Some(ticks? * 1000.0 / USER_HZ)
 }
 
 /// Peak resident set (`VmHWM`, kB) of a running process.

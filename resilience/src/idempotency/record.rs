@@ -118,16 +118,19 @@ pub(crate) async fn insert<'c, E>(
 where
     E: Executor<'c, Database = Any>,
 {
-    const INSERT: &str = "INSERT INTO idempotency_keys \
-         (scope, idem_key, fingerprint, status, headers, body, created_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+    // Both forms are literals: nothing is built per request.
+    macro_rules! insert {
+        () => {
+            "INSERT INTO idempotency_keys \
+             (scope, idem_key, fingerprint, status, headers, body, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        };
+    }
     let sql = match backend {
-        Backend::Postgres => {
-            std::borrow::Cow::Owned(format!("{INSERT} RETURNING CAST(txid_current() AS BIGINT)"))
-        }
-        Backend::Sqlite => std::borrow::Cow::Borrowed(INSERT),
+        Backend::Postgres => concat!(insert!(), " RETURNING CAST(txid_current() AS BIGINT)"),
+        Backend::Sqlite => insert!(),
     };
-    let query = sqlx::query(&sql)
+    let query = sqlx::query(sql)
         .bind(rec.scope)
         .bind(rec.key)
         .bind(rec.fingerprint)
