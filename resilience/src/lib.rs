@@ -24,6 +24,7 @@
 //! | `outbox` | [`outbox`] | sqlx (and `retry`, `idempotency`) |
 //! | `feed` | [`feed`] | sqlx (and `retry`) |
 //! | `signing` | [`signing`] | hmac, sha2 (the verifier layer also needs `axum`) |
+//! | `batch` | [`batch`] | base64 (and `idempotency`) |
 //! | `metrics` | (counters in [`outbox`] and [`idempotency`]) | metrics (the facade; the application installs a recorder) |
 //!
 //! `default-features = false, features = ["circuit-breaker"]` builds the
@@ -46,12 +47,17 @@
 //! - [`outbox`]: the transactional outbox and its relay (the durable retry loop).
 //! - [`feed`]: pull delivery: an event log served as a feed, and a leased
 //!   consumer that keeps its offset in its own database.
+//! - [`batch`]: batched delivery: the requests waiting for one peer leave in
+//!   one exchange and commit in one transaction at the receiver, each with
+//!   its own answer.
 //! - [`trace`]: W3C `traceparent`/`tracestate`, parsed strictly.
 //! - [`signing`]: HMAC-SHA256 signatures of service-to-service requests: a
 //!   client layer that signs each attempt, a server layer that answers 401.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "batch")]
+pub mod batch;
 #[cfg(feature = "circuit-breaker")]
 pub mod circuit_breaker;
 #[cfg(feature = "client")]

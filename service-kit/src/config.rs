@@ -24,6 +24,16 @@ pub struct DeliveryArgs {
     #[arg(long, env = "RELAY_BATCH", default_value_t = 64)]
     pub relay_batch: i64,
 
+    /// Messages sent to one peer in one exchange at most (`POST /batch`,
+    /// one transaction at the receiver); 1 sends each message alone.
+    #[arg(long, env = "RELAY_SEND_BATCH", default_value_t = 64)]
+    pub relay_send_batch: usize,
+
+    /// Exchanges in flight to one peer at once: a message that finds fewer
+    /// leaves at once, alone; the others wait and leave together.
+    #[arg(long, env = "RELAY_PEER_EXCHANGES", default_value_t = 2)]
+    pub relay_peer_exchanges: usize,
+
     /// Sends the relay keeps in flight at once.
     #[arg(long, env = "RELAY_CONCURRENCY", default_value_t = 64)]
     pub relay_concurrency: usize,
@@ -249,6 +259,18 @@ impl DeliveryArgs {
                 .window(self.signature_window)
                 .max_body_bytes(max_body_bytes),
         )
+    }
+
+    /// How the relay batches its sends (`None`: one request per message).
+    pub fn send_batch(&self) -> Option<resilience::batch::BatchConfig> {
+        (self.relay_send_batch > 1).then(|| resilience::batch::BatchConfig {
+            max_batch: self.relay_send_batch,
+            max_in_flight: self.relay_peer_exchanges.max(1),
+            unbatched_headers: vec![http::HeaderName::from_static(
+                crate::memory_dedupe::MEMORY_DEDUPE_HEADER,
+            )],
+            ..resilience::batch::BatchConfig::default()
+        })
     }
 
     /// The relay configuration these settings describe.

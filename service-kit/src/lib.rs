@@ -124,3 +124,17 @@ pub async fn detach(
         Err(e) => internal_error(e).into_response(),
     }
 }
+
+/// `app` with `POST /batch` ([`resilience::batch`]): the outbox relays of
+/// the other services send their messages through it, many in one exchange
+/// and one transaction. Requests marked for the memory-dedupe
+/// counter-example are refused in a batch (that layer must see its own
+/// request's commit).
+pub fn with_batch(app: axum::Router, db: &resilience::store::Db) -> axum::Router {
+    resilience::batch::router(
+        app,
+        resilience::batch::BatchServerConfig::new(db.clone()).refuse_header(
+            http::HeaderName::from_static(memory_dedupe::MEMORY_DEDUPE_HEADER),
+        ),
+    )
+}

@@ -192,6 +192,86 @@ pub struct Health {
     status: String,
 }
 
+/// One request of a batch (`POST /batch`).
+#[derive(Debug, ToSchema)]
+#[schema(as = BatchSubRequest)]
+#[allow(dead_code)]
+pub struct BatchSubRequestDoc {
+    /// A method other than GET and HEAD (a batch carries writes).
+    #[schema(example = "POST")]
+    method: String,
+    /// Path and query on this service, starting with `/`.
+    #[schema(example = "/orders")]
+    path: String,
+    /// `[name, value]` pairs, sent as the request's headers.
+    #[schema(value_type = Vec<Vec<String>>)]
+    headers: Option<Vec<(String, String)>>,
+    /// The body, base64.
+    #[schema(format = Byte)]
+    body: Option<String>,
+}
+
+/// The body of `POST /batch`.
+#[derive(Debug, ToSchema)]
+#[schema(as = BatchRequest)]
+#[allow(dead_code)]
+pub struct BatchRequestDoc {
+    /// 1 to 256 requests, run in order.
+    #[schema(min_items = 1, max_items = 256)]
+    requests: Vec<BatchSubRequestDoc>,
+}
+
+/// The answer to one request of a batch.
+#[derive(Debug, ToSchema)]
+#[schema(as = BatchSubResponse)]
+#[allow(dead_code)]
+pub struct BatchSubResponseDoc {
+    /// The HTTP status the request was answered with.
+    status: u16,
+    /// `[name, value]` pairs.
+    #[schema(value_type = Vec<Vec<String>>)]
+    headers: Vec<(String, String)>,
+    /// The body, base64.
+    #[schema(format = Byte)]
+    body: String,
+}
+
+/// The answer to `POST /batch`.
+#[derive(Debug, ToSchema)]
+#[schema(as = BatchResponse)]
+#[allow(dead_code)]
+pub struct BatchResponseDoc {
+    /// One answer per request, in order.
+    responses: Vec<BatchSubResponseDoc>,
+}
+
+/// `POST /batch`: several requests to this service in one exchange and one
+/// transaction (the outbox relays send through it; see
+/// `resilience::batch`). Each request is checked by its own route (its
+/// signature, its idempotency key) and gets its own answer. If one is
+/// refused, the transaction rolls back and each runs again on its own.
+#[utoipa::path(
+    post,
+    path = "/batch",
+    tag = "batch",
+    request_body(content = BatchRequestDoc, content_type = "application/json"),
+    responses(
+        (status = 200, description = "One answer per request, in order", body = BatchResponseDoc),
+        (status = 400, response = BadRequest),
+        (status = 413, response = PayloadTooLarge),
+        (status = 503, response = Unavailable),
+    )
+)]
+#[allow(dead_code)]
+async fn batch_doc() {}
+
+/// The document of `POST /batch` (served by `resilience::batch::router`);
+/// merge it into a service's document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(batch_doc))]
+#[derive(Debug)]
+pub struct BatchDoc;
+
 /// The shared part of both documents: problem responses, schemas that the
 /// annotations name but no handler type carries, the security schemes.
 #[derive(Debug)]

@@ -10,6 +10,7 @@
 //! timeout                         timeout
 //! HMAC signature                  HMAC signature
 //! fault injection                 fault injection
+//! batching (POST /batch)
 //! HTTP client (pooled reqwest)    HTTP client (pooled reqwest)
 //! ```
 //!
@@ -21,8 +22,9 @@
 use std::time::Duration;
 
 use tower::util::BoxCloneSyncService;
-use tower::{BoxError, ServiceBuilder, ServiceExt};
+use tower::{BoxError, Layer, ServiceBuilder, ServiceExt};
 
+use resilience::batch::{BatchConfig, BatchLayer};
 use resilience::circuit_breaker::{
     BreakerRegistry, CircuitBreakerConfig, OpenDuration, PerAuthorityLayer,
 };
@@ -78,7 +80,18 @@ pub fn default_breaker() -> CircuitBreakerConfig {
 
 /// The at-most-once stack: one call, a timeout, faults if configured.
 pub fn plain(cfg: &StackConfig) -> Result<SendService, ClientError> {
+    plain_with(cfg, None)
+}
+
+/// [`plain`], and with `batch` the requests waiting for one peer leave in
+/// one exchange (below the faults, so every layer above still sees one
+/// request per message).
+fn plain_with(cfg: &StackConfig, batch: Option<BatchConfig>) -> Result<SendService, ClientError> {
     let client = HttpClient::new(cfg.timeout)?;
+    let client: SendService = match batch {
+        Some(batch) => BoxCloneSyncService::new(BatchLayer::new(batch).layer(client)),
+        None => BoxCloneSyncService::new(client.map_err(BoxError::from)),
+    };
     let svc = ServiceBuilder::new()
         // Outermost: bounds the whole call, injected latency included.
         .timeout(cfg.timeout)
@@ -96,7 +109,17 @@ pub fn plain(cfg: &StackConfig) -> Result<SendService, ClientError> {
 /// (so an outage is stopped early and the relay defers instead of spinning)
 /// and a stamp of the message's idempotency key.
 pub fn durable(cfg: &StackConfig, breakers: BreakerRegistry) -> Result<SendService, ClientError> {
-    let plain = plain(cfg)?;
+    durable_batched(cfg, breakers, None)
+}
+
+/// [`durable`], sending the messages that wait for one peer together
+/// (`POST /batch`, see [`resilience::batch`]) when `batch` is given.
+pub fn durable_batched(
+    cfg: &StackConfig,
+    breakers: BreakerRegistry,
+    batch: Option<BatchConfig>,
+) -> Result<SendService, ClientError> {
+    let plain = plain_with(cfg, batch)?;
     let svc = ServiceBuilder::new()
         // The message id becomes the `Idempotency-Key` header of messages
         // that asked for one (effectively-once).
@@ -172,7 +195,7 @@ impl Delivery {
         let outbox = resilience::outbox::Outbox::new(db.clone());
         let relay = resilience::outbox::Relay::new(
             outbox.clone(),
-            durable(&cfg, breakers.clone())?,
+            durable_batched(&cfg, breakers.clone(), args.send_batch())?,
             handler,
             args.relay(),
         );

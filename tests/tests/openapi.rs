@@ -16,6 +16,7 @@ use tests::{Stack, StackOptions, TestBackend};
 /// of the document.
 const ORDER_ROUTES: &[&str] = &[
     "GET /healthz",
+    "POST /batch",
     "GET /orders",
     "GET /orders/feed/{mode}",
     "GET /orders/{id}",
@@ -25,6 +26,7 @@ const ORDER_ROUTES: &[&str] = &[
 ];
 const SHIPPING_ROUTES: &[&str] = &[
     "GET /healthz",
+    "POST /batch",
     "GET /readyz",
     "GET /shipments",
     "GET /shipments/feed/{mode}",

@@ -420,14 +420,23 @@ async fn consumer_behind_retention_gets_410(backend: TestBackend) -> anyhow::Res
     eprintln!("{backend:?}: 410 after {:?}: {gone}", created.elapsed());
     // The trimmer takes what is old at each pass (every second): the whole
     // feed once every event is older than the retention.
-    eventually(SETTLE, "the whole feed trimmed", || async {
-        let marks = sqlx::query("SELECT head, trimmed_upto FROM feed_heads WHERE feed = $1")
-            .bind(format!("orders.{PEO}"))
-            .fetch_one(dbs.order.pool())
-            .await?;
-        let (head, trimmed): (i64, i64) = (marks.try_get("head")?, marks.try_get("trimmed_upto")?);
-        ensure!(head == 3, "head {head}");
-        Ok((trimmed == 3).then_some(()))
+    // Both feeds: the consumers started below must find both behind the
+    // trim (waiting for the first alone let the second's consumer read its
+    // two events before they were trimmed, a flake).
+    eventually(SETTLE, "the whole of both feeds trimmed", || async {
+        for (mode, expected) in [(PEO, 3i64), (PAL, 2)] {
+            let marks = sqlx::query("SELECT head, trimmed_upto FROM feed_heads WHERE feed = $1")
+                .bind(format!("orders.{mode}"))
+                .fetch_one(dbs.order.pool())
+                .await?;
+            let (head, trimmed): (i64, i64) =
+                (marks.try_get("head")?, marks.try_get("trimmed_upto")?);
+            ensure!(head == expected, "{mode}: head {head}");
+            if trimmed != expected {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
     })
     .await?;
     let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM feed_events WHERE feed = $1")

@@ -17,9 +17,10 @@ use super::config::{IdempotencyConfig, KeyPolicy};
 use super::error::{begin_failed, commit_failed, commit_unknown};
 use super::key::{fingerprint, lock_id, parse_key};
 use super::record::{self, NewRecord, Stored};
+use super::scope::SharedTx;
 use super::tx::Tx;
 use crate::problem::{db_error, internal_error, Problem};
-use crate::store::{is_unique_violation, now_ms, Backend, CommitOutcome};
+use crate::store::{is_unique_violation, now_ms, Backend, CommitOutcome, Db};
 
 /// Wraps axum routes in [`Idempotency`]: a transaction per request and,
 /// when the request carries an `Idempotency-Key`, at-most-once execution
@@ -120,6 +121,89 @@ where
     }
 }
 
+/// Who begins and ends a request's transaction: the layer itself, or the
+/// batch the request is part of (a [`SharedTx`] in its extensions), which
+/// commits once for all its sub-requests.
+enum Owner {
+    Own(Db),
+    Batch(SharedTx),
+}
+
+impl Owner {
+    fn of(config: &IdempotencyConfig, extensions: &http::Extensions) -> Self {
+        match extensions.get::<SharedTx>() {
+            Some(shared) => Owner::Batch(shared.clone()),
+            None => Owner::Own(config.db.clone()),
+        }
+    }
+
+    async fn begin(
+        &self,
+        config: &IdempotencyConfig,
+    ) -> Result<Transaction<'static, Any>, Problem> {
+        match self {
+            Owner::Own(db) => db
+                .begin()
+                .await
+                .map_err(|e| begin_failed(e, config.retry_after_secs())),
+            Owner::Batch(shared) => match shared.take().await {
+                Some(t) => Ok(t),
+                None => {
+                    shared.fail();
+                    Err(internal_error("the batch's transaction is in use"))
+                }
+            },
+        }
+    }
+
+    /// Nothing that must stay was written (a replay): roll back, or hand the
+    /// batch its transaction back.
+    async fn release(&self, t: Transaction<'static, Any>) {
+        match self {
+            Owner::Own(_) => rollback(t).await,
+            Owner::Batch(shared) => shared.give_back(t, Vec::new()).await,
+        }
+    }
+
+    /// Refused or failed: roll back; in a batch, the whole batch rolls back.
+    async fn abandon(&self, t: Transaction<'static, Any>) {
+        match self {
+            Owner::Own(_) => rollback(t).await,
+            Owner::Batch(shared) => shared.give_back_failed(t).await,
+        }
+    }
+
+    /// Success: commit (resolving an ambiguous commit; `xid` is the
+    /// transaction's id when already read, `Some(None)` for "asked: none"),
+    /// then run the hooks. In a batch: hand the transaction back with the
+    /// hooks; the batch commits and runs them.
+    async fn complete(
+        &self,
+        config: &IdempotencyConfig,
+        t: Transaction<'static, Any>,
+        xid: Option<Option<i64>>,
+        tx: &Tx,
+    ) -> Result<(), Problem> {
+        match self {
+            Owner::Own(db) => {
+                let outcome = match xid {
+                    Some(xid) => db.commit_resolved_as(t, xid).await,
+                    None => db.commit_resolved(t).await,
+                };
+                committed(config, outcome)?;
+                tx.run_hooks().await;
+            }
+            Owner::Batch(shared) => {
+                if let Some(Some(xid)) = xid {
+                    shared.set_xid(xid);
+                }
+                shared.give_back(t, tx.take_hooks()).await;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Whether an answer refuses the request: 4xx (bad input, a conflict, not
 /// found) or 5xx. A refused request rolls back and is not recorded, so it
 /// changes nothing, and a retry with the same key runs again.
@@ -132,30 +216,32 @@ async fn without_key<S>(config: &IdempotencyConfig, inner: S, mut req: Request) 
 where
     S: Service<Request, Response = Response, Error = Infallible>,
 {
-    let tx = Tx::lazy(config.db.clone());
+    let owner = Owner::of(config, req.extensions());
+    let tx = match &owner {
+        Owner::Own(db) => Tx::lazy(db.clone()),
+        Owner::Batch(_) => match owner.begin(config).await {
+            Ok(t) => Tx::active(t),
+            Err(p) => return p.into_response(),
+        },
+    };
     req.extensions_mut().insert(tx.clone());
     let res = call_inner(inner, req).await;
     let transaction = tx.finish().await;
     if refused(res.status()) {
         if let Some(t) = transaction {
-            rollback(t).await;
+            owner.abandon(t).await;
         }
         return res;
     }
-    if let Some(t) = transaction {
-        if let Err(p) = commit(config, t).await {
-            return p.into_response();
+    match transaction {
+        Some(t) => {
+            if let Err(p) = owner.complete(config, t, None, &tx).await {
+                return p.into_response();
+            }
         }
+        None => tx.run_hooks().await,
     }
-    tx.run_hooks().await;
     res
-}
-
-/// Commits, resolving an ambiguous failure by reading back: `Ok` if the
-/// transaction committed (the answer the handler gave is true), else the
-/// problem to answer: nothing saved, or outcome unknown.
-async fn commit(config: &IdempotencyConfig, t: Transaction<'static, Any>) -> Result<(), Problem> {
-    committed(config, config.db.commit_resolved(t).await)
 }
 
 /// The answer to a commit's outcome: `Ok` if it committed, else the problem.
@@ -243,10 +329,8 @@ where
     tracing::debug!(%scope, %key, "request with idempotency key");
 
     let db = &config.db;
-    let mut transaction = db
-        .begin()
-        .await
-        .map_err(|e| begin_failed(e, config.retry_after_secs()))?;
+    let owner = Owner::of(config, &parts.extensions);
+    let mut transaction = owner.begin(config).await?;
     let found = match db.backend() {
         Backend::Postgres => {
             let id = lock_id(db.schema(), &scope, &key);
@@ -260,27 +344,27 @@ where
     let (locked, stored) = match found {
         Ok(found) => found,
         Err(e) => {
-            rollback(transaction).await;
+            owner.abandon(transaction).await;
             return Err(db_error(e));
         }
     };
     let now = now_ms();
     match stored {
         Some(stored) if stored.expires_at > now => {
-            rollback(transaction).await;
+            owner.release(transaction).await;
             tracing::debug!(%scope, %key, "replaying completed idempotency record");
             return answer_from(stored, &fp);
         }
         Some(_) if locked => {
             tracing::debug!(%scope, %key, "idempotency record expired; treating as absent");
             if let Err(e) = record::delete(&mut *transaction, &scope, &key).await {
-                rollback(transaction).await;
+                owner.abandon(transaction).await;
                 return Err(db_error(e));
             }
         }
         None if locked => {}
         _ => {
-            rollback(transaction).await;
+            owner.abandon(transaction).await;
             tracing::debug!(%scope, %key, "idempotency key in flight elsewhere");
             return Err(in_flight(config));
         }
@@ -294,14 +378,14 @@ where
         return Err(internal_error("the request's transaction disappeared"));
     };
     if refused(res.status()) {
-        rollback(transaction).await;
+        owner.abandon(transaction).await;
         return Ok(res);
     }
     let (res_parts, res_body) = res.into_parts();
     let res_body = match res_body.collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) => {
-            rollback(transaction).await;
+            owner.abandon(transaction).await;
             return Err(internal_error(format_args!(
                 "cannot buffer the response: {e}"
             )));
@@ -323,7 +407,7 @@ where
         Err(e) if is_unique_violation(&e) => {
             // Another request with this key committed after our lookup: our
             // writes go, theirs stand, and we answer with their response.
-            rollback(transaction).await;
+            owner.abandon(transaction).await;
             tracing::debug!(%scope, %key, "lost the race for an idempotency key; replaying");
             return match record::lookup(db.pool(), &scope, &key).await {
                 Ok(Some(stored)) if stored.expires_at > now_ms() => answer_from(stored, &fp),
@@ -332,15 +416,11 @@ where
             };
         }
         Err(e) => {
-            rollback(transaction).await;
+            owner.abandon(transaction).await;
             return Err(db_error(e));
         }
     };
-    let outcome = match xid {
-        Some(xid) => db.commit_resolved_as(transaction, Some(xid)).await,
-        None => db.commit_resolved(transaction).await,
-    };
-    committed(config, outcome)?;
-    tx.run_hooks().await;
+    let xid = xid.map(Some);
+    owner.complete(config, transaction, xid, &tx).await?;
     Ok(Response::from_parts(res_parts, Body::from(res_body)))
 }

@@ -110,6 +110,18 @@ impl Tx {
         }
     }
 
+    /// Takes the after-commit hooks out, unrun (a batch runs them after its
+    /// own commit).
+    pub(crate) fn take_hooks(&self) -> Vec<AfterCommit> {
+        std::mem::take(
+            &mut *self
+                .shared
+                .hooks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
     /// Runs and clears the after-commit hooks.
     pub(crate) async fn run_hooks(&self) {
         let hooks = std::mem::take(

@@ -528,6 +528,23 @@ impl Verifier {
         body: &[u8],
         now: u64,
     ) -> Result<(), VerifyError> {
+        self.check_body_in(parts, method, uri, headers, body, now, None)
+    }
+
+    /// [`Verifier::check_body`] for a sub-request of a batch: a nonce
+    /// admitted in the batch's first run is let through once more when the
+    /// batch runs its sub-requests again one by one (see [`BatchNonces`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn check_body_in(
+        &self,
+        parts: &SignedParts,
+        method: &Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+        now: u64,
+        batch: Option<&BatchNonces>,
+    ) -> Result<(), VerifyError> {
         let canonical = canonical_string(
             method,
             path_and_query(uri),
@@ -547,12 +564,23 @@ impl Verifier {
             return Err(VerifyError::Mismatch);
         }
         let nonce_id = nonce_id(&parts.nonce);
+        if let Some(batch) = batch {
+            if batch.rerun && batch.consume(nonce_id) {
+                // Admitted by this very batch's first run, which rolled back.
+                return Ok(());
+            }
+        }
         let mut cache = self
             .inner
             .replay
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        cache.admit(parts.timestamp, nonce_id, now, self.inner.window)
+        cache.admit(parts.timestamp, nonce_id, now, self.inner.window)?;
+        drop(cache);
+        if let Some(batch) = batch {
+            batch.record(nonce_id);
+        }
+        Ok(())
     }
 
     /// The whole check at `now` (Unix seconds), for a buffered request.
@@ -577,6 +605,53 @@ impl Verifier {
         body: &[u8],
     ) -> Result<(), VerifyError> {
         self.verify_at(method, uri, headers, body, unix_now())
+    }
+}
+
+/// The nonces one batch admitted, in the extensions of its sub-requests
+/// (in-process only: a client cannot send one).
+///
+/// A batch whose shared transaction rolls back runs its sub-requests again,
+/// one by one, with the same signed headers. Their nonces are in the replay
+/// cache by then, so the second run would be refused as a replay. The first
+/// run records each nonce it admitted; the second run lets each recorded
+/// nonce through **once** (and removes it), and checks every other nonce as
+/// usual: a request that never passed the first run, or a copy of one
+/// within the same batch, is still refused as a replay.
+#[derive(Debug, Clone, Default)]
+pub struct BatchNonces {
+    admitted: Arc<Mutex<HashSet<u128>>>,
+    rerun: bool,
+}
+
+impl BatchNonces {
+    /// An empty record for a batch's first run.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The same record, for the run again after a rollback.
+    pub fn for_rerun(&self) -> Self {
+        Self {
+            admitted: self.admitted.clone(),
+            rerun: true,
+        }
+    }
+
+    fn record(&self, nonce: u128) {
+        if !self.rerun {
+            self.lock().insert(nonce);
+        }
+    }
+
+    fn consume(&self, nonce: u128) -> bool {
+        self.lock().remove(&nonce)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<u128>> {
+        self.admitted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -106,8 +106,17 @@ async fn verified(verifier: &Verifier, req: Request) -> Result<Request, Response
         .extensions
         .get::<OriginalUri>()
         .map_or(&parts.uri, |o| &o.0);
+    let batch = parts.extensions.get::<super::BatchNonces>();
     verifier
-        .check_body(&signed, &parts.method, uri, &parts.headers, &bytes, now)
+        .check_body_in(
+            &signed,
+            &parts.method,
+            uri,
+            &parts.headers,
+            &bytes,
+            now,
+            batch,
+        )
         .map_err(refused)?;
     Ok(Request::from_parts(parts, Body::from(bytes)))
 }

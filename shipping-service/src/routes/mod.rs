@@ -76,7 +76,7 @@ pub fn router(state: AppState) -> Router {
     // Every public route is declared with `routes!`, from its handler's
     // `#[utoipa::path]`: the route and its OpenAPI description are one
     // declaration (tests/tests/openapi.rs checks none is served without it).
-    let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (api, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(
             // Only order-service may create shipments: signed, checked
             // before the idempotency layer opens a transaction.
@@ -94,7 +94,10 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .split_for_parts();
-    api.route("/openapi.json", service_kit::openapi::serve(&doc))
+    // POST /batch: served by resilience::batch, documented by service-kit.
+    doc.merge(service_kit::openapi::BatchDoc::openapi());
+    let app = api
+        .route("/openapi.json", service_kit::openapi::serve(&doc))
         .with_state(state.clone())
         .merge(admin::router(state.admin))
         .fallback(not_found)
@@ -107,5 +110,7 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(detach))
         .layer(TraceLayer::new_for_http())
         // Counts and times each request by route template.
-        .layer(axum::middleware::from_fn(service_kit::metrics::track_http))
+        .layer(axum::middleware::from_fn(service_kit::metrics::track_http));
+    // Batches run their requests through `app`, each with its own layers.
+    service_kit::with_batch(app, state.store.db())
 }

@@ -1,0 +1,353 @@
+//! Server side: a batch's sub-requests run through the app in one
+//! transaction, or, if one of them is refused, each in its own.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, ALLOW, CONTENT_TYPE};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, Method, StatusCode, Uri};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tower::ServiceExt;
+
+use super::{b64, hop_by_hop, BatchRequest, BatchResponse, SubRequest, SubResponse, DEFAULT_PATH};
+use crate::idempotency::{begin_failed, commit_unknown, SharedTx};
+use crate::problem::{internal_error, Problem};
+use crate::store::{CommitOutcome, Db};
+
+/// How the batch route is served.
+#[derive(Debug, Clone)]
+pub struct BatchServerConfig {
+    /// The database the app's idempotency layers use: the shared
+    /// transaction is begun on it.
+    pub db: Db,
+    /// The route (default [`DEFAULT_PATH`]).
+    pub path: String,
+    /// Requests in one batch at most (default 256).
+    pub max_requests: usize,
+    /// Bytes of the batch's body at most (default 4 MiB).
+    pub max_body_bytes: usize,
+    /// Sub-requests carrying one of these headers are refused (the whole
+    /// batch answers 400): for layers that act before the idempotency layer
+    /// and must see their request's own commit.
+    pub refused_headers: Vec<HeaderName>,
+    /// `Retry-After` (seconds) of a 503 for the whole batch.
+    pub retry_after_secs: u64,
+}
+
+impl BatchServerConfig {
+    /// The defaults over `db`.
+    pub fn new(db: Db) -> Self {
+        Self {
+            db,
+            path: DEFAULT_PATH.to_owned(),
+            max_requests: 256,
+            max_body_bytes: 4 << 20,
+            refused_headers: Vec::new(),
+            retry_after_secs: 1,
+        }
+    }
+
+    /// Refuses sub-requests that carry `header`.
+    pub fn refuse_header(mut self, header: HeaderName) -> Self {
+        self.refused_headers.push(header);
+        self
+    }
+}
+
+struct BatchState {
+    app: Router,
+    config: BatchServerConfig,
+}
+
+/// `app` with the batch route added: `POST {config.path}` runs its
+/// sub-requests through `app` itself. See the [module docs](super).
+pub fn router(app: Router, config: BatchServerConfig) -> Router {
+    let path = config.path.clone();
+    let state = Arc::new(BatchState {
+        app: app.clone(),
+        config,
+    });
+    let batch = Router::new()
+        .route(
+            &path,
+            post(handle).fallback(|| async {
+                let mut res = Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+                    .detail("the batch route takes POST only")
+                    .into_response();
+                res.headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static("POST"));
+                res
+            }),
+        )
+        .with_state(state);
+    app.merge(batch)
+}
+
+async fn handle(State(state): State<Arc<BatchState>>, req: Request) -> Response {
+    // The batch finishes (commits or rolls back, and runs its hooks) even if
+    // the caller hangs up.
+    match tokio::spawn(run(state, req)).await {
+        Ok(Ok(res)) => res,
+        Ok(Err(problem)) => problem.into_response(),
+        Err(e) => internal_error(format_args!("batch task failed: {e}")).into_response(),
+    }
+}
+
+/// One sub-request, checked and decoded.
+struct Item {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Item {
+    fn parse(i: usize, sub: SubRequest, config: &BatchServerConfig) -> Result<Self, Problem> {
+        let bad = |what: String| Problem::bad_request(format!("request {i}: {what}"));
+        let method = Method::from_bytes(sub.method.as_bytes())
+            .map_err(|_| bad(format!("invalid method {:?}", sub.method)))?;
+        if method == Method::GET || method == Method::HEAD {
+            // A batch holds a write transaction: a read (a long poll above
+            // all) has no place in it.
+            return Err(bad(format!(
+                "{method} cannot be batched (a batch carries writes)"
+            )));
+        }
+        if !sub.path.starts_with('/') {
+            return Err(bad("the path must start with /".to_owned()));
+        }
+        let path = PathAndQuery::try_from(sub.path.as_str())
+            .map_err(|e| bad(format!("invalid path: {e}")))?;
+        if path.path() == config.path {
+            return Err(bad("a batch cannot contain a batch".to_owned()));
+        }
+        let mut headers = HeaderMap::new();
+        for (name, value) in &sub.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| bad(format!("invalid header name {name:?}")))?;
+            if config.refused_headers.contains(&name) {
+                return Err(bad(format!("header {name} cannot be batched")));
+            }
+            if hop_by_hop(name.as_str()) {
+                continue;
+            }
+            let value = HeaderValue::from_str(value)
+                .map_err(|_| bad(format!("invalid value of header {name}")))?;
+            headers.append(name, value);
+        }
+        let body = b64()
+            .decode(sub.body.as_bytes())
+            .map_err(|e| bad(format!("the body is not base64: {e}")))?;
+        Ok(Self {
+            method,
+            uri: Uri::from(path),
+            headers,
+            body: Bytes::from(body),
+        })
+    }
+
+    fn request(&self) -> Request {
+        let mut req = Request::new(Body::from(self.body.clone()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// A sub-request's answer, buffered.
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn into_sub(self) -> SubResponse {
+        SubResponse {
+            status: self.status.as_u16(),
+            headers: self
+                .headers
+                .iter()
+                .filter(|(name, _)| !hop_by_hop(name.as_str()))
+                .filter_map(|(name, value)| {
+                    value
+                        .to_str()
+                        .ok()
+                        .map(|v| (name.as_str().to_owned(), v.to_owned()))
+                })
+                .collect(),
+            body: b64().encode(&self.body),
+        }
+    }
+}
+
+async fn dispatch(app: &Router, req: Request) -> Answer {
+    let res = match app.clone().oneshot(req).await {
+        Ok(res) => res,
+        Err(never) => match never {},
+    };
+    let (parts, body) = res.into_parts();
+    match body.collect().await {
+        Ok(collected) => Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: collected.to_bytes(),
+        },
+        Err(e) => {
+            let (parts, body) = internal_error(format_args!("cannot buffer the answer: {e}"))
+                .into_response()
+                .into_parts();
+            let body = body
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            Answer {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            }
+        }
+    }
+}
+
+async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> {
+    let config = &state.config;
+    let body = match Limited::new(req.into_body(), config.max_body_bytes)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<LengthLimitError>() => {
+            return Err(
+                Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "batch too large").detail(format!(
+                    "a batch may carry at most {} bytes",
+                    config.max_body_bytes
+                )),
+            );
+        }
+        Err(e) => {
+            return Err(Problem::bad_request(format!(
+                "cannot read the request body: {e}"
+            )))
+        }
+    };
+    let batch: BatchRequest = serde_json::from_slice(&body)
+        .map_err(|e| Problem::bad_request(format!("invalid batch: {e}")))?;
+    let n = batch.requests.len();
+    if n == 0 || n > config.max_requests {
+        return Err(Problem::bad_request(format!(
+            "a batch carries 1 to {} requests, not {n}",
+            config.max_requests
+        )));
+    }
+    let items = batch
+        .requests
+        .into_iter()
+        .enumerate()
+        .map(|(i, sub)| Item::parse(i, sub, config))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    #[cfg(feature = "signing")]
+    let nonces = crate::signing::BatchNonces::new();
+    let db = &config.db;
+    let shared = SharedTx::new(
+        db.begin()
+            .await
+            .map_err(|e| begin_failed(e, config.retry_after_secs))?,
+    );
+    // First run: every sub-request in the shared transaction, in order,
+    // until one is refused.
+    let mut answers: Vec<Answer> = Vec::with_capacity(n);
+    let mut joined: Vec<bool> = Vec::with_capacity(n);
+    for item in &items {
+        let mut req = item.request();
+        req.extensions_mut().insert(shared.clone());
+        #[cfg(feature = "signing")]
+        req.extensions_mut().insert(nonces.clone());
+        let before = shared.joined();
+        answers.push(dispatch(&state.app, req).await);
+        joined.push(shared.joined() > before);
+        if shared.failed() {
+            break;
+        }
+    }
+    let finished = shared.finish().await;
+    if !shared.failed() {
+        let Some((tx, hooks)) = finished else {
+            return Err(internal_error("a sub-request kept the batch's transaction"));
+        };
+        let outcome = match shared.xid() {
+            Some(xid) => db.commit_resolved_as(tx, Some(xid)).await,
+            None => db.commit_resolved(tx).await,
+        };
+        match outcome {
+            CommitOutcome::Committed => {
+                for hook in hooks {
+                    hook().await;
+                }
+                #[cfg(feature = "metrics")]
+                metrics::histogram!("batch_requests", "outcome" => "committed").record(n as f64);
+                return Ok(respond(answers));
+            }
+            // Nothing was saved: run them one by one below.
+            CommitOutcome::RolledBack(e) => {
+                tracing::debug!(error = %e, n, "batch commit rolled back; running its requests one by one");
+            }
+            // Maybe saved: every request is answered 503 and retried by its
+            // sender, whose idempotency key finds what was saved.
+            CommitOutcome::Unknown(e) => return Err(commit_unknown(e, config.retry_after_secs)),
+        }
+    } else if let Some((tx, _)) = finished {
+        if let Err(e) = tx.rollback().await {
+            tracing::warn!(error = %e, "batch rollback failed (the connection discards the transaction)");
+        }
+    }
+    #[cfg(feature = "metrics")]
+    metrics::histogram!("batch_requests", "outcome" => "one_by_one").record(n as f64);
+    // Second run: what ran in the rolled-back transaction, and what never
+    // ran, each alone. What ran outside it (a read, a refusal before the
+    // idempotency layer) keeps its first answer and is not run twice.
+    #[cfg(feature = "signing")]
+    let nonces = nonces.for_rerun();
+    let mut first = answers.into_iter();
+    let mut out = Vec::with_capacity(n);
+    for (i, item) in items.iter().enumerate() {
+        let earlier = first.next();
+        match earlier {
+            Some(answer) if !joined[i] => out.push(answer),
+            _ => {
+                let mut req = item.request();
+                #[cfg(feature = "signing")]
+                req.extensions_mut().insert(nonces.clone());
+                out.push(dispatch(&state.app, req).await);
+            }
+        }
+    }
+    Ok(respond(out))
+}
+
+fn respond(answers: Vec<Answer>) -> Response {
+    let body = BatchResponse {
+        responses: answers.into_iter().map(Answer::into_sub).collect(),
+    };
+    match serde_json::to_vec(&body) {
+        Ok(json) => (
+            StatusCode::OK,
+            [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            json,
+        )
+            .into_response(),
+        Err(e) => {
+            internal_error(format_args!("cannot encode the batch answer: {e}")).into_response()
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! One transaction shared by several requests: what a batch runs in.
+//!
+//! The batch endpoint ([`crate::batch`]) begins a [`SharedTx`], puts it in
+//! each sub-request's extensions and dispatches the sub-requests one after
+//! the other. The [`IdempotencyLayer`](super::IdempotencyLayer) of a route
+//! that finds a `SharedTx` does everything it always does (key lookup, the
+//! handler, the record of the answer) in that transaction, but does not
+//! commit it: it hands the transaction back, with its after-commit hooks,
+//! and the batch commits once for all of them. A sub-request that is refused
+//! (4xx, 5xx) or fails marks the scope *failed*: the batch then rolls back
+//! and runs each sub-request again on its own, in a transaction of its own,
+//! so that one refusal costs nobody else their answer.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use sqlx::{Any, Transaction};
+use tokio::sync::Mutex;
+
+use super::tx::AfterCommit;
+
+/// The transaction of a batch, shared with the idempotency layer of each
+/// sub-request through the request's extensions. Cheap to clone.
+#[derive(Clone)]
+pub struct SharedTx {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: Mutex<Option<Transaction<'static, Any>>>,
+    hooks: std::sync::Mutex<Vec<AfterCommit>>,
+    failed: AtomicBool,
+    /// Sub-requests that ran in the transaction (took it and gave it back).
+    joined: AtomicUsize,
+    /// The transaction's id, once a keyed sub-request read it (Postgres);
+    /// 0 while unknown.
+    xid: AtomicI64,
+}
+
+impl std::fmt::Debug for SharedTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedTx")
+            .field("failed", &self.failed())
+            .field("joined", &self.joined())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedTx {
+    /// Shares `tx`, begun by the caller.
+    pub fn new(tx: Transaction<'static, Any>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                tx: Mutex::new(Some(tx)),
+                hooks: std::sync::Mutex::new(Vec::new()),
+                failed: AtomicBool::new(false),
+                joined: AtomicUsize::new(0),
+                xid: AtomicI64::new(0),
+            }),
+        }
+    }
+
+    /// Takes the transaction for one sub-request (`None` if another holds
+    /// it or it is finished: sub-requests must run one at a time).
+    pub(crate) async fn take(&self) -> Option<Transaction<'static, Any>> {
+        self.inner.tx.lock().await.take()
+    }
+
+    /// Hands the transaction back after a sub-request, with the hooks it
+    /// registered (run only after the batch commits).
+    pub(crate) async fn give_back(&self, tx: Transaction<'static, Any>, hooks: Vec<AfterCommit>) {
+        self.inner.joined.fetch_add(1, Ordering::Relaxed);
+        self.lock_hooks().extend(hooks);
+        *self.inner.tx.lock().await = Some(tx);
+    }
+
+    /// Hands the transaction back after a sub-request that was refused or
+    /// failed: the whole batch must roll back.
+    pub(crate) async fn give_back_failed(&self, tx: Transaction<'static, Any>) {
+        self.fail();
+        self.inner.joined.fetch_add(1, Ordering::Relaxed);
+        *self.inner.tx.lock().await = Some(tx);
+    }
+
+    /// Marks the batch failed (it must roll back).
+    pub(crate) fn fail(&self) {
+        self.inner.failed.store(true, Ordering::Release);
+    }
+
+    /// Remembers the transaction's id, read by a sub-request's last write.
+    pub(crate) fn set_xid(&self, xid: i64) {
+        self.inner.xid.store(xid, Ordering::Relaxed);
+    }
+
+    /// Did a sub-request refuse or fail?
+    pub fn failed(&self) -> bool {
+        self.inner.failed.load(Ordering::Acquire)
+    }
+
+    /// How many sub-requests ran in the transaction so far.
+    pub fn joined(&self) -> usize {
+        self.inner.joined.load(Ordering::Relaxed)
+    }
+
+    /// The transaction's id, if a sub-request read it (Postgres).
+    pub fn xid(&self) -> Option<i64> {
+        match self.inner.xid.load(Ordering::Relaxed) {
+            0 => None,
+            xid => Some(xid),
+        }
+    }
+
+    /// Takes the transaction out to commit or roll it back, with the hooks
+    /// to run after a commit. `None` if a sub-request still holds it (it
+    /// outlived its handler) or it was taken already.
+    pub async fn finish(&self) -> Option<(Transaction<'static, Any>, Vec<AfterCommit>)> {
+        let tx = self.inner.tx.lock().await.take()?;
+        let hooks = std::mem::take(&mut *self.lock_hooks());
+        Some((tx, hooks))
+    }
+
+    fn lock_hooks(&self) -> std::sync::MutexGuard<'_, Vec<AfterCommit>> {
+        self.inner
+            .hooks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
