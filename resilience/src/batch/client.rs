@@ -216,7 +216,7 @@ where
     S::Future: Send + 'static,
 {
     loop {
-        let batch: Vec<Waiting> = {
+        let (batch, no_batch): (Vec<Waiting>, bool) = {
             let mut peers = shared.lock();
             let Some(state) = peers.get_mut(&peer) else {
                 return;
@@ -228,9 +228,12 @@ where
                 return;
             }
             let n = state.queue.len().min(shared.config.max_batch);
-            state.queue.drain(..n).collect()
+            (state.queue.drain(..n).collect(), state.no_batch)
         };
-        if batch.len() == 1 {
+        if no_batch {
+            // Learnt while these waited: the peer has no batch route.
+            one_by_one(shared.clone(), batch).await;
+        } else if batch.len() == 1 {
             for w in batch {
                 let res = send_one(shared.clone(), w.req).await;
                 let _ = w.reply.send(res);
@@ -324,6 +327,16 @@ where
     }
     // Not a batch endpoint, or it refused the batch as a whole (too large,
     // malformed): each request goes alone and gets its own answer.
+    one_by_one(shared.clone(), batch).await;
+}
+
+/// Sends each request alone, all at once, each answered with its own.
+async fn one_by_one<S>(shared: Arc<Shared<S>>, batch: Vec<Waiting>)
+where
+    S: Service<Request<Bytes>, Response = Response<Bytes>> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
     let sends = batch.into_iter().map(|w| {
         let shared = shared.clone();
         async move {

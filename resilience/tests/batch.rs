@@ -1,0 +1,514 @@
+//! `resilience::batch` end to end, on SQLite and on Postgres: the server
+//! route (one transaction, one answer per request, the run one by one after
+//! a refusal, the refusals of malformed batches, signatures) and the client
+//! layer against a real server on a loopback port.
+//!
+//! Which commit wrote a row is read from the database itself: on Postgres
+//! every widget row stores `txid_current()` of the transaction that
+//! inserted it, on SQLite how many widgets another connection saw committed
+//! when it was inserted.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderValue, Method, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use base64::Engine as _;
+use http_body_util::BodyExt;
+use resilience::batch::{router as batch_router, BatchConfig, BatchLayer, BatchServerConfig};
+use resilience::client::HttpClient;
+use resilience::idempotency::{IdempotencyConfig, IdempotencyLayer, Tx, IDEMPOTENT_REPLAYED};
+use resilience::signing::{Secret, Signer, Verifier, VerifierConfig, VerifySignatureLayer};
+use resilience::store::{Backend, Db};
+use serde_json::{json, Value};
+use service_kit::testing::TestDatabase;
+use sqlx::{Executor, Row};
+use tower::{Layer, ServiceExt};
+
+const SECRET: &str = "batch-test-secret-0123456789abcdef";
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn unb64(s: &str) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .unwrap_or_default()
+}
+
+#[derive(Clone)]
+struct App {
+    db: Db,
+    /// After-commit hooks run.
+    hooks: Arc<AtomicUsize>,
+}
+
+/// `POST /widgets {"id", "name"}`: inserts the widget (with the inserting
+/// transaction's id on Postgres), answers 201; a name of `refuse` is
+/// inserted and then refused with 422, so only a rollback keeps it out.
+async fn create_widget(State(app): State<App>, tx: Tx, Json(body): Json<Value>) -> Response {
+    let id = body["id"].as_str().unwrap_or_default().to_owned();
+    let name = body["name"].as_str().unwrap_or_default().to_owned();
+    // Which commit wrote the row: on Postgres the transaction's id; on
+    // SQLite how many widgets another connection sees committed now (the
+    // same for every row of one transaction, different after each commit).
+    let sql = match app.db.backend() {
+        Backend::Postgres => {
+            "INSERT INTO widgets (id, name, txid) VALUES ($1, $2, txid_current() + $3)"
+        }
+        Backend::Sqlite => "INSERT INTO widgets (id, name, txid) VALUES ($1, $2, $3)",
+    };
+    let committed: i64 = match app.db.backend() {
+        Backend::Postgres => 0,
+        Backend::Sqlite => {
+            match sqlx::query_scalar("SELECT COUNT(*) FROM widgets")
+                .fetch_one(app.db.pool())
+                .await
+            {
+                Ok(n) => n,
+                Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+            }
+        }
+    };
+    {
+        let Ok(mut conn) = tx.lock().await else {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        };
+        if let Err(e) = sqlx::query(sql)
+            .bind(&id)
+            .bind(&name)
+            .bind(committed)
+            .execute(&mut **conn)
+            .await
+        {
+            return (StatusCode::CONFLICT, e.to_string()).into_response();
+        }
+    }
+    if name == "refuse" {
+        return (StatusCode::UNPROCESSABLE_ENTITY, "refused").into_response();
+    }
+    let hooks = app.hooks.clone();
+    tx.after_commit(move || {
+        Box::pin(async move {
+            hooks.fetch_add(1, Ordering::SeqCst);
+        })
+    });
+    (StatusCode::CREATED, Json(json!({"id": id, "name": name}))).into_response()
+}
+
+struct Env {
+    test_db: TestDatabase,
+    db: Db,
+    app: App,
+}
+
+impl Env {
+    async fn new(backend: Backend) -> Result<Self> {
+        let test_db = TestDatabase::create(backend).await?;
+        let db = test_db.connect("batch", "batch_test").await?;
+        db.migrate_resilience().await?;
+        db.pool()
+            .execute("CREATE TABLE widgets (id TEXT PRIMARY KEY, name TEXT NOT NULL, txid BIGINT NOT NULL)")
+            .await?;
+        let app = App {
+            db: db.clone(),
+            hooks: Arc::new(AtomicUsize::new(0)),
+        };
+        Ok(Self { test_db, db, app })
+    }
+
+    /// The app with the batch route; `/widgets` signed when `signed`.
+    fn router(&self, signed: bool) -> Result<Router> {
+        let idem = IdempotencyLayer::new(IdempotencyConfig::new(self.db.clone()));
+        let route = post(create_widget).layer(idem);
+        let route = if signed {
+            let verifier = Verifier::new(VerifierConfig::new([Secret::from(SECRET)]))?;
+            route.route_layer(VerifySignatureLayer::new(verifier))
+        } else {
+            route
+        };
+        let app = Router::new()
+            .route("/widgets", route)
+            .with_state(self.app.clone());
+        Ok(batch_router(app, BatchServerConfig::new(self.db.clone())))
+    }
+
+    async fn rows(&self) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query("SELECT id, txid FROM widgets ORDER BY id")
+            .fetch_all(self.db.pool())
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("txid")?)))
+            .collect()
+    }
+
+    /// Commits that inserted widgets (see `create_widget`).
+    async fn writers(&self) -> Result<Option<usize>> {
+        let mut txids: Vec<i64> = self.rows().await?.into_iter().map(|(_, t)| t).collect();
+        txids.sort_unstable();
+        txids.dedup();
+        Ok(Some(txids.len()))
+    }
+
+    async fn done(self) {
+        self.db.close().await;
+        self.test_db.cleanup().await;
+    }
+}
+
+fn widget(id: &str, name: &str, key: Option<&str>) -> Value {
+    let mut headers = vec![json!(["content-type", "application/json"])];
+    if let Some(key) = key {
+        headers.push(json!(["idempotency-key", key]));
+    }
+    json!({
+        "method": "POST",
+        "path": "/widgets",
+        "headers": headers,
+        "body": b64(json!({"id": id, "name": name}).to_string().as_bytes()),
+    })
+}
+
+async fn send(router: &Router, body: impl Into<Body>) -> Result<(StatusCode, String, Value)> {
+    let req = Request::post("/batch")
+        .header("content-type", "application/json")
+        .body(body.into())?;
+    let res = router.clone().oneshot(req).await?;
+    let status = res.status();
+    let ctype = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let bytes = res.into_body().collect().await?.to_bytes();
+    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Ok((status, ctype, value))
+}
+
+fn statuses(answer: &Value) -> Vec<u64> {
+    answer["responses"]
+        .as_array()
+        .map(|r| r.iter().filter_map(|a| a["status"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
+fn header<'a>(sub: &'a Value, name: &str) -> Option<&'a str> {
+    sub["headers"].as_array()?.iter().find_map(|h| {
+        (h[0].as_str()? == name).then(|| h[1].as_str()).flatten()
+    })
+}
+
+// ------------------------------------------------------------------ server
+
+async fn batch_commits_once_and_answers_each(backend: Backend) -> Result<()> {
+    let env = Env::new(backend).await?;
+    let router = env.router(false)?;
+    let requests: Vec<Value> = (0..20)
+        .map(|i| widget(&format!("w{i:02}"), &format!("n{i}"), Some(&format!("k{i}"))))
+        .collect();
+    let batch = json!({ "requests": requests }).to_string();
+    let (status, ctype, answer) = send(&router, batch.clone()).await?;
+    ensure!(status == 200 && ctype == "application/json", "{status} {ctype}: {answer}");
+    ensure!(statuses(&answer) == vec![201; 20], "{answer}");
+    for (i, sub) in answer["responses"].as_array().context("responses")?.iter().enumerate() {
+        let body: Value = serde_json::from_slice(&unb64(sub["body"].as_str().unwrap_or("")))?;
+        ensure!(body["id"] == format!("w{i:02}"), "answer {i} out of order: {body}");
+    }
+    ensure!(env.rows().await?.len() == 20, "rows");
+    if let Some(n) = env.writers().await? {
+        ensure!(n == 1, "20 sub-requests took {n} transactions");
+    }
+    ensure!(env.app.hooks.load(Ordering::SeqCst) == 20, "hooks");
+
+    // The same batch again: every key replays, nothing is written twice.
+    let (status, _, answer) = send(&router, batch).await?;
+    ensure!(status == 200 && statuses(&answer) == vec![201; 20], "{answer}");
+    for sub in answer["responses"].as_array().context("responses")? {
+        ensure!(header(sub, IDEMPOTENT_REPLAYED) == Some("true"), "not replayed: {sub}");
+    }
+    ensure!(env.rows().await?.len() == 20, "rows after replay");
+    ensure!(env.app.hooks.load(Ordering::SeqCst) == 20, "hooks after replay");
+    env.done().await;
+    Ok(())
+}
+
+async fn refused_sub_request_runs_the_others_alone(backend: Backend) -> Result<()> {
+    let env = Env::new(backend).await?;
+    let router = env.router(false)?;
+    let batch = json!({ "requests": [
+        widget("a", "ok", Some("ka")),
+        widget("b", "refuse", Some("kb")),
+        widget("c", "ok", None),
+        widget("a", "duplicate id", Some("kd")),
+    ]});
+    let (status, _, answer) = send(&router, batch.to_string()).await?;
+    ensure!(status == 200, "{status}: {answer}");
+    ensure!(statuses(&answer) == vec![201, 422, 201, 409], "{answer}");
+    let ids: Vec<String> = env.rows().await?.into_iter().map(|(id, _)| id).collect();
+    ensure!(ids == ["a", "c"], "rows {ids:?}");
+    if let Some(n) = env.writers().await? {
+        ensure!(n == 2, "each accepted request alone: {n} transactions");
+    }
+    ensure!(env.app.hooks.load(Ordering::SeqCst) == 2, "hooks");
+    // The refused key left nothing behind: it runs again when fixed.
+    let (_, _, answer) = send(
+        &router,
+        json!({ "requests": [widget("b", "fixed", Some("kb"))] }).to_string(),
+    )
+    .await?;
+    ensure!(statuses(&answer) == vec![201], "{answer}");
+    env.done().await;
+    Ok(())
+}
+
+async fn malformed_batches_change_nothing(backend: Backend) -> Result<()> {
+    let env = Env::new(backend).await?;
+    let router = env.router(false)?;
+    let good = widget("x", "ok", Some("kx"));
+    let mut get = good.clone();
+    get["method"] = json!("GET");
+    let mut nested = good.clone();
+    nested["path"] = json!("/batch?x=1");
+    let mut relative = good.clone();
+    relative["path"] = json!("widgets");
+    let mut bad_b64 = good.clone();
+    bad_b64["body"] = json!("not base64!");
+    let mut bad_header = good.clone();
+    bad_header["headers"] = json!([["x-evil", "line\nbreak"]]);
+    let mut bad_name = good.clone();
+    bad_name["headers"] = json!([["bad name", "v"]]);
+    let mut bad_method = good.clone();
+    bad_method["method"] = json!("P O S T");
+    let mut extra = json!({ "requests": [good.clone()] });
+    extra["more"] = json!(1);
+    let too_many: Vec<Value> = (0..257).map(|_| good.clone()).collect();
+    let cases: Vec<(&str, String)> = vec![
+        ("not json", "{".into()),
+        ("not an object", "[]".into()),
+        ("no requests", json!({"requests": []}).to_string()),
+        ("unknown field", extra.to_string()),
+        ("257 requests", json!({ "requests": too_many }).to_string()),
+        ("GET", json!({ "requests": [good.clone(), get] }).to_string()),
+        ("nested", json!({ "requests": [good.clone(), nested] }).to_string()),
+        ("relative path", json!({ "requests": [relative] }).to_string()),
+        ("bad base64", json!({ "requests": [good.clone(), bad_b64] }).to_string()),
+        ("bad header value", json!({ "requests": [bad_header] }).to_string()),
+        ("bad header name", json!({ "requests": [bad_name] }).to_string()),
+        ("bad method", json!({ "requests": [bad_method] }).to_string()),
+        ("NUL in JSON", "{\"requests\": [\u{0}]}".into()),
+    ];
+    for (what, body) in cases {
+        let (status, ctype, answer) = send(&router, body).await?;
+        ensure!(
+            status == 400 && ctype == "application/problem+json",
+            "{what}: {status} {ctype} {answer}"
+        );
+    }
+    let big = vec![b'x'; (4 << 20) + 1];
+    let (status, ctype, _) = send(&router, big).await?;
+    ensure!(status == 413 && ctype == "application/problem+json", "oversize: {status} {ctype}");
+    let res = router
+        .clone()
+        .oneshot(Request::get("/batch").body(Body::empty())?)
+        .await?;
+    ensure!(res.status() == 405, "GET /batch: {}", res.status());
+    ensure!(env.rows().await?.is_empty(), "a refused batch wrote");
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM idempotency_keys")
+        .fetch_one(env.db.pool())
+        .await?;
+    ensure!(left == 0, "{left} idempotency records after refused batches");
+    env.done().await;
+    Ok(())
+}
+
+fn signed(signer: &Signer, sub: &Value) -> Result<Value> {
+    let mut sub = sub.clone();
+    let body = unb64(sub["body"].as_str().unwrap_or(""));
+    let mut headers = http::HeaderMap::new();
+    for h in sub["headers"].as_array().context("headers")? {
+        headers.insert(
+            http::HeaderName::from_bytes(h[0].as_str().unwrap_or("").as_bytes())?,
+            HeaderValue::from_str(h[1].as_str().unwrap_or(""))?,
+        );
+    }
+    signer.sign(&Method::POST, &"/widgets".parse()?, &mut headers, &body);
+    sub["headers"] = headers
+        .iter()
+        .map(|(n, v)| Ok(json!([n.as_str(), v.to_str()?])))
+        .collect::<Result<Vec<_>>>()?
+        .into();
+    Ok(sub)
+}
+
+async fn signatures_survive_the_rerun_and_replays_do_not(backend: Backend) -> Result<()> {
+    let env = Env::new(backend).await?;
+    let router = env.router(true)?;
+    let signer = Signer::new(Secret::from(SECRET))?;
+    let a = signed(&signer, &widget("a", "ok", Some("ka")))?;
+    let refuse = signed(&signer, &widget("b", "refuse", Some("kb")))?;
+    let c = signed(&signer, &widget("c", "ok", Some("kc")))?;
+    let unsigned = widget("d", "ok", Some("kd"));
+    // The refusal forces the run one by one: the signed requests that were
+    // admitted once are admitted again, once; the copy of `a` is a replay.
+    let batch = json!({ "requests": [a.clone(), unsigned, refuse, c, a.clone()] });
+    let (status, _, answer) = send(&router, batch.to_string()).await?;
+    ensure!(status == 200, "{status}: {answer}");
+    ensure!(statuses(&answer) == vec![201, 401, 422, 201, 401], "{answer}");
+    let ids: Vec<String> = env.rows().await?.into_iter().map(|(id, _)| id).collect();
+    ensure!(ids == ["a", "c"], "rows {ids:?}");
+    // Without a refusal the copy is refused in the shared run as well.
+    let e = signed(&signer, &widget("e", "ok", Some("ke")))?;
+    let (_, _, answer) =
+        send(&router, json!({ "requests": [e.clone(), e.clone()] }).to_string()).await?;
+    ensure!(statuses(&answer) == vec![201, 401], "{answer}");
+    // The whole batch again: every nonce was seen.
+    let (_, _, answer) = send(&router, batch.to_string()).await?;
+    ensure!(statuses(&answer) == vec![401; 5], "{answer}");
+    ensure!(env.rows().await?.len() == 3, "rows");
+    env.done().await;
+    Ok(())
+}
+
+// ------------------------------------------------------------------ client
+
+/// Serves `router` on a loopback port; counts the exchanges by path.
+async fn serve(router: Router) -> Result<(SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>)> {
+    let batches = Arc::new(AtomicUsize::new(0));
+    let singles = Arc::new(AtomicUsize::new(0));
+    let (b, s) = (batches.clone(), singles.clone());
+    let router = router.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let counter = if req.uri().path() == "/batch" { b.clone() } else { s.clone() };
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                next.run(req).await
+            }
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    Ok((addr, batches, singles))
+}
+
+fn client(max_in_flight: usize) -> Result<resilience::batch::Batching<HttpClient>> {
+    Ok(BatchLayer::new(BatchConfig {
+        max_in_flight,
+        max_batch: 16,
+        ..BatchConfig::default()
+    })
+    .layer(HttpClient::new(Duration::from_secs(10))?))
+}
+
+async fn post_widgets(
+    svc: &resilience::batch::Batching<HttpClient>,
+    addr: SocketAddr,
+    n: usize,
+) -> Result<Vec<StatusCode>> {
+    let sends = (0..n).map(|i| {
+        let svc = svc.clone();
+        async move {
+            let req = http::Request::post(format!("http://{addr}/widgets"))
+                .header("content-type", "application/json")
+                .header("idempotency-key", format!("key-{i}"))
+                .body(Bytes::from(json!({"id": format!("w{i:03}"), "name": "n"}).to_string()))?;
+            let res = svc.oneshot(req).await.map_err(|e| anyhow::anyhow!(e))?;
+            let body: Value = serde_json::from_slice(res.body())?;
+            ensure!(res.status() != StatusCode::CREATED || body["id"] == format!("w{i:03}"), "answer of {i}: {body}");
+            Ok(res.status())
+        }
+    });
+    futures::future::try_join_all(sends).await
+}
+
+async fn client_batches_waiting_requests(backend: Backend) -> Result<()> {
+    let env = Env::new(backend).await?;
+    let (addr, batches, singles) = serve(env.router(false)?).await?;
+    let svc = client(1)?;
+    let statuses = post_widgets(&svc, addr, 60).await?;
+    ensure!(statuses.iter().all(|s| *s == StatusCode::CREATED), "{statuses:?}");
+    ensure!(env.rows().await?.len() == 60, "rows");
+    let (b, s) = (batches.load(Ordering::SeqCst), singles.load(Ordering::SeqCst));
+    // One exchange in flight: the first goes alone, the others wait for it
+    // and leave together, 16 at most per exchange.
+    ensure!(b >= 4 && b + s < 60, "{b} batches and {s} single sends for 60 requests");
+    if let Some(n) = env.writers().await? {
+        ensure!(n < 60, "60 requests in {n} transactions");
+    }
+    env.done().await;
+    Ok(())
+}
+
+async fn client_falls_back_without_a_batch_route(backend: Backend) -> Result<()> {
+    let env = Env::new(backend).await?;
+    // The app alone: POST /batch is 404.
+    let idem = IdempotencyLayer::new(IdempotencyConfig::new(env.db.clone()));
+    let app = Router::new()
+        .route("/widgets", post(create_widget).layer(idem))
+        .with_state(env.app.clone());
+    let (addr, batches, singles) = serve(app).await?;
+    let svc = client(1)?;
+    let statuses = post_widgets(&svc, addr, 30).await?;
+    ensure!(statuses.iter().all(|s| *s == StatusCode::CREATED), "{statuses:?}");
+    ensure!(env.rows().await?.len() == 30, "rows");
+    let tried = batches.load(Ordering::SeqCst);
+    ensure!(tried == 1, "asked the batch route {tried} times; once is enough");
+    ensure!(singles.load(Ordering::SeqCst) == 30, "singles");
+    env.done().await;
+    Ok(())
+}
+
+async fn client_reports_a_failed_exchange_to_each_request(backend: Backend) -> Result<()> {
+    let env = Env::new(backend).await?;
+    // A port with nobody listening.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    drop(listener);
+    let svc = client(1)?;
+    let sends = (0..10).map(|i| {
+        let svc = svc.clone();
+        async move {
+            let req = http::Request::post(format!("http://{addr}/widgets"))
+                .body(Bytes::from(format!("{i}")))?;
+            anyhow::Ok(svc.oneshot(req).await.is_err())
+        }
+    });
+    let failed = futures::future::try_join_all(sends).await?;
+    ensure!(failed.iter().all(|f| *f), "{failed:?}");
+    env.done().await;
+    Ok(())
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() -> anyhow::Result<()> { super::$name(resilience::store::Backend::Sqlite).await }
+        )* }
+        mod postgres { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() -> anyhow::Result<()> { super::$name(resilience::store::Backend::Postgres).await }
+        )* }
+    };
+}
+
+on_both_backends!(
+    batch_commits_once_and_answers_each,
+    refused_sub_request_runs_the_others_alone,
+    malformed_batches_change_nothing,
+    signatures_survive_the_rerun_and_replays_do_not,
+    client_batches_waiting_requests,
+    client_falls_back_without_a_batch_route,
+    client_reports_a_failed_exchange_to_each_request,
+);
