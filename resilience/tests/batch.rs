@@ -74,7 +74,9 @@ async fn create_widget(State(app): State<App>, tx: Tx, Json(body): Json<Value>) 
                 .await
             {
                 Ok(n) => n,
-                Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+                Err(e) => {
+                    return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+                }
             }
         }
     };
@@ -202,9 +204,10 @@ fn statuses(answer: &Value) -> Vec<u64> {
 }
 
 fn header<'a>(sub: &'a Value, name: &str) -> Option<&'a str> {
-    sub["headers"].as_array()?.iter().find_map(|h| {
-        (h[0].as_str()? == name).then(|| h[1].as_str()).flatten()
-    })
+    sub["headers"]
+        .as_array()?
+        .iter()
+        .find_map(|h| (h[0].as_str()? == name).then(|| h[1].as_str()).flatten())
 }
 
 // ------------------------------------------------------------------ server
@@ -213,15 +216,32 @@ async fn batch_commits_once_and_answers_each(backend: Backend) -> Result<()> {
     let env = Env::new(backend).await?;
     let router = env.router(false)?;
     let requests: Vec<Value> = (0..20)
-        .map(|i| widget(&format!("w{i:02}"), &format!("n{i}"), Some(&format!("k{i}"))))
+        .map(|i| {
+            widget(
+                &format!("w{i:02}"),
+                &format!("n{i}"),
+                Some(&format!("k{i}")),
+            )
+        })
         .collect();
     let batch = json!({ "requests": requests }).to_string();
     let (status, ctype, answer) = send(&router, batch.clone()).await?;
-    ensure!(status == 200 && ctype == "application/json", "{status} {ctype}: {answer}");
+    ensure!(
+        status == 200 && ctype == "application/json",
+        "{status} {ctype}: {answer}"
+    );
     ensure!(statuses(&answer) == vec![201; 20], "{answer}");
-    for (i, sub) in answer["responses"].as_array().context("responses")?.iter().enumerate() {
+    for (i, sub) in answer["responses"]
+        .as_array()
+        .context("responses")?
+        .iter()
+        .enumerate()
+    {
         let body: Value = serde_json::from_slice(&unb64(sub["body"].as_str().unwrap_or("")))?;
-        ensure!(body["id"] == format!("w{i:02}"), "answer {i} out of order: {body}");
+        ensure!(
+            body["id"] == format!("w{i:02}"),
+            "answer {i} out of order: {body}"
+        );
     }
     ensure!(env.rows().await?.len() == 20, "rows");
     if let Some(n) = env.writers().await? {
@@ -231,12 +251,21 @@ async fn batch_commits_once_and_answers_each(backend: Backend) -> Result<()> {
 
     // The same batch again: every key replays, nothing is written twice.
     let (status, _, answer) = send(&router, batch).await?;
-    ensure!(status == 200 && statuses(&answer) == vec![201; 20], "{answer}");
+    ensure!(
+        status == 200 && statuses(&answer) == vec![201; 20],
+        "{answer}"
+    );
     for sub in answer["responses"].as_array().context("responses")? {
-        ensure!(header(sub, IDEMPOTENT_REPLAYED) == Some("true"), "not replayed: {sub}");
+        ensure!(
+            header(sub, IDEMPOTENT_REPLAYED) == Some("true"),
+            "not replayed: {sub}"
+        );
     }
     ensure!(env.rows().await?.len() == 20, "rows after replay");
-    ensure!(env.app.hooks.load(Ordering::SeqCst) == 20, "hooks after replay");
+    ensure!(
+        env.app.hooks.load(Ordering::SeqCst) == 20,
+        "hooks after replay"
+    );
     env.done().await;
     Ok(())
 }
@@ -297,13 +326,34 @@ async fn malformed_batches_change_nothing(backend: Backend) -> Result<()> {
         ("no requests", json!({"requests": []}).to_string()),
         ("unknown field", extra.to_string()),
         ("257 requests", json!({ "requests": too_many }).to_string()),
-        ("GET", json!({ "requests": [good.clone(), get] }).to_string()),
-        ("nested", json!({ "requests": [good.clone(), nested] }).to_string()),
-        ("relative path", json!({ "requests": [relative] }).to_string()),
-        ("bad base64", json!({ "requests": [good.clone(), bad_b64] }).to_string()),
-        ("bad header value", json!({ "requests": [bad_header] }).to_string()),
-        ("bad header name", json!({ "requests": [bad_name] }).to_string()),
-        ("bad method", json!({ "requests": [bad_method] }).to_string()),
+        (
+            "GET",
+            json!({ "requests": [good.clone(), get] }).to_string(),
+        ),
+        (
+            "nested",
+            json!({ "requests": [good.clone(), nested] }).to_string(),
+        ),
+        (
+            "relative path",
+            json!({ "requests": [relative] }).to_string(),
+        ),
+        (
+            "bad base64",
+            json!({ "requests": [good.clone(), bad_b64] }).to_string(),
+        ),
+        (
+            "bad header value",
+            json!({ "requests": [bad_header] }).to_string(),
+        ),
+        (
+            "bad header name",
+            json!({ "requests": [bad_name] }).to_string(),
+        ),
+        (
+            "bad method",
+            json!({ "requests": [bad_method] }).to_string(),
+        ),
         ("NUL in JSON", "{\"requests\": [\u{0}]}".into()),
     ];
     for (what, body) in cases {
@@ -315,7 +365,10 @@ async fn malformed_batches_change_nothing(backend: Backend) -> Result<()> {
     }
     let big = vec![b'x'; (4 << 20) + 1];
     let (status, ctype, _) = send(&router, big).await?;
-    ensure!(status == 413 && ctype == "application/problem+json", "oversize: {status} {ctype}");
+    ensure!(
+        status == 413 && ctype == "application/problem+json",
+        "oversize: {status} {ctype}"
+    );
     let res = router
         .clone()
         .oneshot(Request::get("/batch").body(Body::empty())?)
@@ -325,7 +378,10 @@ async fn malformed_batches_change_nothing(backend: Backend) -> Result<()> {
     let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM idempotency_keys")
         .fetch_one(env.db.pool())
         .await?;
-    ensure!(left == 0, "{left} idempotency records after refused batches");
+    ensure!(
+        left == 0,
+        "{left} idempotency records after refused batches"
+    );
     env.done().await;
     Ok(())
 }
@@ -362,13 +418,19 @@ async fn signatures_survive_the_rerun_and_replays_do_not(backend: Backend) -> Re
     let batch = json!({ "requests": [a.clone(), unsigned, refuse, c, a.clone()] });
     let (status, _, answer) = send(&router, batch.to_string()).await?;
     ensure!(status == 200, "{status}: {answer}");
-    ensure!(statuses(&answer) == vec![201, 401, 422, 201, 401], "{answer}");
+    ensure!(
+        statuses(&answer) == vec![201, 401, 422, 201, 401],
+        "{answer}"
+    );
     let ids: Vec<String> = env.rows().await?.into_iter().map(|(id, _)| id).collect();
     ensure!(ids == ["a", "c"], "rows {ids:?}");
     // Without a refusal the copy is refused in the shared run as well.
     let e = signed(&signer, &widget("e", "ok", Some("ke")))?;
-    let (_, _, answer) =
-        send(&router, json!({ "requests": [e.clone(), e.clone()] }).to_string()).await?;
+    let (_, _, answer) = send(
+        &router,
+        json!({ "requests": [e.clone(), e.clone()] }).to_string(),
+    )
+    .await?;
     ensure!(statuses(&answer) == vec![201, 401], "{answer}");
     // The whole batch again: every nonce was seen.
     let (_, _, answer) = send(&router, batch.to_string()).await?;
@@ -387,7 +449,11 @@ async fn serve(router: Router) -> Result<(SocketAddr, Arc<AtomicUsize>, Arc<Atom
     let (b, s) = (batches.clone(), singles.clone());
     let router = router.layer(axum::middleware::from_fn(
         move |req: axum::extract::Request, next: axum::middleware::Next| {
-            let counter = if req.uri().path() == "/batch" { b.clone() } else { s.clone() };
+            let counter = if req.uri().path() == "/batch" {
+                b.clone()
+            } else {
+                s.clone()
+            };
             async move {
                 counter.fetch_add(1, Ordering::SeqCst);
                 next.run(req).await
@@ -422,10 +488,15 @@ async fn post_widgets(
             let req = http::Request::post(format!("http://{addr}/widgets"))
                 .header("content-type", "application/json")
                 .header("idempotency-key", format!("key-{i}"))
-                .body(Bytes::from(json!({"id": format!("w{i:03}"), "name": "n"}).to_string()))?;
+                .body(Bytes::from(
+                    json!({"id": format!("w{i:03}"), "name": "n"}).to_string(),
+                ))?;
             let res = svc.oneshot(req).await.map_err(|e| anyhow::anyhow!(e))?;
             let body: Value = serde_json::from_slice(res.body())?;
-            ensure!(res.status() != StatusCode::CREATED || body["id"] == format!("w{i:03}"), "answer of {i}: {body}");
+            ensure!(
+                res.status() != StatusCode::CREATED || body["id"] == format!("w{i:03}"),
+                "answer of {i}: {body}"
+            );
             Ok(res.status())
         }
     });
@@ -437,12 +508,21 @@ async fn client_batches_waiting_requests(backend: Backend) -> Result<()> {
     let (addr, batches, singles) = serve(env.router(false)?).await?;
     let svc = client(1)?;
     let statuses = post_widgets(&svc, addr, 60).await?;
-    ensure!(statuses.iter().all(|s| *s == StatusCode::CREATED), "{statuses:?}");
+    ensure!(
+        statuses.iter().all(|s| *s == StatusCode::CREATED),
+        "{statuses:?}"
+    );
     ensure!(env.rows().await?.len() == 60, "rows");
-    let (b, s) = (batches.load(Ordering::SeqCst), singles.load(Ordering::SeqCst));
+    let (b, s) = (
+        batches.load(Ordering::SeqCst),
+        singles.load(Ordering::SeqCst),
+    );
     // One exchange in flight: the first goes alone, the others wait for it
     // and leave together, 16 at most per exchange.
-    ensure!(b >= 4 && b + s < 60, "{b} batches and {s} single sends for 60 requests");
+    ensure!(
+        b >= 4 && b + s < 60,
+        "{b} batches and {s} single sends for 60 requests"
+    );
     if let Some(n) = env.writers().await? {
         ensure!(n < 60, "60 requests in {n} transactions");
     }
@@ -460,10 +540,16 @@ async fn client_falls_back_without_a_batch_route(backend: Backend) -> Result<()>
     let (addr, batches, singles) = serve(app).await?;
     let svc = client(1)?;
     let statuses = post_widgets(&svc, addr, 30).await?;
-    ensure!(statuses.iter().all(|s| *s == StatusCode::CREATED), "{statuses:?}");
+    ensure!(
+        statuses.iter().all(|s| *s == StatusCode::CREATED),
+        "{statuses:?}"
+    );
     ensure!(env.rows().await?.len() == 30, "rows");
     let tried = batches.load(Ordering::SeqCst);
-    ensure!(tried == 1, "asked the batch route {tried} times; once is enough");
+    ensure!(
+        tried == 1,
+        "asked the batch route {tried} times; once is enough"
+    );
     ensure!(singles.load(Ordering::SeqCst) == 30, "singles");
     env.done().await;
     Ok(())
