@@ -325,6 +325,7 @@ async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> 
         match earlier {
             Some(answer) if !joined[i] => out.push(answer),
             _ => {
+                #[allow(unused_mut)] // without `signing` nothing is added
                 let mut req = item.request();
                 #[cfg(feature = "signing")]
                 req.extensions_mut().insert(nonces.clone());
