@@ -193,6 +193,25 @@ impl DeliveryHandler for ShipmentAcks {
         Ok(())
     }
 
+    async fn delivered_all(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        delivered: &[(&SentMessage, &http::Response<Bytes>)],
+    ) -> Result<(), sqlx::Error> {
+        let accepted: Vec<(OrderId, Option<String>, Option<i64>)> = delivered
+            .iter()
+            .filter_map(|(msg, response)| {
+                let order_id = order_of(msg)?;
+                Some((
+                    order_id,
+                    shipment_id(response.body()).ok(),
+                    Some(msg.attempts + 1),
+                ))
+            })
+            .collect();
+        self.store.record_accepted_all(tx, &accepted).await
+    }
+
     async fn dead(
         &self,
         tx: &mut Transaction<'static, Any>,

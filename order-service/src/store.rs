@@ -200,6 +200,55 @@ impl OrderStore {
         Ok(res.rows_affected() == 1)
     }
 
+    /// [`OrderStore::record_accepted`] for many orders in one statement
+    /// (a batch of relay outcomes): `(order, shipment id, attempts)` each.
+    /// On Postgres the rows are locked first, in the order given (sorted
+    /// by id by the relay), so this never deadlocks with a batch of shipped
+    /// reports that locks the same orders one by one in that order.
+    pub async fn record_accepted_all(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        accepted: &[(OrderId, Option<String>, Option<i64>)],
+    ) -> Result<(), sqlx::Error> {
+        if accepted.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = accepted.iter().map(|(id, _, _)| id.to_string()).collect();
+        if self.db.backend() == resilience::store::Backend::Postgres {
+            let marks: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT id FROM orders WHERE id IN ({}) AND status = 'pending' \
+                 ORDER BY id FOR UPDATE",
+                marks.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for id in &ids {
+                q = q.bind(id);
+            }
+            q.fetch_all(&mut **tx).await?;
+        }
+        // VALUES columns are column1, column2, ... on both backends.
+        let rows: Vec<String> = (0..accepted.len())
+            .map(|i| {
+                let b = 2 + 3 * i;
+                format!("(${}, ${}, CAST(${} AS BIGINT))", b, b + 1, b + 2)
+            })
+            .collect();
+        let sql = format!(
+            "UPDATE orders SET status = 'accepted', accepted_at = $1, updated_at = $1, \
+             shipment_id = COALESCE(orders.shipment_id, v.column2), last_error = NULL, \
+             send_attempts = COALESCE(v.column3, orders.send_attempts) \
+             FROM (VALUES {}) AS v WHERE orders.id = v.column1 AND orders.status = 'pending'",
+            rows.join(", ")
+        );
+        let mut q = sqlx::query(&sql).bind(now_ms());
+        for ((_, shipment, attempts), id) in accepted.iter().zip(&ids) {
+            q = q.bind(id).bind(shipment.as_deref()).bind(*attempts);
+        }
+        q.execute(&mut **tx).await?;
+        Ok(())
+    }
+
     /// Records a delivery error on the order (the outbox gave up on it).
     pub async fn record_error<'e, E>(
         &self,
@@ -263,6 +312,45 @@ impl OrderStore {
         id: OrderId,
         event: &ShipmentEvent,
     ) -> Result<(Order, Transition), ApplyError> {
+        // The usual case first, in one statement: the report moves the order
+        // forward from a status below it, and names the order's own shipment
+        // (or the order has none yet). Anything else (a repeat, a forgery, a
+        // missing order) is judged below, on the row as read.
+        let below: Vec<String> = [
+            OrderStatus::Pending,
+            OrderStatus::Accepted,
+            OrderStatus::Shipped,
+        ]
+        .into_iter()
+        .filter(|s| s.transition(event.status) == Ok(Transition::Changed))
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+        if !below.is_empty() {
+            let now = now_ms();
+            let shipped_at = (event.status == OrderStatus::Shipped).then_some(now);
+            // The statuses are the enum's own constants, never input.
+            let sql = format!(
+                "UPDATE orders SET status = $1, updated_at = $2, last_error = NULL, \
+                 accepted_at = COALESCE(accepted_at, $3), \
+                 shipped_at = COALESCE(shipped_at, $4), \
+                 shipment_id = COALESCE(shipment_id, $5) \
+                 WHERE id = $6 AND status IN ({}) \
+                 AND (shipment_id IS NULL OR shipment_id = $5) RETURNING {COLUMNS}",
+                below.join(", ")
+            );
+            let row = sqlx::query(&sql)
+                .bind(event.status.as_str())
+                .bind(now)
+                .bind(Some(now))
+                .bind(shipped_at)
+                .bind(&event.shipment_id)
+                .bind(id.to_string())
+                .fetch_optional(&mut **tx)
+                .await?;
+            if let Some(row) = row {
+                return Ok((order_from_row(&row)?, Transition::Changed));
+            }
+        }
         // A compare-and-set on the status read: if another writer moved the
         // order in between, read again and re-judge. Three rounds are plenty;
         // a status can move forward at most twice.

@@ -135,6 +135,18 @@ impl DeliveryHandler for ReportAcks {
         Ok(())
     }
 
+    async fn delivered_all(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        delivered: &[(&SentMessage, &http::Response<Bytes>)],
+    ) -> Result<(), sqlx::Error> {
+        let reported: Vec<(Uuid, i64)> = delivered
+            .iter()
+            .filter_map(|(msg, _)| Some((shipment_of(msg)?, msg.attempts + 1)))
+            .collect();
+        self.store.mark_reported_all(&mut **tx, &reported).await
+    }
+
     async fn dead(
         &self,
         tx: &mut Transaction<'static, Any>,

@@ -211,6 +211,39 @@ impl ShipmentStore {
         Ok(())
     }
 
+    /// [`ShipmentStore::mark_reported`] without an error, for many
+    /// shipments in one statement (a batch of relay outcomes):
+    /// `(shipment, attempts)` each. Nothing else waits for these rows (the
+    /// warehouse skips locked rows), so the lock order does not matter.
+    pub async fn mark_reported_all<'e, E>(
+        &self,
+        executor: E,
+        reported: &[(Uuid, i64)],
+    ) -> Result<(), sqlx::Error>
+    where
+        E: sqlx::Executor<'e, Database = Any>,
+    {
+        if reported.is_empty() {
+            return Ok(());
+        }
+        // VALUES columns are column1, column2 on both backends.
+        let rows: Vec<String> = (0..reported.len())
+            .map(|i| format!("(${}, CAST(${} AS BIGINT))", 2 + 2 * i, 3 + 2 * i))
+            .collect();
+        let sql = format!(
+            "UPDATE shipments SET report_error = NULL, report_attempts = v.column2, \
+             reported_at = COALESCE(shipments.reported_at, $1), updated_at = $1 \
+             FROM (VALUES {}) AS v WHERE shipments.id = v.column1",
+            rows.join(", ")
+        );
+        let mut q = sqlx::query(&sql).bind(now_ms());
+        for (id, attempts) in reported {
+            q = q.bind(id.to_string()).bind(*attempts);
+        }
+        q.execute(executor).await?;
+        Ok(())
+    }
+
     /// Counts one report attempt and its outcome (`None`: order-service acknowledged).
     pub async fn record_report<'e, E>(
         &self,

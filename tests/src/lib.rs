@@ -548,7 +548,12 @@ impl ProcessStack {
             admin_token: ADMIN_TOKEN.into(),
             common_args: own(&["--relay-poll", "200ms", "--log-format", "json"]),
             order_args: own(order_args),
-            shipping_args: [own(&["--warehouse-delay", "50ms"]), own(shipping_args)].concat(),
+            // 50 ms of packing unless the caller chose its own.
+            shipping_args: if shipping_args.contains(&"--warehouse-delay") {
+                own(shipping_args)
+            } else {
+                [own(&["--warehouse-delay", "50ms"]), own(shipping_args)].concat()
+            },
         };
         let cluster = demo::cluster::Cluster::start(cfg).await?;
         Ok(Self {

@@ -56,6 +56,27 @@ async fn a_burst_is_delivered_once_in_few_commits(backend: TestBackend) -> anyho
                 && inv.dead_letters == 0,
             "{inv:?}"
         );
+        // The relays' batched reactions: every order knows its shipment and
+        // when it was accepted; every shipment knows its report arrived.
+        let order_db = stack.dbs.order_db().await?;
+        let bad_orders: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM orders WHERE shipment_id IS NULL OR accepted_at IS NULL",
+        )
+        .fetch_one(order_db.pool())
+        .await?;
+        order_db.close().await;
+        let shipping_db = stack.dbs.shipping_db().await?;
+        let bad_shipments: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM shipments WHERE reported_at IS NULL OR report_attempts < 1 \
+             OR report_error IS NOT NULL",
+        )
+        .fetch_one(shipping_db.pool())
+        .await?;
+        shipping_db.close().await;
+        ensure!(
+            bad_orders == 0 && bad_shipments == 0,
+            "{bad_orders} orders and {bad_shipments} shipments without their acknowledgement"
+        );
         if let Some(writers) = shipment_writers(&stack).await? {
             eprintln!("200 shipments in {writers} transactions");
             ensure!(
@@ -103,7 +124,57 @@ async fn one_side_batching_and_memory_dedupe_mix(backend: TestBackend) -> anyhow
     result
 }
 
+async fn batched_acknowledgements_record_each_order(backend: TestBackend) -> anyhow::Result<()> {
+    // Nothing ships: what each order records comes from the relay's batched
+    // reaction to shipping's 201 alone.
+    let stack = ProcessStack::start(EXE, backend, &[], &["--warehouse-delay", "1h"]).await?;
+    let result = async {
+        burst(&stack, "effectively-once", 100, 16).await?;
+        let db = stack.dbs.order_db().await?;
+        let shipping = stack.dbs.shipping_db().await?;
+        let outcome = tests::eventually(SETTLE, "every order accepted", || async {
+            let accepted: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM orders WHERE status = 'accepted' \
+                 AND shipment_id IS NOT NULL AND accepted_at IS NOT NULL AND send_attempts >= 1",
+            )
+            .fetch_one(db.pool())
+            .await?;
+            Ok((accepted == 100).then_some(()))
+        })
+        .await;
+        // Each order names the shipment that shipping created for it.
+        let mut mismatched = 0;
+        if outcome.is_ok() {
+            let pairs: Vec<(String, String)> = sqlx::query_as("SELECT id, shipment_id FROM orders")
+                .fetch_all(db.pool())
+                .await?;
+            for (order, shipment) in pairs {
+                let of: Option<String> =
+                    sqlx::query_scalar("SELECT order_id FROM shipments WHERE id = $1")
+                        .bind(&shipment)
+                        .fetch_optional(shipping.pool())
+                        .await?;
+                if of.as_deref() != Some(order.as_str()) {
+                    mismatched += 1;
+                }
+            }
+        }
+        db.close().await;
+        shipping.close().await;
+        outcome?;
+        ensure!(
+            mismatched == 0,
+            "{mismatched} orders name another order's shipment"
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    stack.shutdown().await?;
+    result
+}
+
 tests::both_backends!(
+    batched_acknowledgements_record_each_order,
     a_burst_is_delivered_once_in_few_commits,
     one_side_batching_and_memory_dedupe_mix,
 );

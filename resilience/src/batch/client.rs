@@ -228,7 +228,12 @@ where
                 return;
             }
             let n = state.queue.len().min(shared.config.max_batch);
-            (state.queue.drain(..n).collect(), state.no_batch)
+            let mut batch: Vec<Waiting> = state.queue.drain(..n).collect();
+            // By path (which names the resource, e.g. an order id), so that
+            // concurrent batches over the same rows lock them in one order
+            // and never deadlock.
+            batch.sort_by(|a, b| a.req.uri().path().cmp(b.req.uri().path()));
+            (batch, state.no_batch)
         };
         if no_batch {
             // Learnt while these waited: the peer has no batch route.

@@ -86,6 +86,22 @@ pub trait DeliveryHandler: Send + Sync + 'static {
         response: &Response<Bytes>,
     ) -> Result<(), sqlx::Error>;
 
+    /// Several deliveries of one batch of outcomes, in its transaction,
+    /// sorted by correlation id. The default runs
+    /// [`DeliveryHandler::delivered`] for each; override it to write them
+    /// all in one statement (lock the owner's rows in the order given, so
+    /// that concurrent batches cannot deadlock).
+    async fn delivered_all(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        delivered: &[(&SentMessage, &Response<Bytes>)],
+    ) -> Result<(), sqlx::Error> {
+        for (msg, response) in delivered {
+            self.delivered(tx, msg, response).await?;
+        }
+        Ok(())
+    }
+
     /// The message was dead-lettered.
     async fn dead(
         &self,
@@ -495,16 +511,28 @@ impl Relay {
             }
             won.extend(q.fetch_all(&mut *tx).await?);
         }
-        for s in batch {
-            match (&s.outcome, &s.response) {
-                (DeliveryOutcome::Delivered, Some(res)) => {
-                    if won.contains(&s.msg.id) {
-                        self.handler.delivered(&mut tx, &s.msg, res).await?;
-                    } else {
-                        tracing::warn!(id = %s.msg.id, "lease lost before the outcome was recorded; another relay owns it");
-                    }
+        // The owner's reactions lock the owner's rows (an order, a
+        // shipment): in the order of their correlation ids, the order the
+        // batch client sends the peer's own batches in (by path), so two
+        // batches over the same rows never wait for each other in a cycle.
+        let mut by_owner: Vec<&Settlement> = batch.iter().collect();
+        by_owner.sort_by(|a, b| a.msg.correlation_id.cmp(&b.msg.correlation_id));
+        let mut delivered: Vec<(&SentMessage, &Response<Bytes>)> = Vec::new();
+        for s in &by_owner {
+            if let (DeliveryOutcome::Delivered, Some(res)) = (&s.outcome, &s.response) {
+                if won.contains(&s.msg.id) {
+                    delivered.push((&s.msg, res));
+                } else {
+                    tracing::warn!(id = %s.msg.id, "lease lost before the outcome was recorded; another relay owns it");
                 }
-                (DeliveryOutcome::Delivered, None) => {}
+            }
+        }
+        if !delivered.is_empty() {
+            self.handler.delivered_all(&mut tx, &delivered).await?;
+        }
+        for s in by_owner {
+            match (&s.outcome, &s.response) {
+                (DeliveryOutcome::Delivered, _) => {}
                 (
                     DeliveryOutcome::Retry {
                         delay,
