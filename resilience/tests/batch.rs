@@ -299,6 +299,38 @@ async fn refused_sub_request_runs_the_others_alone(backend: Backend) -> Result<(
     Ok(())
 }
 
+async fn one_key_twice_in_a_batch_runs_once(backend: Backend) -> Result<()> {
+    let env = Env::new(backend).await?;
+    let router = env.router(false)?;
+    // The same request twice: the second is a replay of the first.
+    let batch = json!({ "requests": [
+        widget("a", "ok", Some("same")),
+        widget("b", "ok", Some("other")),
+        widget("a", "ok", Some("same")),
+    ]});
+    let (status, _, answer) = send(&router, batch.to_string()).await?;
+    ensure!(
+        status == 200 && statuses(&answer) == vec![201, 201, 201],
+        "{answer}"
+    );
+    let third = &answer["responses"][2];
+    ensure!(
+        header(third, IDEMPOTENT_REPLAYED) == Some("true"),
+        "not a replay: {third}"
+    );
+    // The same key with another request: 422, and nothing of it is kept.
+    let batch = json!({ "requests": [
+        widget("c", "ok", Some("reused")),
+        widget("d", "ok", Some("reused")),
+    ]});
+    let (_, _, answer) = send(&router, batch.to_string()).await?;
+    ensure!(statuses(&answer) == vec![201, 422], "{answer}");
+    let ids: Vec<String> = env.rows().await?.into_iter().map(|(id, _)| id).collect();
+    ensure!(ids == ["a", "b", "c"], "rows {ids:?}");
+    env.done().await;
+    Ok(())
+}
+
 async fn malformed_batches_change_nothing(backend: Backend) -> Result<()> {
     let env = Env::new(backend).await?;
     let router = env.router(false)?;
@@ -592,6 +624,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     batch_commits_once_and_answers_each,
     refused_sub_request_runs_the_others_alone,
+    one_key_twice_in_a_batch_runs_once,
     malformed_batches_change_nothing,
     signatures_survive_the_rerun_and_replays_do_not,
     client_batches_waiting_requests,

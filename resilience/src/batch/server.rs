@@ -282,12 +282,21 @@ async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> 
     }
     let finished = shared.finish().await;
     if !shared.failed() {
-        let Some((tx, hooks)) = finished else {
+        let Some((mut tx, hooks)) = finished else {
             return Err(internal_error("a sub-request kept the batch's transaction"));
         };
-        let outcome = match shared.xid() {
-            Some(xid) => db.commit_resolved_as(tx, Some(xid)).await,
-            None => db.commit_resolved(tx).await,
+        // Every answer's idempotency record, in one statement per 100.
+        let outcome = match shared.write_records(&mut tx, db.backend()).await {
+            Ok(xid) => match xid.or(shared.xid()) {
+                Some(xid) => db.commit_resolved_as(tx, Some(xid)).await,
+                None => db.commit_resolved(tx).await,
+            },
+            Err(e) => {
+                if let Err(e) = tx.rollback().await {
+                    tracing::warn!(error = %e, "batch rollback failed (the connection discards the transaction)");
+                }
+                CommitOutcome::RolledBack(e)
+            }
         };
         match outcome {
             CommitOutcome::Committed => {

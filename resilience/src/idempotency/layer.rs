@@ -402,7 +402,17 @@ where
         created_at: now,
         expires_at: now.saturating_add(config.ttl_ms()),
     };
-    let xid = match record::insert(&mut *transaction, &new, db.backend()).await {
+    // In a batch the record is inserted with the others', before the
+    // batch's commit (a key answered twice fails that insert, and the
+    // batch runs its requests one by one).
+    let inserted = match &owner {
+        Owner::Batch(shared) => {
+            shared.defer_record(new.to_owned_record());
+            Ok(None)
+        }
+        Owner::Own(_) => record::insert(&mut *transaction, &new, db.backend()).await,
+    };
+    let xid = match inserted {
         Ok(xid) => xid,
         Err(e) if is_unique_violation(&e) => {
             // Another request with this key committed after our lookup: our

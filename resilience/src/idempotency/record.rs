@@ -32,6 +32,103 @@ pub(crate) struct NewRecord<'a> {
     pub(crate) expires_at: i64,
 }
 
+impl NewRecord<'_> {
+    /// The record, owned, to be inserted later with the rest of its batch.
+    pub(crate) fn to_owned_record(&self) -> OwnedRecord {
+        OwnedRecord {
+            scope: self.scope.to_owned(),
+            key: self.key.to_owned(),
+            fingerprint: self.fingerprint.to_owned(),
+            status: self.status,
+            headers: self.headers.clone(),
+            body: self.body.to_vec(),
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+/// A completed record waiting for its batch's multi-row insert.
+#[derive(Debug, Clone)]
+pub(crate) struct OwnedRecord {
+    scope: String,
+    key: String,
+    fingerprint: String,
+    status: i64,
+    headers: String,
+    body: Vec<u8>,
+    created_at: i64,
+    expires_at: i64,
+}
+
+/// Rows per multi-row insert (8 parameters each: far below both backends'
+/// limits).
+const INSERT_CHUNK: usize = 100;
+
+/// Inserts the records of a batch, many per statement. A unique violation
+/// means a key was answered twice (two requests with one key in a batch, or
+/// a race with another transaction): the batch must roll back. On Postgres
+/// it returns the transaction's id, as [`insert`] does.
+pub(crate) async fn insert_all(
+    tx: &mut sqlx::AnyConnection,
+    recs: &[OwnedRecord],
+    backend: Backend,
+) -> Result<Option<i64>, sqlx::Error> {
+    let mut xid = None;
+    for chunk in recs.chunks(INSERT_CHUNK) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let b = 8 * i;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7,
+                    b + 8
+                )
+            })
+            .collect();
+        let returning = match backend {
+            Backend::Postgres => " RETURNING CAST(txid_current() AS BIGINT)",
+            Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "INSERT INTO idempotency_keys \
+             (scope, idem_key, fingerprint, status, headers, body, created_at, expires_at) \
+             VALUES {}{returning}",
+            rows.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for r in chunk {
+            q = q
+                .bind(r.scope.as_str())
+                .bind(r.key.as_str())
+                .bind(r.fingerprint.as_str())
+                .bind(r.status)
+                .bind(r.headers.as_str())
+                .bind(r.body.as_slice())
+                .bind(r.created_at)
+                .bind(r.expires_at);
+        }
+        match backend {
+            Backend::Postgres => {
+                let rows = q.fetch_all(&mut *tx).await?;
+                if let Some(row) = rows.first() {
+                    xid = Some(row.try_get::<i64, _>(0)?);
+                }
+            }
+            Backend::Sqlite => {
+                q.execute(&mut *tx).await?;
+            }
+        }
+    }
+    Ok(xid)
+}
+
 fn stored_from_row(row: &AnyRow) -> Result<Option<Stored>, sqlx::Error> {
     let Some(fingerprint) = row.try_get::<Option<String>, _>("fingerprint")? else {
         return Ok(None);

@@ -17,7 +17,9 @@ use std::sync::Arc;
 use sqlx::{Any, Transaction};
 use tokio::sync::Mutex;
 
+use super::record::{self, OwnedRecord};
 use super::tx::AfterCommit;
+use crate::store::Backend;
 
 /// The transaction of a batch, shared with the idempotency layer of each
 /// sub-request through the request's extensions. Cheap to clone.
@@ -29,6 +31,8 @@ pub struct SharedTx {
 struct Inner {
     tx: Mutex<Option<Transaction<'static, Any>>>,
     hooks: std::sync::Mutex<Vec<AfterCommit>>,
+    /// The answers to record, inserted together before the commit.
+    records: std::sync::Mutex<Vec<OwnedRecord>>,
     failed: AtomicBool,
     /// Sub-requests that ran in the transaction (took it and gave it back).
     joined: AtomicUsize,
@@ -53,6 +57,7 @@ impl SharedTx {
             inner: Arc::new(Inner {
                 tx: Mutex::new(Some(tx)),
                 hooks: std::sync::Mutex::new(Vec::new()),
+                records: std::sync::Mutex::new(Vec::new()),
                 failed: AtomicBool::new(false),
                 joined: AtomicUsize::new(0),
                 xid: AtomicI64::new(0),
@@ -80,6 +85,39 @@ impl SharedTx {
         self.fail();
         self.inner.joined.fetch_add(1, Ordering::Relaxed);
         *self.inner.tx.lock().await = Some(tx);
+    }
+
+    /// Keeps a sub-request's idempotency record for the batch's one
+    /// multi-row insert ([`SharedTx::write_records`]).
+    pub(crate) fn defer_record(&self, rec: OwnedRecord) {
+        self.inner
+            .records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(rec);
+    }
+
+    /// Inserts the deferred idempotency records into `tx`, many per
+    /// statement, before the batch commits. An error (a key answered twice:
+    /// within the batch, or by a concurrent transaction) means the batch
+    /// must roll back and run its requests one by one. Returns the
+    /// transaction's id on Postgres, for resolving a lost commit answer.
+    pub async fn write_records(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        backend: Backend,
+    ) -> Result<Option<i64>, sqlx::Error> {
+        let records = std::mem::take(
+            &mut *self
+                .inner
+                .records
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if records.is_empty() {
+            return Ok(None);
+        }
+        record::insert_all(&mut *tx, &records, backend).await
     }
 
     /// Marks the batch failed (it must roll back).
