@@ -192,16 +192,30 @@ pub struct Health {
     status: String,
 }
 
+/// The methods a batch carries (writes only).
+#[derive(Debug, ToSchema)]
+#[schema(as = BatchMethod)]
+#[allow(dead_code, clippy::upper_case_acronyms)]
+pub enum BatchMethodDoc {
+    /// POST
+    POST,
+    /// PUT
+    PUT,
+    /// PATCH
+    PATCH,
+    /// DELETE
+    DELETE,
+}
+
 /// One request of a batch (`POST /batch`).
 #[derive(Debug, ToSchema)]
 #[schema(as = BatchSubRequest)]
 #[allow(dead_code)]
 pub struct BatchSubRequestDoc {
     /// A method other than GET and HEAD (a batch carries writes).
-    #[schema(example = "POST")]
-    method: String,
+    method: BatchMethodDoc,
     /// Path and query on this service, starting with `/`.
-    #[schema(example = "/orders")]
+    #[schema(example = "/orders", pattern = "^/[!-~]*$")]
     path: String,
     /// `[name, value]` pairs, sent as the request's headers.
     #[schema(value_type = Vec<Vec<String>>)]
