@@ -39,6 +39,9 @@ const HTTP_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Buckets of `batch_requests`: powers of two up to the route's limit.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
 /// Buckets of `outbox_delivery_seconds` (commit to 2xx): 5 ms to an hour,
 /// since a delivery may wait out an outage.
 const DELIVERY_BUCKETS: &[f64] = &[
@@ -109,7 +112,8 @@ fn builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildErro
         .set_buckets_for_metric(
             Matcher::Full("outbox_delivery_seconds".into()),
             DELIVERY_BUCKETS,
-        )
+        )?
+        .set_buckets_for_metric(Matcher::Full("batch_requests".into()), BATCH_BUCKETS)
 }
 
 /// HELP lines of the event series.
@@ -135,6 +139,10 @@ fn describe() {
         "outbox_delivery_seconds",
         Unit::Seconds,
         "Time from the commit that enqueued a message to its 2xx"
+    );
+    describe_histogram!(
+        "batch_requests",
+        "Requests per received POST /batch, by outcome (committed together, or one_by_one after a refusal)"
     );
     describe_counter!(
         "idempotency_replays_total",

@@ -163,6 +163,27 @@ async fn drive(stack: &Stack) -> anyhow::Result<String> {
     let reused = keyed(sample_order("at-most-once")).await?;
     ensure!(reused.status() == 422, "reused key: {}", reused.status());
     stack.order(&id).await?;
+    // A client's own batch of two orders: one received batch, committed.
+    let sub = |body: serde_json::Value| {
+        use base64::Engine as _;
+        serde_json::json!({
+            "method": "POST",
+            "path": "/orders",
+            "headers": [["content-type", "application/json"]],
+            "body": base64::engine::general_purpose::STANDARD.encode(body.to_string()),
+        })
+    };
+    let batch = serde_json::json!({ "requests": [
+        sub(sample_order("at-most-once")),
+        sub(sample_order("at-most-once")),
+    ]});
+    let res = stack
+        .http
+        .post(format!("{}/batch", stack.order.url))
+        .json(&batch)
+        .send()
+        .await?;
+    ensure!(res.status() == 200, "batch: {}", res.status());
     let miss = stack.get_order_path("/no/such/path").await?;
     ensure!(miss.status() == 404);
     Ok(id)
@@ -245,6 +266,10 @@ async fn metrics_end_to_end(backend: TestBackend) -> anyhow::Result<()> {
     ensure!(
         !order.contains("/no/such/path"),
         "a raw path leaked into a label"
+    );
+    ensure!(
+        order.contains(r#"batch_requests_bucket{outcome="committed",le="2"}"#),
+        "no batch_requests in:\n{order}"
     );
     for counter in ["idempotency_replays_total", "idempotency_mismatches_total"] {
         let n = value_of(&order, counter);
