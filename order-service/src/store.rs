@@ -215,11 +215,10 @@ impl OrderStore {
         }
         let ids: Vec<String> = accepted.iter().map(|(id, _, _)| id.to_string()).collect();
         if self.db.backend() == resilience::store::Backend::Postgres {
-            let marks: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
-                "SELECT id FROM orders WHERE id IN ({}) AND status = 'pending' \
+                "SELECT id FROM orders WHERE id IN {} AND status = 'pending' \
                  ORDER BY id FOR UPDATE",
-                marks.join(", ")
+                resilience::store::placeholders(1, ids.len())
             );
             let mut q = sqlx::query(&sql);
             for id in &ids {

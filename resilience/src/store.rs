@@ -489,6 +489,14 @@ pub fn is_transient(err: &sqlx::Error) -> bool {
     }
 }
 
+/// `n` numbered placeholders from `$first`, in parentheses:
+/// `placeholders(4, 3)` is `($4, $5, $6)` (a row of a multi-row `VALUES`,
+/// or an `IN` list; both backends number them the same way).
+pub fn placeholders(first: usize, n: usize) -> String {
+    let marks: Vec<String> = (first..first + n).map(|i| format!("${i}")).collect();
+    format!("({})", marks.join(", "))
+}
+
 /// Milliseconds since the Unix epoch, the timestamp format of every table.
 pub fn now_ms() -> i64 {
     SystemTime::now()

@@ -13,7 +13,9 @@ use http::{Request, Response, StatusCode};
 use tokio::sync::oneshot;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
-use super::{b64, hop_by_hop, BatchRequest, BatchResponse, SubRequest, SubResponse, DEFAULT_PATH};
+use super::{
+    b64, header_pairs, BatchRequest, BatchResponse, SubRequest, SubResponse, DEFAULT_PATH,
+};
 
 /// How requests are batched.
 #[derive(Debug, Clone)]
@@ -360,17 +362,7 @@ fn sub_request(req: &Request<Bytes>) -> SubRequest {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned(),
-        headers: req
-            .headers()
-            .iter()
-            .filter(|(name, _)| !hop_by_hop(name.as_str()))
-            .filter_map(|(name, value)| {
-                value
-                    .to_str()
-                    .ok()
-                    .map(|v| (name.as_str().to_owned(), v.to_owned()))
-            })
-            .collect(),
+        headers: header_pairs(req.headers()),
         body: b64().encode(req.body()),
     }
 }

@@ -150,6 +150,21 @@ fn hop_by_hop(name: &str) -> bool {
     )
 }
 
+/// A message's headers as `[name, value]` pairs for the wire: hop-by-hop
+/// headers and values that are not visible ASCII left out.
+fn header_pairs(headers: &http::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(name, _)| !hop_by_hop(name.as_str()))
+        .filter_map(|(name, value)| {
+            value
+                .to_str()
+                .ok()
+                .map(|v| (name.as_str().to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
 fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
 }

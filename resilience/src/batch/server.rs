@@ -16,7 +16,10 @@ use http::{HeaderMap, Method, StatusCode, Uri};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower::ServiceExt;
 
-use super::{b64, hop_by_hop, BatchRequest, BatchResponse, SubRequest, SubResponse, DEFAULT_PATH};
+use super::{
+    b64, header_pairs, hop_by_hop, BatchRequest, BatchResponse, SubRequest, SubResponse,
+    DEFAULT_PATH,
+};
 use crate::idempotency::{begin_failed, commit_unknown, SharedTx};
 use crate::problem::{internal_error, Problem};
 use crate::store::{CommitOutcome, Db};
@@ -173,17 +176,7 @@ impl Answer {
     fn into_sub(self) -> SubResponse {
         SubResponse {
             status: self.status.as_u16(),
-            headers: self
-                .headers
-                .iter()
-                .filter(|(name, _)| !hop_by_hop(name.as_str()))
-                .filter_map(|(name, value)| {
-                    value
-                        .to_str()
-                        .ok()
-                        .map(|v| (name.as_str().to_owned(), v.to_owned()))
-                })
-                .collect(),
+            headers: header_pairs(&self.headers),
             body: b64().encode(&self.body),
         }
     }
@@ -287,10 +280,8 @@ async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> 
         };
         // Every answer's idempotency record, in one statement per 100.
         let outcome = match shared.write_records(&mut tx, db.backend()).await {
-            Ok(xid) => match xid.or(shared.xid()) {
-                Some(xid) => db.commit_resolved_as(tx, Some(xid)).await,
-                None => db.commit_resolved(tx).await,
-            },
+            Ok(Some(xid)) => db.commit_resolved_as(tx, Some(xid)).await,
+            Ok(None) => db.commit_resolved(tx).await,
             Err(e) => {
                 if let Err(e) = tx.rollback().await {
                     tracing::warn!(error = %e, "batch rollback failed (the connection discards the transaction)");

@@ -176,7 +176,8 @@ impl Owner {
     /// Success: commit (resolving an ambiguous commit; `xid` is the
     /// transaction's id when already read, `Some(None)` for "asked: none"),
     /// then run the hooks. In a batch: hand the transaction back with the
-    /// hooks; the batch commits and runs them.
+    /// hooks; the batch writes the records, commits (with the id its
+    /// record insert reads) and runs them.
     async fn complete(
         &self,
         config: &IdempotencyConfig,
@@ -193,12 +194,7 @@ impl Owner {
                 committed(config, outcome)?;
                 tx.run_hooks().await;
             }
-            Owner::Batch(shared) => {
-                if let Some(Some(xid)) = xid {
-                    shared.set_xid(xid);
-                }
-                shared.give_back(t, tx.take_hooks()).await;
-            }
+            Owner::Batch(shared) => shared.give_back(t, tx.take_hooks()).await,
         }
         Ok(())
     }

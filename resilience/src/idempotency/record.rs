@@ -77,20 +77,7 @@ pub(crate) async fn insert_all(
     let mut xid = None;
     for chunk in recs.chunks(INSERT_CHUNK) {
         let rows: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                let b = 8 * i;
-                format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7,
-                    b + 8
-                )
-            })
+            .map(|i| crate::store::placeholders(8 * i + 1, 8))
             .collect();
         let returning = match backend {
             Backend::Postgres => " RETURNING CAST(txid_current() AS BIGINT)",

@@ -11,7 +11,7 @@
 //! and runs each sub-request again on its own, in a transaction of its own,
 //! so that one refusal costs nobody else their answer.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use sqlx::{Any, Transaction};
@@ -36,9 +36,6 @@ struct Inner {
     failed: AtomicBool,
     /// Sub-requests that ran in the transaction (took it and gave it back).
     joined: AtomicUsize,
-    /// The transaction's id, once a keyed sub-request read it (Postgres);
-    /// 0 while unknown.
-    xid: AtomicI64,
 }
 
 impl std::fmt::Debug for SharedTx {
@@ -60,7 +57,6 @@ impl SharedTx {
                 records: std::sync::Mutex::new(Vec::new()),
                 failed: AtomicBool::new(false),
                 joined: AtomicUsize::new(0),
-                xid: AtomicI64::new(0),
             }),
         }
     }
@@ -125,11 +121,6 @@ impl SharedTx {
         self.inner.failed.store(true, Ordering::Release);
     }
 
-    /// Remembers the transaction's id, read by a sub-request's last write.
-    pub(crate) fn set_xid(&self, xid: i64) {
-        self.inner.xid.store(xid, Ordering::Relaxed);
-    }
-
     /// Did a sub-request refuse or fail?
     pub fn failed(&self) -> bool {
         self.inner.failed.load(Ordering::Acquire)
@@ -138,14 +129,6 @@ impl SharedTx {
     /// How many sub-requests ran in the transaction so far.
     pub fn joined(&self) -> usize {
         self.inner.joined.load(Ordering::Relaxed)
-    }
-
-    /// The transaction's id, if a sub-request read it (Postgres).
-    pub fn xid(&self) -> Option<i64> {
-        match self.inner.xid.load(Ordering::Relaxed) {
-            0 => None,
-            xid => Some(xid),
-        }
     }
 
     /// Takes the transaction out to commit or roll it back, with the hooks
