@@ -49,7 +49,14 @@ struct App {
     db: Db,
     /// After-commit hooks run.
     hooks: Arc<AtomicUsize>,
+    /// Hooks of `together` widgets wait here for each other.
+    together: Arc<tokio::sync::Barrier>,
+    /// `together` hooks that gave up waiting (hooks run one after another).
+    alone: Arc<AtomicUsize>,
 }
+
+/// `together` widgets per test batch.
+const TOGETHER: usize = 4;
 
 /// `POST /widgets {"id", "name"}`: inserts the widget (with the inserting
 /// transaction's id on Postgres), answers 201; a name of `refuse` is
@@ -103,6 +110,21 @@ async fn create_widget(State(app): State<App>, tx: Tx, Json(body): Json<Value>) 
             hooks.fetch_add(1, Ordering::SeqCst);
         })
     });
+    if name == "together" {
+        // Completes only when the hooks of all `together` requests run at
+        // the same time.
+        let (barrier, alone) = (app.together.clone(), app.alone.clone());
+        tx.after_commit(move || {
+            Box::pin(async move {
+                if tokio::time::timeout(Duration::from_secs(3), barrier.wait())
+                    .await
+                    .is_err()
+                {
+                    alone.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        });
+    }
     (StatusCode::CREATED, Json(json!({"id": id, "name": name}))).into_response()
 }
 
@@ -123,6 +145,8 @@ impl Env {
         let app = App {
             db: db.clone(),
             hooks: Arc::new(AtomicUsize::new(0)),
+            together: Arc::new(tokio::sync::Barrier::new(TOGETHER)),
+            alone: Arc::new(AtomicUsize::new(0)),
         };
         Ok(Self { test_db, db, app })
     }
@@ -295,6 +319,27 @@ async fn refused_sub_request_runs_the_others_alone(backend: Backend) -> Result<(
     )
     .await?;
     ensure!(statuses(&answer) == vec![201], "{answer}");
+    env.done().await;
+    Ok(())
+}
+
+async fn hooks_of_a_batch_run_side_by_side(backend: Backend) -> Result<()> {
+    let env = Env::new(backend).await?;
+    let router = env.router(false)?;
+    let requests: Vec<Value> = (0..TOGETHER)
+        .map(|i| widget(&format!("t{i}"), "together", Some(&format!("kt{i}"))))
+        .collect();
+    let (status, _, answer) = send(&router, json!({ "requests": requests }).to_string()).await?;
+    ensure!(
+        status == 200 && statuses(&answer) == vec![201; TOGETHER],
+        "{answer}"
+    );
+    let alone = env.app.alone.load(Ordering::SeqCst);
+    ensure!(
+        alone == 0,
+        "{alone} requests' hooks waited for the others' to finish first"
+    );
+    ensure!(env.app.hooks.load(Ordering::SeqCst) == TOGETHER, "hooks");
     env.done().await;
     Ok(())
 }
@@ -625,6 +670,7 @@ on_both_backends!(
     batch_commits_once_and_answers_each,
     refused_sub_request_runs_the_others_alone,
     one_key_twice_in_a_batch_runs_once,
+    hooks_of_a_batch_run_side_by_side,
     malformed_batches_change_nothing,
     signatures_survive_the_rerun_and_replays_do_not,
     client_batches_waiting_requests,

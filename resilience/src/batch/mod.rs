@@ -23,8 +23,10 @@
 //!   layers (signature check, tracing, metrics, the
 //!   [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer)). The
 //!   idempotency layer does its usual work inside the shared transaction and
-//!   hands it back instead of committing; the batch commits once and then
-//!   runs every sub-request's after-commit hooks.
+//!   hands it back instead of committing; the batch inserts every record
+//!   in one statement, commits once, and then runs every sub-request's
+//!   after-commit hooks (each sub-request's in order, the sub-requests'
+//!   side by side).
 //!
 //! # Guarantees, unchanged
 //!

@@ -291,9 +291,15 @@ async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> 
         };
         match outcome {
             CommitOutcome::Committed => {
-                for hook in hooks {
-                    hook().await;
-                }
+                // Each request's hooks in their order, the requests' side
+                // by side: one slow hook (a call to a peer) does not hold up
+                // the others.
+                futures::future::join_all(hooks.into_iter().map(|own| async move {
+                    for hook in own {
+                        hook().await;
+                    }
+                }))
+                .await;
                 #[cfg(feature = "metrics")]
                 metrics::histogram!("batch_requests", "outcome" => "committed").record(n as f64);
                 return Ok(respond(answers));

@@ -30,7 +30,8 @@ pub struct SharedTx {
 
 struct Inner {
     tx: Mutex<Option<Transaction<'static, Any>>>,
-    hooks: std::sync::Mutex<Vec<AfterCommit>>,
+    /// Each sub-request's after-commit hooks, in its registration order.
+    hooks: std::sync::Mutex<Vec<Vec<AfterCommit>>>,
     /// The answers to record, inserted together before the commit.
     records: std::sync::Mutex<Vec<OwnedRecord>>,
     failed: AtomicBool,
@@ -71,7 +72,9 @@ impl SharedTx {
     /// registered (run only after the batch commits).
     pub(crate) async fn give_back(&self, tx: Transaction<'static, Any>, hooks: Vec<AfterCommit>) {
         self.inner.joined.fetch_add(1, Ordering::Relaxed);
-        self.lock_hooks().extend(hooks);
+        if !hooks.is_empty() {
+            self.lock_hooks().push(hooks);
+        }
         *self.inner.tx.lock().await = Some(tx);
     }
 
@@ -132,15 +135,16 @@ impl SharedTx {
     }
 
     /// Takes the transaction out to commit or roll it back, with the hooks
-    /// to run after a commit. `None` if a sub-request still holds it (it
+    /// to run after a commit: one list per sub-request, each in its
+    /// registration order. `None` if a sub-request still holds it (it
     /// outlived its handler) or it was taken already.
-    pub async fn finish(&self) -> Option<(Transaction<'static, Any>, Vec<AfterCommit>)> {
+    pub async fn finish(&self) -> Option<(Transaction<'static, Any>, Vec<Vec<AfterCommit>>)> {
         let tx = self.inner.tx.lock().await.take()?;
         let hooks = std::mem::take(&mut *self.lock_hooks());
         Some((tx, hooks))
     }
 
-    fn lock_hooks(&self) -> std::sync::MutexGuard<'_, Vec<AfterCommit>> {
+    fn lock_hooks(&self) -> std::sync::MutexGuard<'_, Vec<Vec<AfterCommit>>> {
         self.inner
             .hooks
             .lock()
