@@ -49,8 +49,10 @@ impl Call {
     }
 }
 
+/// Paused time: these tests run on tokio's clock.
 fn cfg() -> resilience::circuit_breaker::CircuitBreakerConfigBuilder {
     CircuitBreakerConfig::builder()
+        .clock(resilience::circuit_breaker::TokioClock)
         .count_window(10)
         .minimum_calls(10)
         .failure_rate_threshold(50.0)
@@ -648,4 +650,97 @@ fn open_rejection_reports_exact_retry_after_and_until() {
     b.check().expect("half-open probe");
     assert_eq!(b.state(), State::HalfOpen);
     assert_eq!(b.snapshot().rejected, 2);
+}
+
+/// The default clock's coarse reading stays within its stated bounds of the
+/// precise clock: never ahead of it, never behind by more than its lag.
+#[cfg(target_os = "linux")]
+#[test]
+fn coarse_anchor_brackets_the_precise_clock() {
+    use resilience::circuit_breaker::CoarseAnchor;
+    let (origin, anchor) = CoarseAnchor::system().expect("Linux has CLOCK_MONOTONIC_COARSE");
+    assert!(anchor.lag() < 100_000_000, "lag {} ns", anchor.lag());
+    let deadline = std::time::Instant::now() + Duration::from_millis(300);
+    let mut samples = 0;
+    while std::time::Instant::now() < deadline && samples < 100_000 {
+        let floor = anchor.elapsed_floor();
+        let after = origin.elapsed().as_nanos() as u64;
+        assert!(
+            floor <= after,
+            "floor {floor} ns ahead of the clock's {after} ns"
+        );
+        let before = origin.elapsed().as_nanos() as u64;
+        let floor = anchor.elapsed_floor();
+        assert!(
+            before <= floor + anchor.lag(),
+            "floor {floor} ns + lag {} ns behind the clock's {before} ns",
+            anchor.lag()
+        );
+        samples += 1;
+    }
+    assert!(samples > 100, "{samples} samples");
+}
+
+/// On the default clock (real time, coarse rejections): every rejection
+/// names the same exact `until`, its `retry_after` is never shorter than the
+/// true wait (nor longer by more than the coarse lag), and the first call
+/// admitted comes at or after `until`, never before.
+#[cfg(target_os = "linux")]
+#[test]
+fn system_clock_open_rejections_are_never_early() {
+    use resilience::circuit_breaker::CoarseAnchor;
+    let lag = Duration::from_nanos(CoarseAnchor::system().expect("coarse clock").1.lag());
+    let open_for = Duration::from_millis(300);
+    let b = BreakerHandle::new(
+        CircuitBreakerConfig::builder()
+            .count_window(10)
+            .minimum_calls(10)
+            .open_duration(open_for)
+            .build()
+            .unwrap(),
+    );
+    let before_open = std::time::Instant::now();
+    b.transition_to_open();
+    let after_open = std::time::Instant::now();
+    let deadline = after_open + Duration::from_secs(5);
+    let mut until = None;
+    let mut rejections = 0u64;
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never admitted after {rejections} rejections"
+        );
+        let t0 = std::time::Instant::now();
+        match b.check() {
+            Err(e) => {
+                let t1 = std::time::Instant::now();
+                rejections += 1;
+                let u = *until.get_or_insert(e.until());
+                assert_eq!(e.until(), u, "rejection {rejections} names another until");
+                assert!(u >= before_open + open_for && u <= after_open + open_for);
+                // The true wait at the rejection lies in [u - t1, u - t0].
+                assert!(
+                    e.retry_after() >= u.saturating_duration_since(t1),
+                    "retry_after too short"
+                );
+                assert!(
+                    e.retry_after() <= u.saturating_duration_since(t0) + lag,
+                    "retry_after {:?} over the wait {:?} + lag {lag:?}",
+                    e.retry_after(),
+                    u.saturating_duration_since(t0)
+                );
+            }
+            Ok(()) => {
+                let u = until.expect("rejected at least once");
+                assert!(std::time::Instant::now() >= u, "admitted before {u:?}");
+                assert_eq!(b.state(), State::HalfOpen);
+                break;
+            }
+        }
+        if rejections.is_multiple_of(1000) {
+            std::thread::yield_now();
+        }
+    }
+    assert_eq!(b.snapshot().rejected, rejections);
+    assert!(rejections > 10, "{rejections} rejections");
 }

@@ -14,12 +14,137 @@ use std::time::{Duration, Instant};
 pub trait Clock: Send + Sync + 'static {
     /// The current instant.
     fn now(&self) -> Instant;
+
+    /// A cheap, coarse reading of this same clock, anchored at a fresh
+    /// `now()`: the breaker uses it to reject calls while an open wait is
+    /// far from over, and reads `now()` near the end of the wait. `None`
+    /// (the default): this clock has no cheaper reading.
+    fn coarse_anchor(&self) -> Option<(Instant, CoarseAnchor)> {
+        None
+    }
 }
 
-/// The default clock: `tokio::time::Instant::now()`.
+/// A coarse reading of the system's monotonic clock, tied to one instant
+/// (its *origin*): [`elapsed_floor`](Self::elapsed_floor) is never more than
+/// the time since the origin, and never less by more than
+/// [`lag`](Self::lag).
+///
+/// On Linux it reads `CLOCK_MONOTONIC_COARSE` (a few nanoseconds; the time of
+/// the kernel's last tick) where `Instant::now()` reads `CLOCK_MONOTONIC`
+/// (20-40 ns on a virtual machine). The lag is two ticks plus the calibration
+/// read's own spread: 8 ms at the common 250 Hz.
+#[derive(Debug, Clone, Copy)]
+pub struct CoarseAnchor {
+    /// Coarse nanoseconds at the origin, plus one tick.
+    base: u64,
+    lag: u64,
+}
+
+impl CoarseAnchor {
+    /// Calibrates against `Instant::now()`. `None` where there is no coarse
+    /// clock, its resolution is over 50 ms, or eight tries could not read
+    /// both clocks within 50 µs of each other.
+    pub fn system() -> Option<(Instant, CoarseAnchor)> {
+        let res = coarse::resolution()?;
+        if res == 0 || res > 50_000_000 {
+            return None;
+        }
+        for _ in 0..8 {
+            let a = Instant::now();
+            let c0 = coarse::nanos();
+            let spread = u64::try_from(a.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            if spread <= 50_000 {
+                // The coarse clock is the precise one as of the last tick:
+                // C(t) <= P(t) <= C(t) + res. With c0 = C(t0), t0 just after a:
+                //   C(t) - c0 - res <= P(t) - P(a)            (the floor)
+                //   P(t) - P(a) <= C(t) - c0 + res + spread   (floor + lag)
+                return Some((
+                    a,
+                    CoarseAnchor {
+                        base: c0.saturating_add(res),
+                        lag: 2 * res + spread,
+                    },
+                ));
+            }
+        }
+        None
+    }
+
+    /// A lower bound of the nanoseconds since the origin.
+    #[inline]
+    pub fn elapsed_floor(&self) -> u64 {
+        coarse::nanos().saturating_sub(self.base)
+    }
+
+    /// How far [`elapsed_floor`](Self::elapsed_floor) may lag the precise
+    /// clock, in nanoseconds.
+    pub fn lag(&self) -> u64 {
+        self.lag
+    }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod coarse {
+    use rustix::time::{clock_getres, clock_gettime, ClockId, Timespec};
+
+    fn nanos_of(t: Timespec) -> u64 {
+        u64::try_from(t.tv_sec)
+            .unwrap_or(0)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::try_from(t.tv_nsec).unwrap_or(0))
+    }
+
+    pub(super) fn resolution() -> Option<u64> {
+        Some(nanos_of(clock_getres(ClockId::MonotonicCoarse)))
+    }
+
+    #[inline]
+    pub(super) fn nanos() -> u64 {
+        nanos_of(clock_gettime(ClockId::MonotonicCoarse))
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+mod coarse {
+    pub(super) fn resolution() -> Option<u64> {
+        None
+    }
+
+    pub(super) fn nanos() -> u64 {
+        0
+    }
+}
+
+/// The default clock: the system's monotonic clock, `std::time::Instant`,
+/// with the kernel's coarse clock for rejections while the breaker is open
+/// (see [`CoarseAnchor`]). An open breaker therefore rejects without reading
+/// the precise clock until the last few milliseconds of its wait; the
+/// transition to half-open is still decided by the precise clock, so it is
+/// never early. A rejection's [`until`](super::CircuitOpen::until) is exact;
+/// its [`retry_after`](super::CircuitOpen::retry_after) may be up to the
+/// anchor's lag longer than exact, never shorter.
+///
+/// It does not follow `tokio::time::pause()`: tests under paused time use
+/// [`TokioClock`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    #[inline]
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn coarse_anchor(&self) -> Option<(Instant, CoarseAnchor)> {
+        CoarseAnchor::system()
+    }
+}
+
+/// Tokio's clock: `tokio::time::Instant::now()`.
 ///
 /// Under `tokio::time::pause()` this clock stands still and moves only with
-/// `tokio::time::advance`, which makes tests deterministic.
+/// `tokio::time::advance`, which makes tests deterministic. It has no coarse
+/// reading: every open-state check reads it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TokioClock;
 

@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::clock::{Clock, TokioClock};
+use super::clock::{Clock, SystemClock};
 use super::error::ConfigError;
 use super::window::{MAX_BUCKETS, MAX_COUNT_WINDOW};
 use super::StateChange;
@@ -140,7 +140,7 @@ impl Default for CircuitBreakerConfig {
             max_wait_in_half_open: None,
             half_open_expiry: HalfOpenExpiry::Reopen,
             open_duration: OpenDuration::fixed(Duration::from_secs(30)),
-            clock: Arc::new(TokioClock),
+            clock: Arc::new(SystemClock),
             listener: None,
             event_capacity: 64,
         }
@@ -312,7 +312,8 @@ impl CircuitBreakerConfigBuilder {
         self
     }
 
-    /// Time source. Default [`TokioClock`].
+    /// Time source. Default [`SystemClock`](super::SystemClock); tests under
+    /// `tokio::time::pause()` set [`TokioClock`](super::TokioClock).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.cfg.clock = Arc::new(clock);
         self

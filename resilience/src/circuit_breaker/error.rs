@@ -29,6 +29,16 @@ impl CircuitOpen {
         }
     }
 
+    /// A rejection valid until `until`, `retry_after` from the moment of
+    /// rejection.
+    pub(crate) fn with_until(state: State, until: Instant, retry_after: Duration) -> Self {
+        CircuitOpen {
+            retry_after,
+            until,
+            state,
+        }
+    }
+
     /// How long to wait, from the moment of rejection, before trying again.
     pub fn retry_after(&self) -> Duration {
         self.retry_after

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
+use super::clock::CoarseAnchor;
 use super::config::{CircuitBreakerConfig, HalfOpenExpiry, SlidingWindow};
 use super::error::CircuitOpen;
 use super::window::{rate, CountWindow, TimeWindow, Totals};
@@ -131,6 +132,9 @@ enum Window {
 pub(crate) struct Shared {
     cfg: CircuitBreakerConfig,
     origin: Instant,
+    /// The clock's coarse reading, anchored at `origin` (the default
+    /// [`SystemClock`](super::SystemClock) on Linux).
+    coarse: Option<CoarseAnchor>,
     /// `generation << 8 | state`; read on every call, written on
     /// transitions only, so it gets a cache line of its own.
     word: Padded<AtomicU64>,
@@ -245,7 +249,10 @@ impl Drop for Permit {
 
 impl Shared {
     fn new(cfg: CircuitBreakerConfig) -> Self {
-        let origin = cfg.clock.now();
+        let (origin, coarse) = match cfg.clock.coarse_anchor() {
+            Some((origin, anchor)) => (origin, Some(anchor)),
+            None => (cfg.clock.now(), None),
+        };
         let window = match cfg.window {
             SlidingWindow::Count(n) => Window::Count(CountWindow::new(n, 0)),
             SlidingWindow::Time { duration, buckets } => {
@@ -263,6 +270,7 @@ impl Shared {
             slow_nanos: cfg.slow_call_duration.map_or(u64::MAX, dur_nanos),
             min_calls: min_calls.max(1),
             origin,
+            coarse,
             word: Padded(AtomicU64::new(CLOSED)),
             window,
             permits: AtomicU64::new(0),
@@ -308,14 +316,27 @@ impl Shared {
         CircuitOpen::new(state, self.instant(now), retry_after)
     }
 
-    /// The open-state admission: one clock read, and while the wait is not
-    /// over, a rejection built from that same reading (no conversion back
-    /// from nanoseconds to an `Instant`). `Ok(now)` once the wait is over:
-    /// the caller makes the open → half-open transition as of `now`.
+    /// The open-state admission. While the coarse clock says the wait is
+    /// far from over, a rejection without the precise clock: `until` is
+    /// exact, `retry_after` the coarse clock's upper bound. Otherwise one
+    /// precise read, and while the wait is not over a rejection built from
+    /// that same reading. `Ok(now)` once the wait is over: the caller makes
+    /// the open → half-open transition as of `now`.
     #[inline]
     fn reject_open(&self) -> Result<u64, CircuitOpen> {
-        let at = self.clock_now();
         let until = self.open_until.load(Ordering::Acquire);
+        if let Some(c) = &self.coarse {
+            let floor = c.elapsed_floor();
+            if floor.saturating_add(c.lag()) < until {
+                self.rejected.fetch_add(1, Ordering::Relaxed);
+                return Err(CircuitOpen::with_until(
+                    State::Open,
+                    self.instant(until),
+                    Duration::from_nanos(until - floor),
+                ));
+            }
+        }
+        let at = self.clock_now();
         let now = self.nanos_at(at);
         if now >= until {
             return Ok(now);

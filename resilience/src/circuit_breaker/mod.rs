@@ -49,7 +49,7 @@ pub use classify::{
     classify_error, classify_status, AnyErrorClassifier, Classifier, FnClassifier, HttpClassifier,
     Outcome,
 };
-pub use clock::{Clock, ManualClock, TokioClock};
+pub use clock::{Clock, CoarseAnchor, ManualClock, SystemClock, TokioClock};
 pub use config::{
     CircuitBreakerConfig, CircuitBreakerConfigBuilder, HalfOpenExpiry, OpenDuration, SlidingWindow,
     StateListener,
