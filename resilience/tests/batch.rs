@@ -128,6 +128,29 @@ async fn create_widget(State(app): State<App>, tx: Tx, Json(body): Json<Value>) 
     (StatusCode::CREATED, Json(json!({"id": id, "name": name}))).into_response()
 }
 
+/// `POST /slow {"id", "ms"}`: counts itself in `STARTED`, waits `ms`, then
+/// inserts the widget in its transaction.
+async fn slow_widget(State(app): State<App>, tx: Tx, Json(body): Json<Value>) -> Response {
+    STARTED.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(body["ms"].as_u64().unwrap_or(0))).await;
+    let id = body["id"].as_str().unwrap_or_default().to_owned();
+    let Ok(mut conn) = tx.lock().await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let _ = app;
+    match sqlx::query("INSERT INTO widgets (id, name, txid) VALUES ($1, 'slow', 0)")
+        .bind(&id)
+        .execute(&mut **conn)
+        .await
+    {
+        Ok(_) => StatusCode::CREATED.into_response(),
+        Err(e) => (StatusCode::CONFLICT, e.to_string()).into_response(),
+    }
+}
+
+/// `/slow` requests begun, in this test binary.
+static STARTED: AtomicUsize = AtomicUsize::new(0);
+
 struct Env {
     test_db: TestDatabase,
     db: Db,
@@ -153,6 +176,17 @@ impl Env {
 
     /// The app with the batch route; `/widgets` signed when `signed`.
     fn router(&self, signed: bool) -> Result<Router> {
+        self.router_with(signed, |c| c)
+    }
+
+    /// [`Env::router`], with `POST /slow` (the idempotency layer; waits
+    /// `ms` from the body, then inserts a widget) and `POST /open` (no
+    /// idempotency layer), and the batch route's config adjusted by `f`.
+    fn router_with(
+        &self,
+        signed: bool,
+        f: impl FnOnce(BatchServerConfig) -> BatchServerConfig,
+    ) -> Result<Router> {
         let idem = IdempotencyLayer::new(IdempotencyConfig::new(self.db.clone()));
         let route = post(create_widget).layer(idem);
         let route = if signed {
@@ -161,10 +195,18 @@ impl Env {
         } else {
             route
         };
+        let slow = post(slow_widget).layer(IdempotencyLayer::new(IdempotencyConfig::new(
+            self.db.clone(),
+        )));
         let app = Router::new()
             .route("/widgets", route)
+            .route("/slow", slow)
+            .route("/open", post(|| async { StatusCode::OK }))
             .with_state(self.app.clone());
-        Ok(batch_router(app, BatchServerConfig::new(self.db.clone())))
+        Ok(batch_router(
+            app,
+            f(BatchServerConfig::new(self.db.clone())),
+        ))
     }
 
     async fn rows(&self) -> Result<Vec<(String, i64)>> {
@@ -653,6 +695,174 @@ async fn client_reports_a_failed_exchange_to_each_request(backend: Backend) -> R
     Ok(())
 }
 
+fn slow(id: &str, ms: u64) -> Value {
+    json!({
+        "method": "POST",
+        "path": "/slow",
+        "headers": [["content-type", "application/json"], ["idempotency-key", format!("slow-{id}")]],
+        "body": b64(json!({"id": id, "ms": ms}).to_string().as_bytes()),
+    })
+}
+
+/// The limits a batch meets before and while it runs: the envelope's media
+/// type, headers per request, the routes it may name, its time in the
+/// transaction and the batches served at once. Each refusal is a
+/// problem+json answer and leaves nothing written.
+async fn batches_are_bounded(backend: Backend) -> Result<()> {
+    let env = Env::new(backend).await?;
+    let router = env.router_with(false, |c| {
+        let mut c = c
+            .allow(Method::POST, "/widgets")
+            .allow(Method::POST, "/slow");
+        c.max_duration = Duration::from_millis(300);
+        c.max_concurrent = 1;
+        c.max_wait = Duration::from_millis(200);
+        c
+    })?;
+    let body = |reqs: Vec<Value>| json!({ "requests": reqs }).to_string();
+
+    // The envelope must say JSON (a browser's simple text/plain POST must
+    // not reach the routes).
+    let req = Request::post("/batch")
+        .header("content-type", "text/plain")
+        .body(Body::from(body(vec![widget("a", "ok", Some("ka"))])))?;
+    let res = router.clone().oneshot(req).await?;
+    ensure!(
+        res.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "text/plain: {}",
+        res.status()
+    );
+    ensure!(
+        res.headers().get("content-type")
+            == Some(&HeaderValue::from_static("application/problem+json")),
+        "text/plain answer is not problem+json"
+    );
+
+    // 65 headers in one request.
+    let mut crowded = widget("b", "ok", Some("kb"));
+    let mut headers = vec![json!(["content-type", "application/json"])];
+    headers.extend((0..64).map(|i| json!([format!("x-h{i}"), "v"])));
+    crowded["headers"] = json!(headers);
+    let (status, ctype, problem) = send(&router, body(vec![crowded])).await?;
+    ensure!(
+        status == StatusCode::BAD_REQUEST && ctype == "application/problem+json",
+        "65 headers: {status} {problem}"
+    );
+
+    // A route outside the allowed list (no idempotency layer: it would run
+    // outside the transaction).
+    let mut open = widget("c", "ok", Some("kc"));
+    open["path"] = json!("/open");
+    let (status, _, problem) =
+        send(&router, body(vec![widget("d", "ok", Some("kd")), open])).await?;
+    ensure!(
+        status == StatusCode::BAD_REQUEST,
+        "POST /open: {status} {problem}"
+    );
+    ensure!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot be batched"),
+        "{problem}"
+    );
+    ensure!(
+        env.rows().await?.is_empty(),
+        "a refused batch wrote {:?}",
+        env.rows().await?
+    );
+
+    // Over its time: the batch rolls back as a whole and answers 503; the
+    // widget written before the slow request is gone, no hook ran.
+    let hooks = env.app.hooks.load(Ordering::SeqCst);
+    let (status, ctype, problem) = send(
+        &router,
+        body(vec![widget("e", "ok", Some("ke")), slow("f", 5_000)]),
+    )
+    .await?;
+    ensure!(
+        status == StatusCode::SERVICE_UNAVAILABLE && ctype == "application/problem+json",
+        "slow batch: {status} {problem}"
+    );
+    ensure!(
+        env.rows().await?.is_empty(),
+        "a timed-out batch kept {:?}",
+        env.rows().await?
+    );
+    ensure!(
+        env.app.hooks.load(Ordering::SeqCst) == hooks,
+        "a timed-out batch ran hooks"
+    );
+
+    // One batch at a time: the second waits 200 ms for its turn, then 503.
+    let started = STARTED.load(Ordering::SeqCst);
+    let first = {
+        let router = router.clone();
+        let b = body(vec![slow("g", 250)]);
+        tokio::spawn(async move { send(&router, b).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while STARTED.load(Ordering::SeqCst) == started {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the first batch never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (status, _, problem) = send(&router, body(vec![widget("h", "ok", Some("kh"))])).await?;
+    ensure!(
+        status == StatusCode::SERVICE_UNAVAILABLE,
+        "second batch: {status} {problem}"
+    );
+    let (status, _, answer) = first.await??;
+    ensure!(
+        status == StatusCode::OK && statuses(&answer) == vec![201],
+        "first batch: {status} {answer}"
+    );
+    let ids: Vec<String> = env.rows().await?.into_iter().map(|(id, _)| id).collect();
+    ensure!(ids == vec!["g".to_owned()], "rows {ids:?}");
+    env.done().await;
+    Ok(())
+}
+
+/// A batch whose requests are all refused before their idempotency layer
+/// (here: unsigned requests to a signed route) begins no transaction: it
+/// answers while every connection a transaction could use is held
+/// elsewhere (on SQLite, the one writer).
+async fn refused_before_the_layer_holds_no_transaction(backend: Backend) -> Result<()> {
+    let env = Env::new(backend).await?;
+    let router = env.router(true)?;
+    let mut held_tx = None;
+    let mut held_conns = Vec::new();
+    match backend {
+        Backend::Sqlite => held_tx = Some(env.db.begin().await?),
+        Backend::Postgres => {
+            let max = env.db.pool().options().get_max_connections();
+            for _ in 0..max {
+                held_conns.push(env.db.pool().acquire().await?);
+            }
+        }
+    }
+    let reqs: Vec<Value> = (0..3)
+        .map(|i| widget(&format!("u{i}"), "ok", Some(&format!("ku{i}"))))
+        .collect();
+    let sent = tokio::time::timeout(
+        Duration::from_secs(5),
+        send(&router, json!({ "requests": reqs }).to_string()),
+    )
+    .await;
+    drop(held_tx);
+    drop(held_conns);
+    let (status, _, answer) = sent.context("the batch waited for a database connection")??;
+    ensure!(
+        status == StatusCode::OK && statuses(&answer) == vec![401, 401, 401],
+        "{status} {answer}"
+    );
+    ensure!(env.rows().await?.is_empty(), "rows {:?}", env.rows().await?);
+    env.done().await;
+    Ok(())
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite { $(
@@ -676,4 +886,6 @@ on_both_backends!(
     client_batches_waiting_requests,
     client_falls_back_without_a_batch_route,
     client_reports_a_failed_exchange_to_each_request,
+    batches_are_bounded,
+    refused_before_the_layer_holds_no_transaction,
 );

@@ -264,7 +264,8 @@ impl DeliveryArgs {
     /// How the relay batches its sends (`None`: one request per message).
     pub fn send_batch(&self) -> Option<resilience::batch::BatchConfig> {
         (self.relay_send_batch > 1).then(|| resilience::batch::BatchConfig {
-            max_batch: self.relay_send_batch,
+            // The batch route takes 256 requests at most.
+            max_batch: self.relay_send_batch.min(256),
             max_in_flight: self.relay_peer_exchanges.max(1),
             unbatched_headers: vec![http::HeaderName::from_static(
                 crate::memory_dedupe::MEMORY_DEDUPE_HEADER,

@@ -129,12 +129,20 @@ pub async fn detach(
 /// the other services send their messages through it, many in one exchange
 /// and one transaction. Requests marked for the memory-dedupe
 /// counter-example are refused in a batch (that layer must see its own
-/// request's commit).
-pub fn with_batch(app: axum::Router, db: &resilience::store::Db) -> axum::Router {
-    resilience::batch::router(
-        app,
+/// request's commit). Only the routes in `allowed` (method, pattern) may be
+/// batched: routes whose requests run through the idempotency layer, so
+/// that nothing in a batch writes outside its transaction (admin routes
+/// stay out).
+pub fn with_batch(
+    app: axum::Router,
+    db: &resilience::store::Db,
+    allowed: &[(http::Method, &str)],
+) -> axum::Router {
+    let config = allowed.iter().fold(
         resilience::batch::BatchServerConfig::new(db.clone()).refuse_header(
             http::HeaderName::from_static(memory_dedupe::MEMORY_DEDUPE_HEADER),
         ),
-    )
+        |config, (method, pattern)| config.allow(method.clone(), pattern),
+    );
+    resilience::batch::router(app, config)
 }

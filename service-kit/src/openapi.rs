@@ -264,6 +264,10 @@ pub struct BatchResponseDoc {
 /// `resilience::batch`). Each request is checked by its own route (its
 /// signature, its idempotency key) and gets its own answer. If one is
 /// refused, the transaction rolls back and each runs again on its own.
+/// Only the routes the relays send to may be named (order-service:
+/// `POST /orders`, `POST /orders/{id}/shipment-events`; shipping-service:
+/// `POST /shipments`); at most 64 headers per request, 8 batches served
+/// at once, 10 s in the transaction.
 #[utoipa::path(
     post,
     path = "/batch",
@@ -273,6 +277,7 @@ pub struct BatchResponseDoc {
         (status = 200, description = "One answer per request, in order", body = BatchResponseDoc),
         (status = 400, response = BadRequest),
         (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
         (status = 503, response = Unavailable),
     )
 )]

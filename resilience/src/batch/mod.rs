@@ -18,7 +18,9 @@
 //!   answers `404` or `405` to the batch path has no batch endpoint: its
 //!   requests are sent one by one from then on.
 //! - **Server side**: [`router`] adds the batch route to an axum app. It
-//!   begins one transaction, a [`SharedTx`], and dispatches each sub-request
+//!   shares one transaction, a [`SharedTx`] begun when the first
+//!   sub-request reaches its idempotency layer, and dispatches each
+//!   sub-request (of the routes [`BatchServerConfig::allow`] lists)
 //!   through the app itself, in order, so each goes through its route's own
 //!   layers (signature check, tracing, metrics, the
 //!   [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer)). The
@@ -111,9 +113,9 @@ pub struct SubRequest {
     pub body: String,
 }
 
-/// The answer to `POST /batch`.
+/// The answer to `POST /batch`. Unknown fields are ignored, so that a newer
+/// server's additions do not make a committed batch unreadable.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct BatchResponse {
     /// One response per request, in the requests' order.
     pub responses: Vec<SubResponse>,
@@ -121,7 +123,6 @@ pub struct BatchResponse {
 
 /// The answer to one request of a batch.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SubResponse {
     /// The HTTP status.
     pub status: u16,

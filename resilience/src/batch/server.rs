@@ -20,7 +20,7 @@ use super::{
     b64, header_pairs, hop_by_hop, BatchRequest, BatchResponse, SubRequest, SubResponse,
     DEFAULT_PATH,
 };
-use crate::idempotency::{begin_failed, commit_unknown, SharedTx};
+use crate::idempotency::{commit_unknown, Finished, SharedTx};
 use crate::problem::{internal_error, Problem};
 use crate::store::{CommitOutcome, Db};
 
@@ -42,6 +42,24 @@ pub struct BatchServerConfig {
     pub refused_headers: Vec<HeaderName>,
     /// `Retry-After` (seconds) of a 503 for the whole batch.
     pub retry_after_secs: u64,
+    /// The routes a sub-request may name, as `(method, pattern)`; a pattern
+    /// matches segment by segment, `{name}` matching any one segment. Empty:
+    /// every route of the app. Allow only routes whose requests run through
+    /// an idempotency layer: anything else runs outside the batch's
+    /// transaction, and on SQLite a route that writes on its own would wait
+    /// for the writer the batch holds.
+    pub allowed: Vec<(Method, String)>,
+    /// Headers in one sub-request at most (default 64).
+    pub max_headers: usize,
+    /// Batches served at once (default 8): a batch past it waits for its
+    /// turn, before its body is read, up to `max_wait`.
+    pub max_concurrent: usize,
+    /// How long a batch waits for its turn before a 503 (default 2 s).
+    pub max_wait: std::time::Duration,
+    /// How long the sub-requests may take together in the shared
+    /// transaction (default 10 s): past it, the batch rolls back and
+    /// answers 503 as a whole, and nothing of it is kept.
+    pub max_duration: std::time::Duration,
 }
 
 impl BatchServerConfig {
@@ -54,7 +72,26 @@ impl BatchServerConfig {
             max_body_bytes: 4 << 20,
             refused_headers: Vec::new(),
             retry_after_secs: 1,
+            allowed: Vec::new(),
+            max_headers: 64,
+            max_concurrent: 8,
+            max_wait: std::time::Duration::from_secs(2),
+            max_duration: std::time::Duration::from_secs(10),
         }
+    }
+
+    /// Lets sub-requests name `method pattern` (see [`Self::allowed`]).
+    pub fn allow(mut self, method: Method, pattern: &str) -> Self {
+        self.allowed.push((method, pattern.to_owned()));
+        self
+    }
+
+    fn allows(&self, method: &Method, path: &str) -> bool {
+        self.allowed.is_empty()
+            || self
+                .allowed
+                .iter()
+                .any(|(m, pattern)| m == method && path_matches(pattern, path))
     }
 
     /// Refuses sub-requests that carry `header`.
@@ -67,6 +104,26 @@ impl BatchServerConfig {
 struct BatchState {
     app: Router,
     config: BatchServerConfig,
+    turns: tokio::sync::Semaphore,
+}
+
+/// `pattern` against `path`, segment by segment; `{name}` matches any one
+/// non-empty segment.
+fn path_matches(pattern: &str, path: &str) -> bool {
+    let mut p = pattern.split('/');
+    let mut q = path.split('/');
+    loop {
+        match (p.next(), q.next()) {
+            (None, None) => return true,
+            (Some(a), Some(b)) => {
+                let wild = a.starts_with('{') && a.ends_with('}');
+                if !(a == b || wild && !b.is_empty()) {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
 }
 
 /// `app` with the batch route added: `POST {config.path}` runs its
@@ -75,6 +132,7 @@ pub fn router(app: Router, config: BatchServerConfig) -> Router {
     let path = config.path.clone();
     let state = Arc::new(BatchState {
         app: app.clone(),
+        turns: tokio::sync::Semaphore::new(config.max_concurrent.max(1)),
         config,
     });
     let batch = Router::new()
@@ -131,6 +189,16 @@ impl Item {
         if path.path() == config.path {
             return Err(bad("a batch cannot contain a batch".to_owned()));
         }
+        if !config.allows(&method, path.path()) {
+            return Err(bad(format!("{method} {} cannot be batched", path.path())));
+        }
+        if sub.headers.len() > config.max_headers {
+            return Err(bad(format!(
+                "{} headers; at most {} in one request",
+                sub.headers.len(),
+                config.max_headers
+            )));
+        }
         let mut headers = HeaderMap::new();
         for (name, value) in &sub.headers {
             let name = HeaderName::from_bytes(name.as_bytes())
@@ -143,7 +211,9 @@ impl Item {
             }
             let value = HeaderValue::from_str(value)
                 .map_err(|_| bad(format!("invalid value of header {name}")))?;
-            headers.append(name, value);
+            headers
+                .try_append(name, value)
+                .map_err(|_| bad("too many headers".to_owned()))?;
         }
         let body = b64()
             .decode(sub.body.as_bytes())
@@ -214,6 +284,26 @@ async fn dispatch(app: &Router, req: Request) -> Answer {
 
 async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> {
     let config = &state.config;
+    let json = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(
+            Problem::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported media type")
+                .detail("a batch is sent as application/json"),
+        );
+    }
+    // Its turn first, then its body: the batches waiting hold no memory.
+    let _turn = match tokio::time::timeout(config.max_wait, state.turns.acquire()).await {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            return Err(Problem::unavailable("too many batches at once")
+                .retry_after(config.retry_after_secs))
+        }
+    };
     let body = match Limited::new(req.into_body(), config.max_body_bytes)
         .collect()
         .await
@@ -252,31 +342,58 @@ async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> 
     #[cfg(feature = "signing")]
     let nonces = crate::signing::BatchNonces::new();
     let db = &config.db;
-    let shared = SharedTx::new(
-        db.begin()
-            .await
-            .map_err(|e| begin_failed(e, config.retry_after_secs))?,
-    );
+    // Begun when the first sub-request reaches its idempotency layer.
+    let shared = SharedTx::lazy(db.clone());
     // First run: every sub-request in the shared transaction, in order,
     // until one is refused.
     let mut answers: Vec<Answer> = Vec::with_capacity(n);
     let mut joined: Vec<bool> = Vec::with_capacity(n);
-    for item in &items {
-        let mut req = item.request();
-        req.extensions_mut().insert(shared.clone());
-        #[cfg(feature = "signing")]
-        req.extensions_mut().insert(nonces.clone());
-        let before = shared.joined();
-        answers.push(dispatch(&state.app, req).await);
-        joined.push(shared.joined() > before);
-        if shared.failed() {
-            break;
+    let first_run = async {
+        for item in &items {
+            let mut req = item.request();
+            req.extensions_mut().insert(shared.clone());
+            #[cfg(feature = "signing")]
+            req.extensions_mut().insert(nonces.clone());
+            let before = shared.joined();
+            answers.push(dispatch(&state.app, req).await);
+            joined.push(shared.joined() > before);
+            if shared.failed() {
+                break;
+            }
         }
+    };
+    if tokio::time::timeout(config.max_duration, first_run)
+        .await
+        .is_err()
+    {
+        // The sub-request running now was dropped where it stood; what the
+        // others wrote rolls back with the transaction (dropped below).
+        if let Finished::Done(tx, _) = shared.finish().await {
+            if let Err(e) = tx.rollback().await {
+                tracing::warn!(error = %e, "batch rollback failed (the connection discards the transaction)");
+            }
+        }
+        tracing::warn!(n, limit = ?config.max_duration, "batch took too long; rolled back");
+        return Err(
+            Problem::unavailable("the batch took too long").retry_after(config.retry_after_secs)
+        );
     }
-    let finished = shared.finish().await;
+    let finished = match shared.finish().await {
+        // Nothing ran in a transaction: every answer stands.
+        Finished::NotBegun => return Ok(respond(answers)),
+        Finished::Lost => {
+            tracing::warn!(
+                n,
+                "a sub-request lost the batch's transaction; running the batch one by one"
+            );
+            shared.fail();
+            None
+        }
+        Finished::Done(tx, hooks) => Some((tx, hooks)),
+    };
     if !shared.failed() {
         let Some((mut tx, hooks)) = finished else {
-            return Err(internal_error("a sub-request kept the batch's transaction"));
+            return Err(internal_error("the batch's transaction is gone"));
         };
         // Every answer's idempotency record, in one statement per 100.
         let outcome = match shared.write_records(&mut tx, db.backend()).await {

@@ -17,7 +17,7 @@ use super::config::{IdempotencyConfig, KeyPolicy};
 use super::error::{begin_failed, commit_failed, commit_unknown};
 use super::key::{fingerprint, lock_id, parse_key};
 use super::record::{self, NewRecord, Stored};
-use super::scope::SharedTx;
+use super::scope::{SharedTx, TakeError};
 use super::tx::Tx;
 use crate::problem::{db_error, internal_error, Problem};
 use crate::store::{is_unique_violation, now_ms, Backend, CommitOutcome, Db};
@@ -146,13 +146,10 @@ impl Owner {
                 .begin()
                 .await
                 .map_err(|e| begin_failed(e, config.retry_after_secs())),
-            Owner::Batch(shared) => match shared.take().await {
-                Some(t) => Ok(t),
-                None => {
-                    shared.fail();
-                    Err(internal_error("the batch's transaction is in use"))
-                }
-            },
+            Owner::Batch(shared) => shared.take().await.map_err(|e| match e {
+                TakeError::InUse => internal_error("the batch's transaction is in use"),
+                TakeError::Begin(e) => begin_failed(e, config.retry_after_secs()),
+            }),
         }
     }
 

@@ -145,11 +145,11 @@ pub use config::{
     client_id_scope, scope_key, IdempotencyConfig, KeyPolicy, ScopeFn, ANONYMOUS_SCOPE,
     CLIENT_ID_HEADER, MAX_VERBATIM_SCOPE,
 };
-pub(crate) use error::{begin_failed, commit_unknown};
+pub(crate) use error::commit_unknown;
 pub use error::{IdempotencyError, TxError};
 pub use layer::{Idempotency, IdempotencyLayer};
 pub use reaper::{reap_expired, spawn_reaper, IdempotencyReaper};
-pub use scope::SharedTx;
+pub use scope::{Finished, SharedTx};
 pub use tx::{AfterCommit, Tx, TxGuard};
 
 /// The request header carrying the key (lower case, as `http` stores names).

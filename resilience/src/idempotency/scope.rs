@@ -19,7 +19,28 @@ use tokio::sync::Mutex;
 
 use super::record::{self, OwnedRecord};
 use super::tx::AfterCommit;
-use crate::store::Backend;
+use crate::store::{Backend, Db};
+
+/// Why a sub-request could not take the batch's transaction.
+#[derive(Debug)]
+pub(crate) enum TakeError {
+    /// Another sub-request holds it, or it was lost (a handler that
+    /// panicked while holding it).
+    InUse,
+    /// Beginning it (on the first take) failed.
+    Begin(sqlx::Error),
+}
+
+/// The batch's transaction, as a whole.
+pub enum Finished {
+    /// No sub-request asked for it: nothing was begun, nothing to end.
+    NotBegun,
+    /// The transaction, with each sub-request's after-commit hooks.
+    Done(Transaction<'static, Any>, Vec<Vec<AfterCommit>>),
+    /// It was begun but is gone (a sub-request kept it, or lost it in a
+    /// panic): the batch must run its requests again one by one.
+    Lost,
+}
 
 /// The transaction of a batch, shared with the idempotency layer of each
 /// sub-request through the request's extensions. Cheap to clone.
@@ -30,13 +51,29 @@ pub struct SharedTx {
 
 struct Inner {
     tx: Mutex<Option<Transaction<'static, Any>>>,
+    /// Until the first sub-request takes the transaction: the database to
+    /// begin it on. A batch whose sub-requests are all refused before they
+    /// reach an idempotency layer (a bad signature, an unknown route) never
+    /// holds a connection, let alone SQLite's one writer.
+    lazy: std::sync::Mutex<Option<Db>>,
     /// Each sub-request's after-commit hooks, in its registration order.
     hooks: std::sync::Mutex<Vec<Vec<AfterCommit>>>,
     /// The answers to record, inserted together before the commit.
     records: std::sync::Mutex<Vec<OwnedRecord>>,
     failed: AtomicBool,
-    /// Sub-requests that ran in the transaction (took it and gave it back).
+    /// Sub-requests that asked for the transaction (whether or not they got
+    /// it): each may have written in it, so each runs again if it rolls back.
     joined: AtomicUsize,
+}
+
+impl std::fmt::Debug for Finished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Finished::NotBegun => f.write_str("NotBegun"),
+            Finished::Done(_, hooks) => f.debug_tuple("Done").field(&hooks.len()).finish(),
+            Finished::Lost => f.write_str("Lost"),
+        }
+    }
 }
 
 impl std::fmt::Debug for SharedTx {
@@ -51,9 +88,19 @@ impl std::fmt::Debug for SharedTx {
 impl SharedTx {
     /// Shares `tx`, begun by the caller.
     pub fn new(tx: Transaction<'static, Any>) -> Self {
+        Self::with(Some(tx), None)
+    }
+
+    /// A transaction begun on `db` when the first sub-request asks for it.
+    pub fn lazy(db: Db) -> Self {
+        Self::with(None, Some(db))
+    }
+
+    fn with(tx: Option<Transaction<'static, Any>>, lazy: Option<Db>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                tx: Mutex::new(Some(tx)),
+                tx: Mutex::new(tx),
+                lazy: std::sync::Mutex::new(lazy),
                 hooks: std::sync::Mutex::new(Vec::new()),
                 records: std::sync::Mutex::new(Vec::new()),
                 failed: AtomicBool::new(false),
@@ -62,16 +109,34 @@ impl SharedTx {
         }
     }
 
-    /// Takes the transaction for one sub-request (`None` if another holds
-    /// it or it is finished: sub-requests must run one at a time).
-    pub(crate) async fn take(&self) -> Option<Transaction<'static, Any>> {
-        self.inner.tx.lock().await.take()
+    /// Takes the transaction for one sub-request, beginning it on the first
+    /// take. Counts the sub-request as joined either way. An error marks the
+    /// batch failed.
+    pub(crate) async fn take(&self) -> Result<Transaction<'static, Any>, TakeError> {
+        self.inner.joined.fetch_add(1, Ordering::Relaxed);
+        let mut slot = self.inner.tx.lock().await;
+        if let Some(tx) = slot.take() {
+            return Ok(tx);
+        }
+        let db = self
+            .inner
+            .lazy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let result = match db {
+            Some(db) => db.begin().await.map_err(TakeError::Begin),
+            None => Err(TakeError::InUse),
+        };
+        if result.is_err() {
+            self.fail();
+        }
+        result
     }
 
     /// Hands the transaction back after a sub-request, with the hooks it
     /// registered (run only after the batch commits).
     pub(crate) async fn give_back(&self, tx: Transaction<'static, Any>, hooks: Vec<AfterCommit>) {
-        self.inner.joined.fetch_add(1, Ordering::Relaxed);
         if !hooks.is_empty() {
             self.lock_hooks().push(hooks);
         }
@@ -82,7 +147,6 @@ impl SharedTx {
     /// failed: the whole batch must roll back.
     pub(crate) async fn give_back_failed(&self, tx: Transaction<'static, Any>) {
         self.fail();
-        self.inner.joined.fetch_add(1, Ordering::Relaxed);
         *self.inner.tx.lock().await = Some(tx);
     }
 
@@ -129,7 +193,7 @@ impl SharedTx {
         self.inner.failed.load(Ordering::Acquire)
     }
 
-    /// How many sub-requests ran in the transaction so far.
+    /// How many sub-requests asked for the transaction so far.
     pub fn joined(&self) -> usize {
         self.inner.joined.load(Ordering::Relaxed)
     }
@@ -138,10 +202,23 @@ impl SharedTx {
     /// to run after a commit: one list per sub-request, each in its
     /// registration order. `None` if a sub-request still holds it (it
     /// outlived its handler) or it was taken already.
-    pub async fn finish(&self) -> Option<(Transaction<'static, Any>, Vec<Vec<AfterCommit>>)> {
-        let tx = self.inner.tx.lock().await.take()?;
+    pub async fn finish(&self) -> Finished {
+        let Some(tx) = self.inner.tx.lock().await.take() else {
+            let never_begun = self
+                .inner
+                .lazy
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+                .is_some();
+            return if never_begun {
+                Finished::NotBegun
+            } else {
+                Finished::Lost
+            };
+        };
         let hooks = std::mem::take(&mut *self.lock_hooks());
-        Some((tx, hooks))
+        Finished::Done(tx, hooks)
     }
 
     fn lock_hooks(&self) -> std::sync::MutexGuard<'_, Vec<Vec<AfterCommit>>> {

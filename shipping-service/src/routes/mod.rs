@@ -112,5 +112,5 @@ pub fn router(state: AppState) -> Router {
         // Counts and times each request by route template.
         .layer(axum::middleware::from_fn(service_kit::metrics::track_http));
     // Batches run their requests through `app`, each with its own layers.
-    service_kit::with_batch(app, state.store.db())
+    service_kit::with_batch(app, state.store.db(), &[(http::Method::POST, "/shipments")])
 }
