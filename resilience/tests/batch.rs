@@ -670,6 +670,30 @@ async fn client_falls_back_without_a_batch_route(backend: Backend) -> Result<()>
         "asked the batch route {tried} times; once is enough"
     );
     ensure!(singles.load(Ordering::SeqCst) == 30, "singles");
+
+    // With a short recheck, the route is asked again once it has passed
+    // (a passing 404, an older replica): batching is not off for good.
+    let svc = BatchLayer::new(BatchConfig {
+        max_in_flight: 1,
+        max_batch: 16,
+        recheck_after: Duration::from_millis(300),
+        ..BatchConfig::default()
+    })
+    .layer(HttpClient::new(Duration::from_secs(10))?);
+    let before = batches.load(Ordering::SeqCst);
+    post_widgets(&svc, addr, 30).await?;
+    let after_first = batches.load(Ordering::SeqCst);
+    ensure!(
+        after_first > before,
+        "the new client never asked the batch route"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    post_widgets(&svc, addr, 30).await?;
+    let after_second = batches.load(Ordering::SeqCst);
+    ensure!(
+        after_second > after_first,
+        "the batch route was not asked again after the recheck time ({after_first} then {after_second})"
+    );
     env.done().await;
     Ok(())
 }

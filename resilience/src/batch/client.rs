@@ -31,6 +31,11 @@ pub struct BatchConfig {
     /// a receiver's in-memory de-duplication, which must see its own
     /// commit).
     pub unbatched_headers: Vec<HeaderName>,
+    /// After a peer answered 404 or 405 to the batch route, how long its
+    /// requests go one by one before the route is tried again (default
+    /// 60 s): a proxy's passing 404, or an older replica in a rolling
+    /// upgrade, does not turn batching off for good.
+    pub recheck_after: std::time::Duration,
 }
 
 impl Default for BatchConfig {
@@ -40,6 +45,7 @@ impl Default for BatchConfig {
             max_batch: 64,
             max_in_flight: 2,
             unbatched_headers: Vec::new(),
+            recheck_after: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -110,8 +116,16 @@ struct Waiting {
 struct Peer {
     queue: VecDeque<Waiting>,
     in_flight: usize,
-    /// The peer answered 404 or 405 to the batch route: send one by one.
-    no_batch: bool,
+    /// The peer answered 404 or 405 to the batch route: send one by one
+    /// until then.
+    no_batch_until: Option<std::time::Instant>,
+}
+
+impl Peer {
+    fn no_batch(&self) -> bool {
+        self.no_batch_until
+            .is_some_and(|until| std::time::Instant::now() < until)
+    }
 }
 
 struct Shared<S> {
@@ -175,7 +189,7 @@ where
         let start = {
             let mut peers = shared.lock();
             let state = peers.entry(peer.clone()).or_default();
-            if state.no_batch {
+            if state.no_batch() {
                 drop(peers);
                 return Box::pin(send_one(shared, req));
             }
@@ -235,7 +249,7 @@ where
             // concurrent batches over the same rows lock them in one order
             // and never deadlock.
             batch.sort_by(|a, b| a.req.uri().path().cmp(b.req.uri().path()));
-            (batch, state.no_batch)
+            (batch, state.no_batch())
         };
         if no_batch {
             // Learnt while these waited: the peer has no batch route.
@@ -327,9 +341,9 @@ where
         status,
         StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
     ) {
-        tracing::info!(%peer, %status, "peer has no batch route; sending one by one");
+        tracing::info!(%peer, %status, recheck_after = ?shared.config.recheck_after, "peer has no batch route; sending one by one");
         if let Some(state) = shared.lock().get_mut(peer) {
-            state.no_batch = true;
+            state.no_batch_until = Some(std::time::Instant::now() + shared.config.recheck_after);
         }
     }
     // Not a batch endpoint, or it refused the batch as a whole (too large,
