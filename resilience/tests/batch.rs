@@ -719,6 +719,46 @@ async fn client_reports_a_failed_exchange_to_each_request(backend: Backend) -> R
     Ok(())
 }
 
+/// A flush task that panics (here: the transport panics on the batch
+/// exchange) gives its place back: the waiting requests fail, and the
+/// peer's next request is still sent instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_survives_a_panicking_exchange() -> Result<()> {
+    let inner = tower::service_fn(|req: http::Request<Bytes>| async move {
+        if req.uri().path() == "/batch" {
+            panic!("transport panics on the batch exchange (test)");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok::<_, std::convert::Infallible>(http::Response::new(Bytes::from_static(b"{}")))
+    });
+    let svc = BatchLayer::new(BatchConfig {
+        max_in_flight: 1,
+        max_batch: 16,
+        ..BatchConfig::default()
+    })
+    .layer(inner);
+    let send = |i: usize| {
+        let svc = svc.clone();
+        async move {
+            let req = http::Request::post(format!("http://127.0.0.1:9/w/{i}")).body(Bytes::new())?;
+            svc.oneshot(req).await.map_err(|e| anyhow::anyhow!(e))
+        }
+    };
+    // One leaves alone, the other nine wait and leave together: a panic.
+    let results = futures::future::join_all((0..10).map(send)).await;
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    ensure!(
+        failed >= 1,
+        "no request met the panicking exchange: {results:?}"
+    );
+    // The peer's next request is still sent.
+    let next = tokio::time::timeout(Duration::from_secs(5), send(99))
+        .await
+        .context("the peer's next request waited forever after the panic")??;
+    ensure!(next.status() == StatusCode::OK, "{}", next.status());
+    Ok(())
+}
+
 fn slow(id: &str, ms: u64) -> Value {
     json!({
         "method": "POST",

@@ -224,6 +224,25 @@ where
     shared.inner.clone().oneshot(req).await.map_err(Into::into)
 }
 
+/// Gives back a flush task's place among the peer's exchanges if the task
+/// ends without doing so itself (a panic unwinding through it), so that the
+/// peer's next request starts a new one instead of waiting forever.
+struct Slot<'a, S> {
+    shared: &'a Shared<S>,
+    peer: &'a str,
+    held: bool,
+}
+
+impl<S> Drop for Slot<'_, S> {
+    fn drop(&mut self) {
+        if self.held {
+            if let Some(state) = self.shared.lock().get_mut(self.peer) {
+                state.in_flight = state.in_flight.saturating_sub(1);
+            }
+        }
+    }
+}
+
 /// Sends what waits for `peer`, one exchange at a time, until nothing does.
 async fn flush<S>(shared: Arc<Shared<S>>, peer: String)
 where
@@ -231,6 +250,11 @@ where
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
+    let mut slot = Slot {
+        shared: &shared,
+        peer: &peer,
+        held: true,
+    };
     loop {
         let (batch, no_batch): (Vec<Waiting>, bool) = {
             let mut peers = shared.lock();
@@ -240,7 +264,10 @@ where
             // Callers that gave up (their timeout fired) need no send.
             state.queue.retain(|w| !w.reply.is_closed());
             if state.queue.is_empty() {
+                // Given back under the lock that saw the queue empty: a
+                // request queued after this starts a flush of its own.
                 state.in_flight = state.in_flight.saturating_sub(1);
+                slot.held = false;
                 return;
             }
             let n = state.queue.len().min(shared.config.max_batch);
