@@ -144,5 +144,10 @@ pub fn with_batch(
         ),
         |config, (method, pattern)| config.allow(method.clone(), pattern),
     );
-    resilience::batch::router(app, config)
+    // The batch itself is counted, timed and traced like any route (its
+    // sub-requests are too, by `app`'s own layers).
+    let batch = resilience::batch::route(app.clone(), config)
+        .layer(axum::middleware::from_fn(trace::middleware))
+        .layer(axum::middleware::from_fn(metrics::track_http));
+    app.merge(batch)
 }

@@ -271,6 +271,13 @@ async fn metrics_end_to_end(backend: TestBackend) -> anyhow::Result<()> {
         order.contains(r#"batch_requests_bucket{outcome="committed",le="2"}"#),
         "no batch_requests in:\n{order}"
     );
+    // The batch exchange itself is counted like any route.
+    ensure!(
+        order.lines().any(|l| l.starts_with("http_requests_total")
+            && l.contains(r#"route="/batch""#)
+            && l.contains(r#"status="200""#)),
+        "no http_requests_total for /batch in:\n{order}"
+    );
     for counter in ["idempotency_replays_total", "idempotency_mismatches_total"] {
         let n = value_of(&order, counter);
         ensure!(n.is_some_and(|n| n >= 1.0), "{counter} = {n:?}");

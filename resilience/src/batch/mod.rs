@@ -82,7 +82,7 @@ mod client;
 mod server;
 
 pub use client::{BatchConfig, BatchError, BatchLayer, Batching};
-pub use server::{router, BatchServerConfig};
+pub use server::{route, router, BatchServerConfig};
 
 use serde::{Deserialize, Serialize};
 

@@ -129,6 +129,13 @@ fn path_matches(pattern: &str, path: &str) -> bool {
 /// `app` with the batch route added: `POST {config.path}` runs its
 /// sub-requests through `app` itself. See the [module docs](super).
 pub fn router(app: Router, config: BatchServerConfig) -> Router {
+    app.clone().merge(route(app, config))
+}
+
+/// The batch route alone (to layer it, e.g. with metrics or tracing, before
+/// merging it into `app`): `POST {config.path}` runs its sub-requests
+/// through `app`.
+pub fn route(app: Router, config: BatchServerConfig) -> Router {
     let path = config.path.clone();
     let state = Arc::new(BatchState {
         app: app.clone(),
@@ -148,7 +155,7 @@ pub fn router(app: Router, config: BatchServerConfig) -> Router {
             }),
         )
         .with_state(state);
-    app.merge(batch)
+    batch
 }
 
 async fn handle(State(state): State<Arc<BatchState>>, req: Request) -> Response {
