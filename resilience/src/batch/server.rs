@@ -20,7 +20,7 @@ use super::{
     b64, header_pairs, hop_by_hop, BatchRequest, BatchResponse, SubRequest, SubResponse,
     DEFAULT_PATH,
 };
-use crate::idempotency::{commit_unknown, Finished, SharedTx};
+use crate::idempotency::{commit_unknown, rollback, Finished, SharedTx};
 use crate::problem::{internal_error, Problem};
 use crate::store::{CommitOutcome, Db};
 
@@ -376,9 +376,7 @@ async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> 
         // The sub-request running now was dropped where it stood; what the
         // others wrote rolls back with the transaction (dropped below).
         if let Finished::Done(tx, _) = shared.finish().await {
-            if let Err(e) = tx.rollback().await {
-                tracing::warn!(error = %e, "batch rollback failed (the connection discards the transaction)");
-            }
+            rollback(tx).await;
         }
         tracing::warn!(n, limit = ?config.max_duration, "batch took too long; rolled back");
         return Err(
@@ -407,9 +405,7 @@ async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> 
             Ok(Some(xid)) => db.commit_resolved_as(tx, Some(xid)).await,
             Ok(None) => db.commit_resolved(tx).await,
             Err(e) => {
-                if let Err(e) = tx.rollback().await {
-                    tracing::warn!(error = %e, "batch rollback failed (the connection discards the transaction)");
-                }
+                rollback(tx).await;
                 CommitOutcome::RolledBack(e)
             }
         };
@@ -437,9 +433,7 @@ async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> 
             CommitOutcome::Unknown(e) => return Err(commit_unknown(e, config.retry_after_secs)),
         }
     } else if let Some((tx, _)) = finished {
-        if let Err(e) = tx.rollback().await {
-            tracing::warn!(error = %e, "batch rollback failed (the connection discards the transaction)");
-        }
+        rollback(tx).await;
     }
     #[cfg(feature = "metrics")]
     metrics::histogram!("batch_requests", "outcome" => "one_by_one").record(n as f64);

@@ -278,7 +278,8 @@ fn answer_from(stored: Stored, fp: &str) -> Result<Response, Problem> {
     Ok(record::replay(stored))
 }
 
-async fn rollback(tx: Transaction<'static, Any>) {
+/// Rolls `tx` back; a failure is logged (the connection discards it anyway).
+pub(crate) async fn rollback(tx: Transaction<'static, Any>) {
     if let Err(e) = tx.rollback().await {
         tracing::warn!(error = %e, "rollback failed (the connection discards the transaction)");
     }

@@ -147,6 +147,7 @@ pub use config::{
 };
 pub(crate) use error::commit_unknown;
 pub use error::{IdempotencyError, TxError};
+pub(crate) use layer::rollback;
 pub use layer::{Idempotency, IdempotencyLayer};
 pub use reaper::{reap_expired, spawn_reaper, IdempotencyReaper};
 pub use scope::{Finished, SharedTx};
