@@ -383,57 +383,51 @@ async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> 
             Problem::unavailable("the batch took too long").retry_after(config.retry_after_secs)
         );
     }
-    let finished = match shared.finish().await {
+    match shared.finish().await {
         // Nothing ran in a transaction: every answer stands.
         Finished::NotBegun => return Ok(respond(answers)),
-        Finished::Lost => {
-            tracing::warn!(
-                n,
-                "a sub-request lost the batch's transaction; running the batch one by one"
-            );
-            shared.fail();
-            None
+        Finished::Lost => tracing::warn!(
+            n,
+            "a sub-request lost the batch's transaction; running the batch one by one"
+        ),
+        Finished::Done(tx, _) if shared.failed() => rollback(tx).await,
+        Finished::Done(mut tx, hooks) => {
+            // Every answer's idempotency record, in one statement per 100.
+            let outcome = match shared.write_records(&mut tx, db.backend()).await {
+                Ok(Some(xid)) => db.commit_resolved_as(tx, Some(xid)).await,
+                Ok(None) => db.commit_resolved(tx).await,
+                Err(e) => {
+                    rollback(tx).await;
+                    CommitOutcome::RolledBack(e)
+                }
+            };
+            match outcome {
+                CommitOutcome::Committed => {
+                    // Each request's hooks in their order, the requests' side
+                    // by side: one slow hook (a call to a peer) does not hold up
+                    // the others.
+                    futures::future::join_all(hooks.into_iter().map(|own| async move {
+                        for hook in own {
+                            hook().await;
+                        }
+                    }))
+                    .await;
+                    #[cfg(feature = "metrics")]
+                    metrics::histogram!("batch_requests", "outcome" => "committed")
+                        .record(n as f64);
+                    return Ok(respond(answers));
+                }
+                // Nothing was saved: run them one by one below.
+                CommitOutcome::RolledBack(e) => {
+                    tracing::debug!(error = %e, n, "batch commit rolled back; running its requests one by one");
+                }
+                // Maybe saved: every request is answered 503 and retried by its
+                // sender, whose idempotency key finds what was saved.
+                CommitOutcome::Unknown(e) => {
+                    return Err(commit_unknown(e, config.retry_after_secs))
+                }
+            }
         }
-        Finished::Done(tx, hooks) => Some((tx, hooks)),
-    };
-    if !shared.failed() {
-        let Some((mut tx, hooks)) = finished else {
-            return Err(internal_error("the batch's transaction is gone"));
-        };
-        // Every answer's idempotency record, in one statement per 100.
-        let outcome = match shared.write_records(&mut tx, db.backend()).await {
-            Ok(Some(xid)) => db.commit_resolved_as(tx, Some(xid)).await,
-            Ok(None) => db.commit_resolved(tx).await,
-            Err(e) => {
-                rollback(tx).await;
-                CommitOutcome::RolledBack(e)
-            }
-        };
-        match outcome {
-            CommitOutcome::Committed => {
-                // Each request's hooks in their order, the requests' side
-                // by side: one slow hook (a call to a peer) does not hold up
-                // the others.
-                futures::future::join_all(hooks.into_iter().map(|own| async move {
-                    for hook in own {
-                        hook().await;
-                    }
-                }))
-                .await;
-                #[cfg(feature = "metrics")]
-                metrics::histogram!("batch_requests", "outcome" => "committed").record(n as f64);
-                return Ok(respond(answers));
-            }
-            // Nothing was saved: run them one by one below.
-            CommitOutcome::RolledBack(e) => {
-                tracing::debug!(error = %e, n, "batch commit rolled back; running its requests one by one");
-            }
-            // Maybe saved: every request is answered 503 and retried by its
-            // sender, whose idempotency key finds what was saved.
-            CommitOutcome::Unknown(e) => return Err(commit_unknown(e, config.retry_after_secs)),
-        }
-    } else if let Some((tx, _)) = finished {
-        rollback(tx).await;
     }
     #[cfg(feature = "metrics")]
     metrics::histogram!("batch_requests", "outcome" => "one_by_one").record(n as f64);

@@ -118,12 +118,7 @@ impl SharedTx {
         if let Some(tx) = slot.take() {
             return Ok(tx);
         }
-        let db = self
-            .inner
-            .lazy
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        let db = self.take_lazy();
         let result = match db {
             Some(db) => db.begin().await.map_err(TakeError::Begin),
             None => Err(TakeError::InUse),
@@ -200,18 +195,10 @@ impl SharedTx {
 
     /// Takes the transaction out to commit or roll it back, with the hooks
     /// to run after a commit: one list per sub-request, each in its
-    /// registration order. `None` if a sub-request still holds it (it
-    /// outlived its handler) or it was taken already.
+    /// registration order; see [`Finished`] for the other outcomes.
     pub async fn finish(&self) -> Finished {
         let Some(tx) = self.inner.tx.lock().await.take() else {
-            let never_begun = self
-                .inner
-                .lazy
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take()
-                .is_some();
-            return if never_begun {
+            return if self.take_lazy().is_some() {
                 Finished::NotBegun
             } else {
                 Finished::Lost
@@ -219,6 +206,15 @@ impl SharedTx {
         };
         let hooks = std::mem::take(&mut *self.lock_hooks());
         Finished::Done(tx, hooks)
+    }
+
+    /// The database to begin on, if nothing has begun yet (taken once).
+    fn take_lazy(&self) -> Option<Db> {
+        self.inner
+            .lazy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     fn lock_hooks(&self) -> std::sync::MutexGuard<'_, Vec<Vec<AfterCommit>>> {
