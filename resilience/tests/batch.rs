@@ -30,7 +30,7 @@ use resilience::store::{Backend, Db};
 use serde_json::{json, Value};
 use service_kit::testing::TestDatabase;
 use sqlx::{Executor, Row};
-use tower::{Layer, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 
 const SECRET: &str = "batch-test-secret-0123456789abcdef";
 
@@ -130,14 +130,13 @@ async fn create_widget(State(app): State<App>, tx: Tx, Json(body): Json<Value>) 
 
 /// `POST /slow {"id", "ms"}`: counts itself in `STARTED`, waits `ms`, then
 /// inserts the widget in its transaction.
-async fn slow_widget(State(app): State<App>, tx: Tx, Json(body): Json<Value>) -> Response {
+async fn slow_widget(tx: Tx, Json(body): Json<Value>) -> Response {
     STARTED.fetch_add(1, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(body["ms"].as_u64().unwrap_or(0))).await;
     let id = body["id"].as_str().unwrap_or_default().to_owned();
     let Ok(mut conn) = tx.lock().await else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
-    let _ = app;
     match sqlx::query("INSERT INTO widgets (id, name, txid) VALUES ($1, 'slow', 0)")
         .bind(&id)
         .execute(&mut **conn)
@@ -720,17 +719,29 @@ async fn client_reports_a_failed_exchange_to_each_request(backend: Backend) -> R
 }
 
 /// A flush task that panics (here: the transport panics on the batch
-/// exchange) gives its place back: the waiting requests fail, and the
-/// peer's next request is still sent instead of waiting forever.
+/// exchange) gives its place back: the requests in that batch and those
+/// that queued behind it fail at once instead of waiting forever, and the
+/// peer's next request is still sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_survives_a_panicking_exchange() -> Result<()> {
-    let inner = tower::service_fn(|req: http::Request<Bytes>| async move {
-        if req.uri().path() == "/batch" {
-            panic!("transport panics on the batch exchange (test)");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        Ok::<_, std::convert::Infallible>(http::Response::new(Bytes::from_static(b"{}")))
-    });
+    // The batch exchange says it began, waits to be released, then panics.
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let inner = {
+        let (entered, release) = (entered.clone(), release.clone());
+        tower::service_fn(move |req: http::Request<Bytes>| {
+            let (entered, release) = (entered.clone(), release.clone());
+            async move {
+                if req.uri().path() == "/batch" {
+                    entered.notify_one();
+                    release.notified().await;
+                    panic!("transport panics on the batch exchange (test)");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(Bytes::from_static(b"{}")))
+            }
+        })
+    };
     let svc = BatchLayer::new(BatchConfig {
         max_in_flight: 1,
         max_batch: 16,
@@ -744,12 +755,30 @@ async fn client_survives_a_panicking_exchange() -> Result<()> {
             svc.oneshot(req).await.map_err(|e| anyhow::anyhow!(e))
         }
     };
-    // One leaves alone, the other nine wait and leave together: a panic.
-    let results = futures::future::join_all((0..10).map(send)).await;
-    let failed = results.iter().filter(|r| r.is_err()).count();
+    // One leaves alone, the others wait and leave together: a panic.
+    let first = tokio::spawn(futures::future::join_all((0..10).map(send)));
+    tokio::time::timeout(Duration::from_secs(5), entered.notified())
+        .await
+        .context("no batch exchange began")?;
+    // These queue behind the exchange (`call` queues them at once; the
+    // exchange is in flight, so no flush is started for them).
+    let mut behind = Vec::new();
+    for i in 10..15 {
+        let req = http::Request::post(format!("http://127.0.0.1:9/w/{i}")).body(Bytes::new())?;
+        let mut svc = svc.clone();
+        behind.push(svc.ready().await.map_err(|e| anyhow::anyhow!(e))?.call(req));
+    }
+    release.notify_one();
+    let (first, behind) = tokio::time::timeout(Duration::from_secs(5), async {
+        (first.await, futures::future::join_all(behind).await)
+    })
+    .await
+    .context("requests of the panicking exchange, or queued behind it, waited forever")?;
+    let failed = first?.iter().filter(|r| r.is_err()).count();
+    ensure!(failed >= 1, "no request met the panicking exchange");
     ensure!(
-        failed >= 1,
-        "no request met the panicking exchange: {results:?}"
+        behind.iter().all(|r| r.is_err()),
+        "a request queued behind the panic got an answer: {behind:?}"
     );
     // The peer's next request is still sent.
     let next = tokio::time::timeout(Duration::from_secs(5), send(99))

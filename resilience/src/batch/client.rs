@@ -226,7 +226,10 @@ where
 
 /// Gives back a flush task's place among the peer's exchanges if the task
 /// ends without doing so itself (a panic unwinding through it), so that the
-/// peer's next request starts a new one instead of waiting forever.
+/// peer's next request starts a new one instead of waiting forever. If no
+/// other flush is left to send what queued meanwhile, those requests fail
+/// at once (`BatchError::Gone`) rather than wait for a next request that may
+/// never come.
 struct Slot<'a, S> {
     shared: &'a Shared<S>,
     peer: &'a str,
@@ -235,11 +238,25 @@ struct Slot<'a, S> {
 
 impl<S> Drop for Slot<'_, S> {
     fn drop(&mut self) {
-        if self.held {
-            if let Some(state) = self.shared.lock().get_mut(self.peer) {
-                state.in_flight = state.in_flight.saturating_sub(1);
-            }
+        if !self.held {
+            return;
         }
+        let stranded: Vec<Waiting> = {
+            let mut peers = self.shared.lock();
+            match peers.get_mut(self.peer) {
+                Some(state) => {
+                    state.in_flight = state.in_flight.saturating_sub(1);
+                    if state.in_flight == 0 {
+                        state.queue.drain(..).collect()
+                    } else {
+                        Vec::new()
+                    }
+                }
+                None => Vec::new(),
+            }
+        };
+        // Their reply channels close here, outside the lock.
+        drop(stranded);
     }
 }
 
