@@ -183,12 +183,7 @@ impl DeliveryHandler for ShipmentAcks {
         };
         let shipment = shipment_id(response.body()).ok();
         self.store
-            .record_accepted(
-                &mut **tx,
-                order_id,
-                shipment.as_deref(),
-                Some(msg.attempts + 1),
-            )
+            .record_accepted(tx, order_id, shipment.as_deref(), Some(msg.attempts + 1))
             .await?;
         Ok(())
     }

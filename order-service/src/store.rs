@@ -174,16 +174,13 @@ impl OrderStore {
     /// repeated acknowledgement changes nothing. Returns whether it moved.
     /// `attempts`, when given, is the number of sends it took (the outbox's
     /// count, including the acknowledged one).
-    pub async fn record_accepted<'e, E>(
+    pub async fn record_accepted(
         &self,
-        executor: E,
+        conn: &mut sqlx::AnyConnection,
         id: OrderId,
         shipment_id: Option<&str>,
         attempts: Option<i64>,
-    ) -> Result<bool, sqlx::Error>
-    where
-        E: sqlx::Executor<'e, Database = Any>,
-    {
+    ) -> Result<bool, sqlx::Error> {
         let now = now_ms();
         let res = sqlx::query(
             "UPDATE orders SET status = 'accepted', accepted_at = $1, updated_at = $1, \
@@ -195,9 +192,25 @@ impl OrderStore {
         .bind(shipment_id)
         .bind(attempts)
         .bind(id.to_string())
-        .execute(executor)
+        .execute(&mut *conn)
         .await?;
-        Ok(res.rows_affected() == 1)
+        if res.rows_affected() == 1 {
+            return Ok(true);
+        }
+        if let Some(attempts) = attempts {
+            // A report got there first (the order is accepted or shipped
+            // already): the sends it took are still the order's to show.
+            sqlx::query(
+                "UPDATE orders SET send_attempts = $1, updated_at = $2 \
+                 WHERE id = $3 AND send_attempts < $1",
+            )
+            .bind(attempts)
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(false)
     }
 
     /// [`OrderStore::record_accepted`] for many orders in one statement
@@ -215,9 +228,10 @@ impl OrderStore {
         }
         let ids: Vec<String> = accepted.iter().map(|(id, _, _)| id.to_string()).collect();
         if self.db.backend() == resilience::store::Backend::Postgres {
+            // Every listed row, whatever its status: the attempts below
+            // touch the ones a report has moved on already.
             let sql = format!(
-                "SELECT id FROM orders WHERE id IN {} AND status = 'pending' \
-                 ORDER BY id FOR UPDATE",
+                "SELECT id FROM orders WHERE id IN {} ORDER BY id FOR UPDATE",
                 resilience::store::placeholders(1, ids.len())
             );
             let mut q = sqlx::query(&sql);
@@ -240,11 +254,35 @@ impl OrderStore {
              FROM (VALUES {}) AS v WHERE orders.id = v.column1 AND orders.status = 'pending'",
             rows.join(", ")
         );
-        let mut q = sqlx::query(&sql).bind(now_ms());
+        let now = now_ms();
+        let mut q = sqlx::query(&sql).bind(now);
         for ((_, shipment, attempts), id) in accepted.iter().zip(&ids) {
             q = q.bind(id).bind(shipment.as_deref()).bind(*attempts);
         }
-        q.execute(&mut **tx).await?;
+        let moved = q.execute(&mut **tx).await?.rows_affected();
+        // Orders a report moved on before this acknowledgement was written
+        // keep the sends it took (the ones just accepted hold them already).
+        let late: Vec<(&String, i64)> = accepted
+            .iter()
+            .zip(&ids)
+            .filter_map(|((_, _, attempts), id)| attempts.map(|a| (id, a)))
+            .collect();
+        if moved < accepted.len() as u64 && !late.is_empty() {
+            let rows: Vec<String> = (0..late.len())
+                .map(|i| format!("(${}, CAST(${} AS BIGINT))", 2 + 2 * i, 3 + 2 * i))
+                .collect();
+            let sql = format!(
+                "UPDATE orders SET send_attempts = v.column2, updated_at = $1 \
+                 FROM (VALUES {}) AS v \
+                 WHERE orders.id = v.column1 AND orders.send_attempts < v.column2",
+                rows.join(", ")
+            );
+            let mut q = sqlx::query(&sql).bind(now);
+            for (id, attempts) in late {
+                q = q.bind(id).bind(attempts);
+            }
+            q.execute(&mut **tx).await?;
+        }
         Ok(())
     }
 

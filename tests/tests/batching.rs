@@ -64,7 +64,20 @@ async fn a_burst_is_delivered_once_in_few_commits(backend: TestBackend) -> anyho
         )
         .fetch_one(order_db.pool())
         .await?;
+        // Each order counts the sends it took, also when shipping's report
+        // got there before the relay wrote the acknowledgement (the order
+        // is shipped already then). The relay writes its reactions after the
+        // report may have landed: wait for them, with a deadline.
+        let counted = tests::eventually(SETTLE, "every order's sends counted", || async {
+            let uncounted: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE send_attempts < 1")
+                    .fetch_one(order_db.pool())
+                    .await?;
+            Ok((uncounted == 0).then_some(()))
+        })
+        .await;
         order_db.close().await;
+        counted?;
         let shipping_db = stack.dbs.shipping_db().await?;
         let bad_shipments: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM shipments WHERE reported_at IS NULL OR report_attempts < 1 \

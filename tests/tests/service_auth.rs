@@ -324,7 +324,12 @@ async fn report_before_acceptance_binds_the_shipment(backend: TestBackend) -> an
     let store = OrderStore::new(stack.dbs.order_db().await?);
     let oid: OrderId = id.parse().map_err(anyhow::Error::msg)?;
     let moved = store
-        .record_accepted(store.db().pool(), oid, Some(&second), Some(2))
+        .record_accepted(
+            &mut *store.db().pool().acquire().await?,
+            oid,
+            Some(&second),
+            Some(2),
+        )
         .await?;
     ensure!(!moved, "a late acceptance moved a shipped order");
     let o = stack.order(&id).await?;
@@ -342,7 +347,7 @@ async fn report_before_acceptance_binds_the_shipment(backend: TestBackend) -> an
     let oid: OrderId = id.parse().map_err(anyhow::Error::msg)?;
     ensure!(
         store
-            .record_accepted(store.db().pool(), oid, None, Some(1))
+            .record_accepted(&mut *store.db().pool().acquire().await?, oid, None, Some(1))
             .await?
     );
     let res = stack

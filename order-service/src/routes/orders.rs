@@ -62,6 +62,15 @@ pub(super) async fn create(
     let new = NewOrder::parse(req, app.config.default_mode).map_err(Problem::unprocessable)?;
     let mut conn = tx.lock().await?;
     let order = app.store.insert(&mut conn, &new).await.map_err(db_error)?;
+    // Logged once committed: a request that rolls back (and a batch run
+    // again one by one) created nothing.
+    let (id, mode) = (order.id, order.delivery_mode);
+    let span = tracing::Span::current();
+    tx.after_commit(move || {
+        Box::pin(async move {
+            span.in_scope(|| tracing::info!(order_id = %id, %mode, "order created"));
+        })
+    });
     if order.delivery_mode.uses_feed() {
         // Pull: the order and its event commit together; shipping reads the
         // event from the feed at its own offset.
@@ -104,7 +113,6 @@ pub(super) async fn create(
         });
     }
     drop(conn);
-    tracing::info!(order_id = %order.id, mode = %order.delivery_mode, "order created");
 
     let mut headers = HeaderMap::new();
     if let Ok(loc) = HeaderValue::from_str(&format!("/orders/{}", order.id)) {
@@ -129,11 +137,17 @@ async fn deliver_at_most_once(app: AppState, order: Order, trace: TraceContext) 
     let recorded = match &outcome {
         Ok(shipment_id) => {
             tracing::info!(order_id = %id, %shipment_id, "shipping accepted the order");
-            match app
-                .store
-                .record_accepted(app.store.db().writer(), id, Some(shipment_id), None)
-                .await
-            {
+            // The connection goes back before the attempt is counted: on
+            // SQLite both take the one writer.
+            let accepted = match app.store.db().writer().acquire().await {
+                Ok(mut conn) => {
+                    app.store
+                        .record_accepted(&mut conn, id, Some(shipment_id), None)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match accepted {
                 Ok(_) => app.store.record_attempt(id, None).await,
                 Err(e) => Err(e),
             }
@@ -317,7 +331,15 @@ pub(super) async fn shipment_event(
     let mut conn = tx.lock().await?;
     match app.store.apply_event(&mut conn, id, &event).await {
         Ok((order, transition)) => {
-            tracing::info!(order_id = %id, status = %order.status, ?transition, "shipment event applied");
+            // Logged once committed (see `create`).
+            let (status, span) = (order.status, tracing::Span::current());
+            tx.after_commit(move || {
+                Box::pin(async move {
+                    span.in_scope(|| {
+                        tracing::info!(order_id = %id, %status, ?transition, "shipment event applied");
+                    });
+                })
+            });
             Ok(Json(order))
         }
         Err(ApplyError::NotFound) => Err(Problem::not_found(format!("no order {id}"))),

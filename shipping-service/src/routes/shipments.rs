@@ -62,9 +62,16 @@ pub(super) async fn create(
         .await
         .map_err(db_error)?;
     drop(conn);
-    tracing::info!(shipment_id = %shipment.id, order_id = %shipment.order_id, "shipment created");
+    // Logged once committed: a request that rolls back (and a batch run
+    // again one by one) created nothing.
+    let (id, order_id, span) = (shipment.id, shipment.order_id, tracing::Span::current());
     let warehouse = app.warehouse.clone();
-    tx.after_commit(move || Box::pin(async move { warehouse.wake() }));
+    tx.after_commit(move || {
+        Box::pin(async move {
+            span.in_scope(|| tracing::info!(shipment_id = %id, %order_id, "shipment created"));
+            warehouse.wake();
+        })
+    });
     let mut headers = HeaderMap::new();
     if let Ok(loc) = HeaderValue::from_str(&format!("/shipments/{}", shipment.id)) {
         headers.insert(header::LOCATION, loc);
