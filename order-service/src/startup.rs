@@ -93,7 +93,7 @@ impl Application {
             outbox: delivery.outbox,
             plain: delivery.plain,
             feed: delivery.feed,
-            memory: MemoryDedupe::new(),
+            memory: MemoryDedupe::new(config.max_body_bytes),
             backlog: crate::backlog::Backlog::new(config.max_pending),
             admin: delivery.admin,
             verifier,

@@ -26,7 +26,7 @@ use resilience::SendService;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::{internal_error, DeliveryMode, Problem};
+use crate::{db_error, internal_error, DeliveryMode, Problem};
 
 /// Feed settings of a service (producer and consumer side).
 #[derive(Debug, Clone, Args)]
@@ -73,11 +73,21 @@ pub fn parse_feed_mode(raw: &str) -> Result<DeliveryMode, Problem> {
 
 /// Answers one feed request: a page (long-polled up to `wait`), 400 for a
 /// bad query, 410 when `after` fell behind the retained log, 409 when it is
-/// beyond the head.
-pub async fn page(log: &FeedLog, feed: &str, q: &FeedQuery) -> Result<Json<Page>, Problem> {
+/// beyond the head, 503 with `Retry-After` when the database is unavailable.
+///
+/// `request_timeout` is the server's time limit on a request: the long poll
+/// ends a second before it, so a long `wait` gets its empty page rather
+/// than the limit's 503.
+pub async fn page(
+    log: &FeedLog,
+    feed: &str,
+    q: &FeedQuery,
+    request_timeout: Duration,
+) -> Result<Json<Page>, Problem> {
     let (after, limit, wait) = q
         .validate()
         .map_err(|e| Problem::bad_request(e.to_string()))?;
+    let wait = wait.min(request_timeout.saturating_sub(POLL_MARGIN));
     match log.read_wait(feed, after, limit, wait).await {
         Ok(p) => Ok(Json(p)),
         Err(e @ FeedError::Gone { .. }) => Err(Problem::new(e.status(), "gone").detail(format!(
@@ -86,9 +96,13 @@ pub async fn page(log: &FeedLog, feed: &str, q: &FeedQuery) -> Result<Json<Page>
         Err(e @ FeedError::Ahead { .. }) => {
             Err(Problem::conflict("offset beyond the feed", e.to_string()))
         }
+        Err(FeedError::Db(e)) => Err(db_error(e)),
         Err(e) => Err(internal_error(e)),
     }
 }
+
+/// How long before the server's request time limit a long poll answers.
+const POLL_MARGIN: Duration = Duration::from_secs(1);
 
 /// Where a service pulls from: the other service's feeds, and what to do
 /// with their events.

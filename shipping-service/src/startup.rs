@@ -103,7 +103,7 @@ impl Application {
         let state = AppState {
             warehouse,
             feed,
-            memory: MemoryDedupe::new(),
+            memory: MemoryDedupe::new(config.max_body_bytes),
             store,
             admin: delivery.admin,
             verifier,

@@ -231,22 +231,26 @@ async fn lost_database_answers_503_with_retry_after() -> anyhow::Result<()> {
 
     // Longer than the pool's acquire timeout (10 s): requests cannot wait it out.
     proxy.blackout(Duration::from_secs(14));
-    let paths = [format!("/orders/{id}"), "/orders".to_string()];
-    for path in &paths {
-        let res = http.get(format!("{}{path}", svc.url)).send().await?;
+    // A signed feed read (the pull consumers' request), side by side with
+    // the reads below.
+    let feed = async {
+        let req = http.get(format!("{}/orders/feed/pull-effectively-once", svc.url));
+        let res = tests::send_signed(&http, req).await?;
+        let retry = res.headers().get("retry-after").is_some();
         let status = res.status().as_u16();
-        let headers = res.headers().clone();
         let body: Value = res.json().await.unwrap_or(Value::Null);
-        assert_eq!(status, 503, "GET {path} with the database gone: {body}");
-        assert!(
-            headers.get("retry-after").is_some(),
-            "GET {path}: no Retry-After"
-        );
-        assert_eq!(
-            headers.get("content-type").and_then(|v| v.to_str().ok()),
-            Some("application/problem+json")
-        );
-    }
+        anyhow::Ok((status, retry, body))
+    };
+    let paths = [format!("/orders/{id}"), "/orders".to_string()];
+    let reads = async {
+        for path in &paths {
+            read_gone(&http, &svc, path).await;
+        }
+    };
+    let (feed, ()) = tokio::join!(feed, reads);
+    let (status, retry, body) = feed?;
+    assert_eq!(status, 503, "feed read with the database gone: {body}");
+    assert!(retry, "feed read: no Retry-After");
     let (status, body, headers) = post(&http, &svc, &customer, None).await?;
     assert_eq!(status, 503, "POST with the database gone: {body}");
     assert!(headers.get("retry-after").is_some());
@@ -269,6 +273,26 @@ async fn lost_database_answers_503_with_retry_after() -> anyhow::Result<()> {
     svc.task.await??;
     dbs.cleanup().await;
     Ok(())
+}
+
+/// A read while the database is gone: 503 problem+json with `Retry-After`.
+async fn read_gone(http: &reqwest::Client, svc: &OrderService, path: &str) {
+    let res = match http.get(format!("{}{path}", svc.url)).send().await {
+        Ok(res) => res,
+        Err(e) => panic!("GET {path}: {e}"),
+    };
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let body: Value = res.json().await.unwrap_or(Value::Null);
+    assert_eq!(status, 503, "GET {path} with the database gone: {body}");
+    assert!(
+        headers.get("retry-after").is_some(),
+        "GET {path}: no Retry-After"
+    );
+    assert_eq!(
+        headers.get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/problem+json")
+    );
 }
 
 /// Start-up with the database unreachable waits (with backoff, up to

@@ -480,6 +480,100 @@ async fn problem_types_name_the_kind(backend: TestBackend) -> anyhow::Result<()>
     stack.shutdown().await
 }
 
+/// The `x-dedupe: memory` counter-example is reachable by any client: it
+/// forgets keys on restart (its point), but it holds a key to the same rules
+/// as the persisted layer. A malformed key is refused, a key used again for
+/// another body is refused, and nothing is written either way.
+async fn memory_dedupe_keeps_the_key_rules(backend: TestBackend) -> anyhow::Result<()> {
+    let stack = Stack::start(backend, no_shipping()).await?;
+    let url = format!("{}/orders", stack.order.url);
+    let post = |key: Vec<&'static str>, body: String| {
+        let mut req = stack
+            .http
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("x-dedupe", "memory");
+        for k in key {
+            req = req.header("idempotency-key", k);
+        }
+        req.body(body).send()
+    };
+    let alice = sample_order("memory-dedupe").to_string();
+    let bob = json!({
+        "customer_id": "bob",
+        "items": [{ "sku": "B", "quantity": 9 }],
+        "delivery_mode": "at-most-once",
+    })
+    .to_string();
+    let first = post(vec!["md-1"], alice.clone()).await?;
+    ensure!(first.status() == 201, "{}", first.status());
+    let first: Value = first.json().await?;
+    let orders = || async {
+        let db = stack.dbs.order_db().await?;
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM orders")
+            .fetch_one(db.pool())
+            .await?;
+        db.close().await;
+        anyhow::Ok(n)
+    };
+    ensure!(orders().await? == 1);
+    // The same key and body: the first answer again.
+    let again = post(vec!["md-1"], alice.clone()).await?;
+    ensure!(again.status() == 201, "{}", again.status());
+    ensure!(again.headers().get("idempotent-replayed").is_some());
+    ensure!(again.json::<Value>().await? == first);
+    // The same key, another body: refused, not answered with alice's order.
+    let reused = expect_problem(post(vec!["md-1"], bob.clone()).await?, 422).await?;
+    ensure!(
+        problem_type(&reused) == format!("{PROBLEM_BASE}idempotency-key-reused"),
+        "{reused}"
+    );
+    // Keys the persisted layer refuses are refused here too.
+    let long: &'static str = Box::leak("k".repeat(256).into_boxed_str());
+    for key in [vec![long], vec![""], vec!["a", "b"]] {
+        let shown = format!("{key:?}").chars().take(40).collect::<String>();
+        let p = expect_problem(post(key, bob.clone()).await?, 400).await?;
+        ensure!(
+            problem_type(&p) == format!("{PROBLEM_BASE}invalid-idempotency-key"),
+            "{shown}: {p}"
+        );
+    }
+    ensure!(orders().await? == 1, "a replayed or refused request wrote");
+    stack.shutdown().await
+}
+
+/// A feed's long poll ends before the server's request time limit: a long
+/// `wait` gets its empty page, not the limit's 503.
+async fn long_poll_ends_before_the_request_limit(backend: TestBackend) -> anyhow::Result<()> {
+    let stack = Stack::start(
+        backend,
+        StackOptions {
+            start_shipping: false,
+            order: |c| c.delivery.server_request_timeout = Duration::from_secs(3),
+            ..Default::default()
+        },
+    )
+    .await?;
+    for wait in ["30s", "1d"] {
+        let url = format!(
+            "{}/orders/feed/pull-effectively-once?wait={wait}",
+            stack.order.url
+        );
+        let started = std::time::Instant::now();
+        let res = tests::send_signed(&stack.http, stack.http.get(url)).await?;
+        let took = started.elapsed();
+        ensure!(res.status() == 200, "wait={wait}: {}", res.status());
+        let page: Value = res.json().await?;
+        ensure!(page["events"] == json!([]), "wait={wait}: {page}");
+        // It waited (up to a second short of the limit), then answered.
+        ensure!(
+            took >= Duration::from_millis(1500),
+            "wait={wait}: answered after {took:?}"
+        );
+    }
+    stack.shutdown().await
+}
+
 both_backends!(
     client_ids_never_share_a_scope,
     database_limits_and_invalid_bytes,
@@ -487,4 +581,6 @@ both_backends!(
     slowloris_is_cut_off,
     unsafe_dedupe_settings_are_refused,
     problem_types_name_the_kind,
+    memory_dedupe_keeps_the_key_rules,
+    long_poll_ends_before_the_request_limit,
 );

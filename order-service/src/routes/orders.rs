@@ -192,7 +192,13 @@ pub(super) async fn feed(
     ApiQuery(q): ApiQuery<FeedQuery>,
 ) -> Result<Json<Page>, Problem> {
     let mode = parse_feed_mode(&mode)?;
-    service_kit::feeds::page(&app.feed, &feed_name(pull::RESOURCE, mode), &q).await
+    service_kit::feeds::page(
+        &app.feed,
+        &feed_name(pull::RESOURCE, mode),
+        &q,
+        app.config.delivery.server_request_timeout,
+    )
+    .await
 }
 
 /// `GET /orders/{id}`.

@@ -16,8 +16,9 @@ fn invalid(detail: impl Into<String>) -> Problem {
 }
 
 /// The request's key: `None` if the header is absent, a 400 problem if it is
-/// repeated or malformed.
-pub(crate) fn parse_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+/// repeated or malformed (the rules [`IdempotencyLayer`](super::IdempotencyLayer)
+/// applies).
+pub fn parse_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -84,7 +85,7 @@ fn trim_ows(mut s: &[u8]) -> &[u8] {
 
 /// SHA-256 (hex) of method, path and query, and body. Method and path hold
 /// no newline, so the encoding is unambiguous.
-pub(crate) fn fingerprint(method: &Method, path_and_query: &str, body: &[u8]) -> String {
+pub fn fingerprint(method: &Method, path_and_query: &str, body: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(method.as_str().as_bytes());
     h.update(b"\n");

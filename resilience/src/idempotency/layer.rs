@@ -257,7 +257,9 @@ fn in_flight(config: &IdempotencyConfig) -> Problem {
     .retry_after(config.retry_after_secs())
 }
 
-fn key_reused() -> Problem {
+/// The 422 answer to a key used again for a different request (method,
+/// path or body).
+pub fn key_reused() -> Problem {
     Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency key reused")
         .kind("idempotency-key-reused")
         .detail(

@@ -147,8 +147,9 @@ pub use config::{
 };
 pub(crate) use error::commit_unknown;
 pub use error::{IdempotencyError, TxError};
+pub use key::{fingerprint, parse_key};
 pub(crate) use layer::rollback;
-pub use layer::{Idempotency, IdempotencyLayer};
+pub use layer::{key_reused, Idempotency, IdempotencyLayer};
 pub use reaper::{reap_expired, spawn_reaper, IdempotencyReaper};
 pub use scope::{Finished, SharedTx};
 pub use tx::{AfterCommit, Tx, TxGuard};
