@@ -311,6 +311,20 @@ impl Db {
         self.pool.close().await;
         self.writer.close().await;
     }
+
+    /// [`Db::close`], giving up after `limit` (a connection stuck on a
+    /// silent network would hold it forever): `false` if it gave up. New
+    /// acquires fail from the start either way.
+    pub async fn close_within(&self, limit: std::time::Duration) -> bool {
+        let closed = tokio::time::timeout(limit, self.close()).await.is_ok();
+        if !closed {
+            tracing::warn!(
+                ?limit,
+                "database connections did not close in time; leaving them to the exit"
+            );
+        }
+        closed
+    }
 }
 
 /// Sends one `pg_notify(channel)` per burst of `poke` notifications until

@@ -49,7 +49,9 @@ pub use resilience::problem::{
     db_error, internal_error, method_not_allowed, not_found, Problem, PROBLEM_JSON,
     PROBLEM_TYPE_BASE,
 };
-pub use shutdown::{serve, serve_with_limits, shutdown_signal, ServerLimits, Shutdown};
+pub use shutdown::{
+    serve, serve_with_limits, shutdown_signal, ServerLimits, Shutdown, DB_CLOSE_LIMIT,
+};
 pub use telemetry::{flush_traces, init_tracing, LogFormat};
 
 /// An opaque keyset cursor: `(created_at_ms, id)` of the last row of a page.

@@ -235,6 +235,10 @@ async fn run_http(
     Ok(())
 }
 
+/// How long a stopping service waits for its database connections to close
+/// after the HTTP server and the background tasks are done (or given up on).
+pub const DB_CLOSE_LIMIT: Duration = Duration::from_secs(5);
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

@@ -185,7 +185,9 @@ impl Application {
         )
         .await
         .context("serving HTTP")?;
-        db.close().await;
+        // Bounded: a connection stuck on a silent network must not keep a
+        // stopping service alive past its grace period for long.
+        db.close_within(service_kit::DB_CLOSE_LIMIT).await;
         tracing::info!("shipping-service stopped");
         Ok(())
     }

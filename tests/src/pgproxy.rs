@@ -29,6 +29,11 @@ struct State {
     refuse_until: Option<Instant>,
     /// COMMIT answers dropped so far.
     dropped: u64,
+    /// The server's answers are held back until then (connections stay
+    /// open, nothing is answered: a frozen server or a silent network).
+    frozen_until: Option<Instant>,
+    /// Answers held back by a freeze so far.
+    withheld: u64,
 }
 
 /// The proxy; dropping it does not stop the accept loop (the test ends it).
@@ -121,6 +126,17 @@ impl PgProxy {
         self.cut.send_modify(|g| *g += 1);
     }
 
+    /// Holds every answer of the server back for `d`, on open connections
+    /// and new ones alike.
+    pub fn freeze(&self, d: Duration) {
+        self.lock().frozen_until = Some(Instant::now() + d);
+    }
+
+    /// Answers a freeze has held back so far.
+    pub fn withheld(&self) -> u64 {
+        self.lock().withheld
+    }
+
     /// COMMIT answers dropped so far.
     pub fn dropped(&self) -> u64 {
         self.lock().dropped
@@ -176,6 +192,17 @@ impl PgProxy {
                 }
                 n = sr.read(&mut sbuf) => {
                     let n = match n { Ok(0) | Err(_) => return, Ok(n) => n };
+                    let frozen = {
+                        let mut s = self.lock();
+                        let until = s.frozen_until.filter(|t| Instant::now() < *t);
+                        if until.is_some() {
+                            s.withheld += 1;
+                        }
+                        until
+                    };
+                    if let Some(until) = frozen {
+                        tokio::time::sleep_until(until).await;
+                    }
                     if doomed {
                         // The server answered the COMMIT: it ran. The client
                         // never hears it.

@@ -247,7 +247,7 @@ async fn lost_database_answers_503_with_retry_after() -> anyhow::Result<()> {
             read_gone(&http, &svc, path).await;
         }
     };
-    let (feed, ()) = tokio::join!(feed, reads);
+    let (feed, (), ()) = tokio::join!(feed, reads, read_gone(&http, &svc, "/readyz"));
     let (status, retry, body) = feed?;
     assert_eq!(status, 503, "feed read with the database gone: {body}");
     assert!(retry, "feed read: no Retry-After");
@@ -271,6 +271,53 @@ async fn lost_database_answers_503_with_retry_after() -> anyhow::Result<()> {
         let _ = s.send(());
     }
     svc.task.await??;
+    dbs.cleanup().await;
+    Ok(())
+}
+
+/// Shutdown while the database is frozen (its connections open, nothing
+/// answered) and a request waits on it: the service still stops, after its
+/// grace period and the bounded close of its connections, not when the
+/// database comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_while_the_database_is_frozen() -> anyhow::Result<()> {
+    let dbs = TestDatabases::create(TestBackend::Postgres).await?;
+    let proxy = PgProxy::start("127.0.0.1:5432").await?;
+    let mut svc = order_service(&dbs, &proxy).await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(90))
+        .build()?;
+    let customer = format!("frozen-{}", uuid::Uuid::new_v4().simple());
+    let (status, created, _) = post(&http, &svc, &customer, None).await?;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap_or_default().to_string();
+
+    // Frozen far longer than the grace period (2 s) and the close limit.
+    let frozen = Duration::from_secs(60);
+    proxy.freeze(frozen);
+    let stuck = tokio::spawn({
+        let (http, url) = (http.clone(), format!("{}/orders/{id}", svc.url));
+        async move { http.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    tests::eventually(
+        Duration::from_secs(20),
+        "the request to wait on the database",
+        || async { Ok((proxy.withheld() > 0).then_some(())) },
+    )
+    .await?;
+
+    if let Some(s) = svc.stop.take() {
+        let _ = s.send(());
+    }
+    // Grace (2 s) + close limit + a margin, well short of the freeze.
+    let limit = Duration::from_secs(2) + service_kit::DB_CLOSE_LIMIT + Duration::from_secs(10);
+    assert!(limit < frozen);
+    match tokio::time::timeout(limit, &mut svc.task).await {
+        Ok(joined) => joined??,
+        Err(_) => panic!("the service did not stop within {limit:?} while the database was frozen"),
+    }
+    stuck.abort();
+    proxy.freeze(Duration::ZERO);
     dbs.cleanup().await;
     Ok(())
 }

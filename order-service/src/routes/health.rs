@@ -32,7 +32,7 @@ pub(super) async fn readyz(State(app): State<AppState>) -> Result<Json<Value>, P
         Ok(()) => Ok(Json(json!({ "status": "ready" }))),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");
-            Err(Problem::unavailable("database unreachable"))
+            Err(Problem::unavailable("database unreachable").retry_after(1))
         }
     }
 }
