@@ -127,6 +127,34 @@ pub async fn detach(
     }
 }
 
+/// Middleware: a request that declares a `Content-Length` past `max` is
+/// refused with 413 before its body is read, so a client waiting on
+/// `Expect: 100-continue` is never invited to send it, and a client that
+/// sends only part of it holds nothing until the request time limit. (A
+/// body without a length, or longer than it declared, is still cut off at
+/// `max` by the body limit where it is read.)
+pub async fn refuse_oversized(
+    axum::extract::State(max): axum::extract::State<usize>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Problem::new(
+            http::StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large",
+        )
+        .detail(format!("a request may carry at most {max} bytes"))
+        .into_response();
+    }
+    next.run(req).await
+}
+
 /// `app` with `POST /batch` ([`resilience::batch`]): the outbox relays of
 /// the other services send their messages through it, many in one exchange
 /// and one transaction. Requests marked for the memory-dedupe

@@ -402,6 +402,50 @@ async fn slowloris_is_cut_off(backend: TestBackend) -> anyhow::Result<()> {
     stack.shutdown().await
 }
 
+/// A request that declares a body past the limit is refused with 413 before
+/// the body is read: a client waiting on `Expect: 100-continue` is not
+/// invited to send it, and one that never sends it holds nothing.
+async fn oversized_length_is_refused_up_front(backend: TestBackend) -> anyhow::Result<()> {
+    let stack = Stack::start(backend, no_shipping()).await?;
+    let addr = stack.order.url.trim_start_matches("http://").to_string();
+    for length in ["70000", "99999999999"] {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await?;
+        let head = format!(
+            "POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Expect: 100-continue\r\nContent-Length: {length}\r\n\r\n"
+        );
+        conn.write_all(head.as_bytes()).await?;
+        // No body is sent. The answer comes without it (the server's
+        // request limit, which would answer 503, is 30 s).
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .map_err(|_| anyhow::anyhow!("Content-Length {length}: no answer within 10 s"))??;
+        let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+        ensure!(
+            answer.starts_with("HTTP/1.1 413"),
+            "Content-Length {length}: {answer}"
+        );
+        ensure!(
+            answer
+                .to_ascii_lowercase()
+                .contains("content-type: application/problem+json"),
+            "Content-Length {length}: {answer}"
+        );
+    }
+    // At the limit, the request is read as usual (and refused for its
+    // content, not its size).
+    let res = stack
+        .http
+        .post(format!("{}/orders", stack.order.url))
+        .header("content-type", "application/json")
+        .body(" ".repeat(64 * 1024))
+        .send()
+        .await?;
+    ensure!(res.status() == 400, "64 KiB of spaces: {}", res.status());
+    stack.shutdown().await
+}
+
 /// Issue 11 item 11: a zero idempotency TTL is refused, and so is a retry
 /// horizon (MAX_AGE) that outlasts it.
 async fn unsafe_dedupe_settings_are_refused(backend: TestBackend) -> anyhow::Result<()> {
@@ -583,4 +627,5 @@ both_backends!(
     problem_types_name_the_kind,
     memory_dedupe_keeps_the_key_rules,
     long_poll_ends_before_the_request_limit,
+    oversized_length_is_refused_up_front,
 );

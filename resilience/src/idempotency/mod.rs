@@ -145,9 +145,11 @@ pub use config::{
     client_id_scope, scope_key, IdempotencyConfig, KeyPolicy, ScopeFn, ANONYMOUS_SCOPE,
     CLIENT_ID_HEADER, MAX_VERBATIM_SCOPE,
 };
+#[cfg(feature = "batch")]
 pub(crate) use error::commit_unknown;
 pub use error::{IdempotencyError, TxError};
 pub use key::{fingerprint, parse_key};
+#[cfg(feature = "batch")]
 pub(crate) use layer::rollback;
 pub use layer::{key_reused, Idempotency, IdempotencyLayer};
 pub use reaper::{reap_expired, spawn_reaper, IdempotencyReaper};

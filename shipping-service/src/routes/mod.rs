@@ -103,6 +103,11 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        // A declared length past the limit: 413 before the body is read.
+        .layer(axum::middleware::from_fn_with_state(
+            max_body,
+            service_kit::refuse_oversized,
+        ))
         // The request's span: continues the caller's trace (inside detach,
         // so the span covers the task the handler runs in).
         .layer(axum::middleware::from_fn(service_kit::trace::middleware))
