@@ -100,7 +100,9 @@ impl Inner {
         if let Some(gone) = self.map.remove(slot) {
             self.bytes -= gone.bytes();
         }
-        // Its place in `order` goes when it comes up (a missing key is skipped).
+        // Its place in `order` goes when it comes up: a missing key is
+        // skipped, and a key inserted again meanwhile may be forgotten that
+        // much earlier (this memory forgets; it never answers wrongly).
     }
 }
 
