@@ -95,6 +95,12 @@ impl Problem {
         Self::new(StatusCode::BAD_REQUEST, "bad request").detail(detail)
     }
 
+    /// 413 Content Too Large: the body passes `limit` bytes.
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+            .detail(format!("the body may be at most {limit} bytes"))
+    }
+
     /// 422 Unprocessable Content.
     pub fn unprocessable(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid request body").detail(detail)

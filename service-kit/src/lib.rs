@@ -145,12 +145,7 @@ pub async fn refuse_oversized(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
-        return Problem::new(
-            http::StatusCode::PAYLOAD_TOO_LARGE,
-            "request body too large",
-        )
-        .detail(format!("a request may carry at most {max} bytes"))
-        .into_response();
+        return Problem::too_large(max).into_response();
     }
     next.run(req).await
 }

@@ -176,12 +176,7 @@ pub async fn middleware(State(memory): State<MemoryDedupe>, req: Request, next: 
     let body = match Limited::new(body, memory.max_body_bytes).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<LengthLimitError>() => {
-            return Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
-                .detail(format!(
-                    "a request may carry at most {} bytes",
-                    memory.max_body_bytes
-                ))
-                .into_response();
+            return Problem::too_large(memory.max_body_bytes).into_response();
         }
         Err(e) => {
             return Problem::bad_request(format!("cannot read the request body: {e}"))

@@ -122,9 +122,7 @@ async fn verified(verifier: &Verifier, req: Request) -> Result<Request, Response
 }
 
 fn too_large(limit: usize) -> Response {
-    Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
-        .detail(format!("the body may be at most {limit} bytes"))
-        .into_response()
+    Problem::too_large(limit).into_response()
 }
 
 fn refused(e: VerifyError) -> Response {
