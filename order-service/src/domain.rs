@@ -151,6 +151,7 @@ pub struct CreateOrderRequest {
     pub customer_id: String,
     /// What was ordered (1 to 100 lines).
     #[schema(min_items = 1, max_items = 100)]
+    #[serde(deserialize_with = "service_kit::objects")]
     pub items: Vec<Item>,
     /// How to deliver it to shipping (default: the service's configured mode).
     #[serde(default)]
@@ -175,7 +176,9 @@ impl NewOrder {
         if customer_id.is_empty() {
             return Err("customer_id must not be empty".into());
         }
-        if customer_id.chars().count() > MAX_ID_LEN || customer_id.chars().any(char::is_control) {
+        if customer_id.chars().count() > MAX_ID_LEN
+            || !service_kit::text::all_printable(&customer_id)
+        {
             return Err(format!(
                 "customer_id must be at most {MAX_ID_LEN} printable characters"
             ));
@@ -190,7 +193,7 @@ impl NewOrder {
             let sku = item.sku.trim();
             if sku.is_empty()
                 || sku.chars().count() > MAX_ID_LEN
-                || sku.chars().any(char::is_control)
+                || !service_kit::text::all_printable(sku)
             {
                 return Err(format!(
                     "items[{i}].sku must be 1 to {MAX_ID_LEN} printable characters"

@@ -69,7 +69,10 @@ impl FeedHandler for ShipmentFeedHandler {
         };
         match self.store.apply_event(tx, id, &report).await {
             Ok((order, transition)) => {
-                tracing::info!(order_id = %id, status = %order.status, ?transition, position = event.position, "shipment feed event applied");
+                let (status, position) = (order.status, event.position);
+                resilience::feed::after_commit(move || {
+                    tracing::info!(order_id = %id, %status, ?transition, position, "shipment feed event applied");
+                });
                 Ok(())
             }
             // A log is read in order; an event that would move the order

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use resilience::circuit_breaker::{classify_error, Outcome};
-use resilience::fault::{FaultConfig, FaultHandle, FaultLayer, InjectedFault};
+use resilience::fault::{FaultConfig, FaultHandle, FaultLayer, InjectedFault, InvalidFaultConfig};
 type Svc = BoxCloneService<Request<Bytes>, Response<Bytes>, BoxError>;
 
 use tower::util::BoxCloneService;
@@ -174,8 +174,24 @@ fn rates_are_validated() {
     assert!(only(|c| c.drop_request = 1.5).validate().is_err());
     assert!(only(|c| c.error_503 = -0.1).validate().is_err());
     let e = only(|c| c.latency_rate = f64::NAN).validate().unwrap_err();
-    assert_eq!(e.field, "latency_rate");
+    assert!(matches!(
+        e,
+        InvalidFaultConfig::Rate {
+            field: "latency_rate",
+            ..
+        }
+    ));
     assert!(e.to_string().starts_with("invalid fault config"));
+    // A minute of latency is the most; one millisecond more is refused.
+    let minute = Duration::from_secs(60);
+    assert!(only(|c| c.latency = minute).validate().is_ok());
+    let e = only(|c| c.latency = minute + Duration::from_millis(1))
+        .validate()
+        .unwrap_err();
+    assert!(
+        matches!(e, InvalidFaultConfig::Latency { ms: 60_001, .. }),
+        "{e}"
+    );
     let h = FaultHandle::new(FaultConfig::default(), 0).unwrap();
     assert!(h.set(only(|c| c.drop_response = 2.0)).is_err());
     assert_eq!(

@@ -15,8 +15,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use resilience::client::HttpClient;
 use resilience::feed::{
-    ApplyError, Commit, ConsumerConfig, FeedConsumer, FeedError, FeedEvent, FeedHandler, FeedLog,
-    FeedQuery,
+    after_commit, ApplyError, Commit, ConsumerConfig, FeedConsumer, FeedError, FeedEvent,
+    FeedHandler, FeedLog, FeedQuery,
 };
 use resilience::retry::Backoff;
 use resilience::store::{now_ms, Backend, Db, DbOptions};
@@ -347,9 +347,13 @@ fn client_stack(
 
 /// Records every application in `applied` (no unique key: duplicates show).
 /// Refuses events whose data has `"poison": true` unless `cured`.
+/// Every event whose [`after_commit`] hook ran lands in `committed`; the
+/// event named by `retry_once` fails its first application (transient).
 #[derive(Default)]
 struct Recorder {
     cured: AtomicBool,
+    committed: Arc<std::sync::Mutex<Vec<String>>>,
+    retry_once: std::sync::Mutex<Option<String>>,
 }
 
 #[async_trait]
@@ -359,6 +363,19 @@ impl FeedHandler for Recorder {
         tx: &mut Transaction<'static, Any>,
         event: &FeedEvent,
     ) -> Result<(), ApplyError> {
+        // Registered first, so a refused or rolled-back event has one too.
+        let (committed, id) = (self.committed.clone(), event.id.clone());
+        ensure_applying(after_commit(move || {
+            if let Ok(mut c) = committed.lock() {
+                c.push(id);
+            }
+        }))?;
+        if let Ok(mut once) = self.retry_once.lock() {
+            if once.as_deref() == Some(event.id.as_str()) {
+                *once = None;
+                return Err(ApplyError::Retry("fails once".into()));
+            }
+        }
         if event.data.get("poison").is_some() && !self.cured.load(Ordering::SeqCst) {
             return Err(ApplyError::Refused("poison".into()));
         }
@@ -368,6 +385,15 @@ impl FeedHandler for Recorder {
             .execute(&mut **tx)
             .await?;
         Ok(())
+    }
+}
+
+/// `after_commit` is only ever called inside a consumer's `apply`.
+fn ensure_applying(registered: bool) -> Result<(), ApplyError> {
+    if registered {
+        Ok(())
+    } else {
+        Err(ApplyError::Refused("after_commit outside apply".into()))
     }
 }
 
@@ -608,6 +634,57 @@ async fn refused_events_are_dead_and_requeueable(backend: Backend) -> Result<()>
     Ok(())
 }
 
+/// What a handler registers with `after_commit` runs once its event's
+/// transaction committed: never for a refused event, never for a page that
+/// rolled back (and was applied again), and for a requeued event once it is
+/// applied.
+async fn after_commit_runs_once_committed(backend: Backend) -> Result<()> {
+    let e = consumer_env(backend).await?;
+    e.append(0, 3).await?;
+    append_one(&e.log, "bad", serde_json::json!({"poison": true})).await?;
+    e.append(3, 3).await?;
+    let handler = Arc::new(Recorder::default());
+    *handler
+        .retry_once
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))? = Some("e4".into());
+    let stop = CancellationToken::new();
+    let (c, _db) = e
+        .consumer("a", Commit::SameTransaction, handler.clone())
+        .await?;
+    let task = tokio::spawn(c.run(stop.clone()));
+    e.wait_count("offset past the poison", OFFSET, 7).await?;
+    let seen = |h: &Recorder| -> Vec<String> {
+        let mut v = h.committed.lock().map(|c| c.clone()).unwrap_or_default();
+        v.sort();
+        v
+    };
+    let want: Vec<String> = (0..6).map(|i| format!("e{i}")).collect();
+    ensure!(
+        seen(&handler) == want,
+        "hooks after the first page: {:?}",
+        seen(&handler)
+    );
+    handler.cured.store(true, Ordering::SeqCst);
+    ensure!(FeedConsumer::requeue(&e.consumer_db, FEED, "bad").await?);
+    e.wait_count("requeued applied", APPLIED, 7).await?;
+    let start = Instant::now();
+    while seen(&handler).len() < 7 {
+        ensure!(
+            start.elapsed() < DEADLINE,
+            "requeued event's hook never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut want = want;
+    want.insert(0, "bad".into());
+    ensure!(seen(&handler) == want, "{:?}", seen(&handler));
+    stop.cancel();
+    tokio::time::timeout(DEADLINE, task).await??;
+    e.tdb.cleanup().await;
+    Ok(())
+}
+
 /// A consumer whose offset fell behind retention is told so (410), and
 /// applies nothing from beyond the gap.
 async fn consumer_behind_retention_sees_gone(backend: Backend) -> Result<()> {
@@ -673,5 +750,6 @@ on_both_backends!(
     same_transaction_applies_exactly_once,
     periodic_commit_reapplies_after_a_crash,
     refused_events_are_dead_and_requeueable,
+    after_commit_runs_once_committed,
     consumer_behind_retention_sees_gone,
 );

@@ -3,6 +3,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 
 use resilience::problem::Problem;
 
@@ -20,7 +21,21 @@ where
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+        // Content type, size and syntax first, as `axum::Json` checks them.
+        let raw = match axum::Json::<Box<RawValue>>::from_request(req, state).await {
+            Ok(axum::Json(raw)) => raw,
+            Err(rejection) => return Err(json_problem(rejection)),
+        };
+        // Every body of this API is an object. serde also reads a struct
+        // from an array of its fields in order (`[0.5]` as `{"drop_request":
+        // 0.5}`, `[]` as all defaults): refuse that form.
+        if !raw.get().starts_with('{') {
+            return Err(
+                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid request body")
+                    .detail("the request body must be a JSON object"),
+            );
+        }
+        match axum::Json::<T>::from_bytes(raw.get().as_bytes()) {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
             Err(rejection) => Err(json_problem(rejection)),
         }
@@ -98,4 +113,25 @@ fn path_problem(rejection: PathRejection) -> Problem {
     Problem::new(status, "invalid path parameter")
         .kind("invalid-path")
         .detail(rejection.body_text())
+}
+
+/// `#[serde(deserialize_with = "service_kit::objects")]` for a `Vec` of
+/// structs in a request body: each element must be a JSON object. serde
+/// would also read a struct from an array of its fields in order
+/// (`["A", 1]` as `{"sku": "A", "quantity": 1}`); [`ApiJson`] refuses that
+/// form at the top, this refuses it inside.
+pub fn objects<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    use serde::Deserialize;
+    let maps = Vec::<serde_json::Map<String, serde_json::Value>>::deserialize(deserializer)?;
+    maps.into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            serde_json::from_value(serde_json::Value::Object(m))
+                .map_err(|e| serde::de::Error::custom(format_args!("[{i}]: {e}")))
+        })
+        .collect()
 }

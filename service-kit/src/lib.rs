@@ -40,9 +40,10 @@ mod shutdown;
 pub mod stack;
 mod telemetry;
 pub mod testing;
+pub mod text;
 pub mod trace;
 
-pub use extract::{ApiJson, ApiPath, ApiQuery};
+pub use extract::{objects, ApiJson, ApiPath, ApiQuery};
 pub use mode::DeliveryMode;
 pub use resilience::error_chain;
 pub use resilience::problem::{

@@ -76,6 +76,7 @@ pub struct CreateShipmentRequest {
     pub order_id: String,
     /// What to ship (1 to 100 lines).
     #[schema(min_items = 1, max_items = 100)]
+    #[serde(deserialize_with = "service_kit::objects")]
     pub items: Vec<Item>,
     /// How to report back to order-service (default at-most-once).
     #[serde(default)]
@@ -107,7 +108,7 @@ impl NewShipment {
             let sku = item.sku.trim();
             if sku.is_empty()
                 || sku.chars().count() > MAX_SKU_LEN
-                || sku.chars().any(char::is_control)
+                || !service_kit::text::all_printable(sku)
             {
                 return Err(format!(
                     "items[{i}].sku must be 1 to {MAX_SKU_LEN} printable characters"

@@ -132,7 +132,10 @@ impl FeedHandler for OrderFeedHandler {
         append(&self.feed, tx, &shipment, SHIPMENT_CREATED)
             .await
             .map_err(|e| ApplyError::Retry(e.to_string()))?;
-        tracing::info!(shipment_id = %shipment.id, order_id = %shipment.order_id, position = event.position, "shipment created from the orders feed");
+        let (id, order_id, position) = (shipment.id, shipment.order_id, event.position);
+        resilience::feed::after_commit(move || {
+            tracing::info!(shipment_id = %id, %order_id, position, "shipment created from the orders feed");
+        });
         Ok(())
     }
 }

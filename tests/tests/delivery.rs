@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::ensure;
 use serde_json::{json, Value};
-use tests::{both_backends, eventually, Stack, StackOptions, TestBackend, ADMIN_TOKEN};
+use tests::{
+    both_backends, eventually, expect_problem, Stack, StackOptions, TestBackend, ADMIN_TOKEN,
+};
 
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -277,6 +279,19 @@ async fn faults_over_the_admin_api(backend: TestBackend) -> anyhow::Result<()> {
     // A misspelt field is refused, not read as "everything else off".
     let res = put(json!({ "drop_requests": 0.5 })).await?;
     ensure!(res.status().is_client_error(), "{}", res.status());
+    // Not an object (serde would read `[]` as all off, `[0.0]` as the
+    // first field), and a latency longer than the one-minute bound.
+    for body in [
+        json!([]),
+        json!([0.0]),
+        json!({ "latency_rate": 1.0, "latency": 100_000_000_000_u64 }),
+        json!({ "latency": 60_001 }),
+    ] {
+        let res = put(body.clone()).await?;
+        expect_problem(res, 422)
+            .await
+            .map_err(|e| e.context(body.to_string()))?;
+    }
     let v = stack.order_admin("/admin/faults").await?;
     ensure!(v["config"]["drop_request"] == 1.0, "{v}");
     let o = stack.create_order("at-most-once").await?;

@@ -245,6 +245,15 @@ async fn database_limits_and_invalid_bytes(backend: TestBackend) -> anyhow::Resu
         json!({ "customer_id": "c", "items": [{ "sku": huge, "quantity": 1 }] }),
         json!({ "customer_id": "é".repeat(65), "items": [{ "sku": "A", "quantity": 1 }] }),
         json!({ "customer_id": "c", "items": [{ "sku": "é".repeat(65), "quantity": 1 }] }),
+        // Invisible and noncharacters: a byte-order mark, a bidi override,
+        // U+FFFF, a zero-width space.
+        json!({ "customer_id": "a\u{feff}", "items": [{ "sku": "A", "quantity": 1 }] }),
+        json!({ "customer_id": "\u{202e}cba", "items": [{ "sku": "A", "quantity": 1 }] }),
+        json!({ "customer_id": "c", "items": [{ "sku": "A\u{ffff}", "quantity": 1 }] }),
+        json!({ "customer_id": "c", "items": [{ "sku": "A\u{200b}B", "quantity": 1 }] }),
+        // A struct written as an array of its fields.
+        json!(["c", [{ "sku": "A", "quantity": 1 }]]),
+        json!({ "customer_id": "c", "items": [["A", 1]] }),
     ];
     for body in &bad_orders {
         let res = stack.post_order(body).await?;
@@ -258,6 +267,8 @@ async fn database_limits_and_invalid_bytes(backend: TestBackend) -> anyhow::Resu
         json!({ "order_id": oid, "items": [{ "sku": "\u{0}", "quantity": 1 }] }),
         json!({ "order_id": oid, "items": [{ "sku": huge, "quantity": 1 }] }),
         json!({ "order_id": huge, "items": [{ "sku": "A", "quantity": 1 }] }),
+        json!({ "order_id": oid, "items": [{ "sku": "\u{feff}A", "quantity": 1 }] }),
+        json!([oid, [{ "sku": "A", "quantity": 1 }]]),
     ];
     for body in &bad_shipments {
         let res = tests::send_signed(http, http.post(format!("{s}/shipments")).json(body)).await?;

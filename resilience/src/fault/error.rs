@@ -25,22 +25,22 @@ impl fmt::Display for InjectedFault {
 impl std::error::Error for InjectedFault {}
 
 /// A [`FaultConfig`](super::FaultConfig) field out of range.
-#[derive(Debug, Clone, PartialEq)]
-pub struct InvalidFaultConfig {
-    /// The offending field.
-    pub field: &'static str,
-    /// Its value.
-    pub value: f64,
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvalidFaultConfig {
+    /// A rate outside `0..=1` (or not a number).
+    #[error("invalid fault config: {field} = {value} is not a rate in 0..=1")]
+    Rate {
+        /// The offending field.
+        field: &'static str,
+        /// Its value.
+        value: f64,
+    },
+    /// A latency longer than [`MAX_LATENCY`](super::MAX_LATENCY).
+    #[error("invalid fault config: latency = {ms} ms is more than {max_ms} ms")]
+    Latency {
+        /// The latency asked for, in milliseconds.
+        ms: u128,
+        /// The longest latency allowed, in milliseconds.
+        max_ms: u128,
+    },
 }
-
-impl fmt::Display for InvalidFaultConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid fault config: {} = {} is not a rate in 0..=1",
-            self.field, self.value
-        )
-    }
-}
-
-impl std::error::Error for InvalidFaultConfig {}

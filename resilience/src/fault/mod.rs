@@ -48,8 +48,14 @@ mod millis {
     }
 }
 
+/// The longest latency a [`FaultConfig`] may inject: a minute is longer than
+/// any timeout in this project, so every "hang" can be simulated, while a
+/// typo (`latency: 100000000000`) cannot park requests for years.
+pub const MAX_LATENCY: Duration = Duration::from_secs(60);
+
 impl FaultConfig {
-    /// Checks every rate is a number in `0..=1`.
+    /// Checks every rate is a number in `0..=1` and the latency is at most
+    /// [`MAX_LATENCY`].
     pub fn validate(&self) -> Result<(), InvalidFaultConfig> {
         for (field, value) in [
             ("drop_request", self.drop_request),
@@ -58,8 +64,14 @@ impl FaultConfig {
             ("latency_rate", self.latency_rate),
         ] {
             if !(0.0..=1.0).contains(&value) {
-                return Err(InvalidFaultConfig { field, value });
+                return Err(InvalidFaultConfig::Rate { field, value });
             }
+        }
+        if self.latency > MAX_LATENCY {
+            return Err(InvalidFaultConfig::Latency {
+                ms: self.latency.as_millis(),
+                max_ms: MAX_LATENCY.as_millis(),
+            });
         }
         Ok(())
     }

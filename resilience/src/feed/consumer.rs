@@ -94,11 +94,69 @@ pub enum ApplyError {
     Db(#[from] sqlx::Error),
 }
 
+/// Work that runs once the transaction that applied an event has committed.
+type Hook = Box<dyn FnOnce() + Send>;
+type Hooks = Arc<Mutex<Vec<Hook>>>;
+
+tokio::task_local! {
+    static AFTER_COMMIT: Hooks;
+}
+
+/// Called from a [`FeedHandler::apply`]: runs `f` (inside the caller's
+/// current span) once the transaction that applies the event has committed,
+/// and never if it rolls back or the event is refused. This is where "it is
+/// done" is logged. Returns `false`, and drops `f`, outside a consumer's
+/// `apply`.
+pub fn after_commit(f: impl FnOnce() + Send + 'static) -> bool {
+    let span = tracing::Span::current();
+    AFTER_COMMIT
+        .try_with(|hooks| {
+            if let Ok(mut hooks) = hooks.lock() {
+                hooks.push(Box::new(move || span.in_scope(f)));
+            }
+        })
+        .is_ok()
+}
+
+/// Runs `handler.apply` for one event, collecting what it registers with
+/// [`after_commit`].
+async fn apply_one(
+    handler: &dyn FeedHandler,
+    tx: &mut Transaction<'static, Any>,
+    feed: &str,
+    event: &FeedEvent,
+) -> (Result<(), ApplyError>, Vec<Hook>) {
+    let hooks = Hooks::default();
+    let result = AFTER_COMMIT
+        .scope(
+            hooks.clone(),
+            handler.apply(tx, event).instrument(event_span(feed, event)),
+        )
+        .await;
+    let hooks = match hooks.lock() {
+        Ok(mut hooks) => std::mem::take(&mut *hooks),
+        Err(_) => Vec::new(),
+    };
+    (result, hooks)
+}
+
+/// What a committed page applied, and the hooks its handler left.
+#[derive(Default)]
+struct PageRun {
+    applied: u64,
+    dead: u64,
+    hooks: Vec<Hook>,
+}
+
 /// The consumer's reaction to an event, inside the consumer's transaction.
 #[async_trait]
 pub trait FeedHandler: Send + Sync + 'static {
-    /// Applies `event`. Runs inside a savepoint of `tx`: a
-    /// [`ApplyError::Refused`] undoes only this event's writes.
+    /// Applies `event` in `tx`, which holds the rest of its page too. A
+    /// [`ApplyError::Refused`] undoes only this event's writes: the page's
+    /// transaction rolls back and the page runs again with each event in a
+    /// savepoint. So `apply` may run more than once for an event (as after
+    /// any rollback); only a committed run counts, and only its
+    /// [`after_commit`] hooks run.
     async fn apply(
         &self,
         tx: &mut Transaction<'static, Any>,
@@ -607,9 +665,14 @@ impl FeedConsumer {
         }
     }
 
-    /// Applies a page in one transaction (each event in a savepoint); in
-    /// same-transaction mode the offset moves in it too, guarded by a
-    /// compare-and-set on holder and expected offset taken first.
+    /// Applies a page in one transaction; in same-transaction mode the
+    /// offset moves in it too, guarded by a compare-and-set on holder and
+    /// expected offset taken first.
+    ///
+    /// The page is applied without savepoints first: two statements per
+    /// event saved, and refusals are rare. If a handler refuses an event,
+    /// that transaction rolls back and the page runs again with each event
+    /// in a savepoint of its own, so the refusal undoes only its event.
     async fn apply_page(&self, held: &mut Held, page: &Page) -> Result<(), RoundError> {
         let mut expected = held.offset;
         for e in &page.events {
@@ -622,6 +685,47 @@ impl FeedConsumer {
             }
             expected = e.position;
         }
+        let same_tx = self.config.commit == Commit::SameTransaction;
+        let run = match self.run_page(held, page, false).await? {
+            Some(run) => run,
+            None => match self.run_page(held, page, true).await? {
+                Some(run) => run,
+                None => return Err(RoundError::Apply("a refusal escaped its savepoint".into())),
+            },
+        };
+        for hook in run.hooks {
+            hook();
+        }
+        held.offset = page.next;
+        if same_tx {
+            held.committed = page.next;
+            held.renewed = Instant::now();
+        }
+        let (offset, committed) = (held.offset, held.committed);
+        self.update(|s| {
+            s.offset = offset;
+            s.committed = committed;
+            s.applied += run.applied;
+            s.dead += run.dead;
+            s.lag_positions = s.head.map(|h| (h - offset).max(0));
+        });
+        if let Commit::Periodic(every) = self.config.commit {
+            if held.last_commit.elapsed() >= every {
+                self.commit_offset(held).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One transaction over `page`, committed. With `isolate`, each event
+    /// runs in a savepoint and a refused one is recorded as dead; without,
+    /// a refusal rolls the whole transaction back and answers `None`.
+    async fn run_page(
+        &self,
+        held: &Held,
+        page: &Page,
+        isolate: bool,
+    ) -> Result<Option<PageRun>, RoundError> {
         let mut tx = self.db.begin().await?;
         if self.db.backend() == Backend::Postgres {
             // A holder frozen mid-transaction must not hold the offset row
@@ -640,18 +744,24 @@ impl FeedConsumer {
                 return Err(RoundError::Lost);
             }
         }
-        let (mut applied, mut dead) = (0u64, 0u64);
+        let mut run = PageRun::default();
         for event in &page.events {
-            exec(&mut tx, "SAVEPOINT feed_event").await?;
-            match self
-                .handler
-                .apply(&mut tx, event)
-                .instrument(event_span(&self.config.feed, event))
-                .await
-            {
+            if isolate {
+                exec(&mut tx, "SAVEPOINT feed_event").await?;
+            }
+            let (result, hooks) =
+                apply_one(&*self.handler, &mut tx, &self.config.feed, event).await;
+            match result {
                 Ok(()) => {
-                    exec(&mut tx, "RELEASE SAVEPOINT feed_event").await?;
-                    applied += 1;
+                    if isolate {
+                        exec(&mut tx, "RELEASE SAVEPOINT feed_event").await?;
+                    }
+                    run.applied += 1;
+                    run.hooks.extend(hooks);
+                }
+                Err(ApplyError::Refused(_)) if !isolate => {
+                    tx.rollback().await?;
+                    return Ok(None);
                 }
                 Err(ApplyError::Refused(reason)) => {
                     exec(&mut tx, "ROLLBACK TO SAVEPOINT feed_event").await?;
@@ -659,7 +769,7 @@ impl FeedConsumer {
                     tracing::warn!(feed = %self.config.feed, id = %event.id, position = event.position,
                         %reason, "feed event refused; recorded as dead");
                     record_dead(&mut tx, &self.config.feed, event, &reason).await?;
-                    dead += 1;
+                    run.dead += 1;
                 }
                 Err(e) => {
                     tx.rollback().await?;
@@ -683,25 +793,7 @@ impl FeedConsumer {
             .await?;
         }
         tx.commit().await?;
-        held.offset = page.next;
-        if same_tx {
-            held.committed = page.next;
-            held.renewed = Instant::now();
-        }
-        let (offset, committed) = (held.offset, held.committed);
-        self.update(|s| {
-            s.offset = offset;
-            s.committed = committed;
-            s.applied += applied;
-            s.dead += dead;
-            s.lag_positions = s.head.map(|h| (h - offset).max(0));
-        });
-        if let Commit::Periodic(every) = self.config.commit {
-            if held.last_commit.elapsed() >= every {
-                self.commit_offset(held).await?;
-            }
-        }
-        Ok(())
+        Ok(Some(run))
     }
 
     /// Applies dead events an operator requeued, each in its own transaction
@@ -732,27 +824,29 @@ impl FeedConsumer {
                 continue;
             }
             exec(&mut tx, "SAVEPOINT feed_event").await?;
-            match self
-                .handler
-                .apply(&mut tx, &event)
-                .instrument(event_span(&self.config.feed, &event))
-                .await
-            {
-                Ok(()) => {
-                    tracing::info!(feed = %self.config.feed, id = %d.id, "requeued feed event applied");
-                    self.update(|s| s.applied += 1);
-                }
+            let (result, hooks) =
+                apply_one(&*self.handler, &mut tx, &self.config.feed, &event).await;
+            let done = match result {
+                Ok(()) => Some(hooks),
                 Err(ApplyError::Refused(reason)) => {
                     exec(&mut tx, "ROLLBACK TO SAVEPOINT feed_event").await?;
                     record_dead(&mut tx, &self.config.feed, &event, &reason).await?;
+                    None
                 }
                 Err(e) => {
                     tx.rollback().await?;
                     return Err(RoundError::Apply(format!("requeued event {}: {e}", d.id)));
                 }
-            }
+            };
             exec(&mut tx, "RELEASE SAVEPOINT feed_event").await?;
             tx.commit().await?;
+            if let Some(hooks) = done {
+                tracing::info!(feed = %self.config.feed, id = %d.id, "requeued feed event applied");
+                self.update(|s| s.applied += 1);
+                for hook in hooks {
+                    hook();
+                }
+            }
         }
         Ok(())
     }
