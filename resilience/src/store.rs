@@ -174,14 +174,23 @@ impl Db {
                 // in-process wait list instead: the lock is handed over the
                 // moment it is free. Other processes on the same file still
                 // meet the busy timeout.
+                //
+                // A connection to a local file cannot go stale the way a
+                // network connection can, so the pools skip sqlx's ping
+                // before each acquire: a round trip to the connection's
+                // worker thread, which on the one writer connection is one
+                // more step every write of the process waits behind.
                 let writer = pragmas(
                     AnyPoolOptions::new()
                         .max_connections(1)
-                        .acquire_timeout(opts.acquire_timeout),
+                        .acquire_timeout(opts.acquire_timeout)
+                        .test_before_acquire(false),
                 )
                 .connect_with(connect_opts.clone())
                 .await?;
-                let pool = pragmas(pool_opts).connect_with(connect_opts).await?;
+                let pool = pragmas(pool_opts.test_before_acquire(false))
+                    .connect_with(connect_opts)
+                    .await?;
                 (pool, writer)
             }
             Backend::Postgres => {
