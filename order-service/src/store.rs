@@ -1,6 +1,7 @@
 //! The `orders` table. Status changes are compare-and-set updates, so two
 //! writers racing on one order can never make an illegal transition.
 
+use resilience::outbox::Write;
 use resilience::store::{now_ms, rfc3339, Db};
 use service_kit::DeliveryMode;
 use sqlx::any::AnyRow;
@@ -72,22 +73,36 @@ impl OrderStore {
         tx: &mut Transaction<'static, Any>,
         order: &NewOrder,
     ) -> Result<Order, sqlx::Error> {
+        let (order, write) = Self::insertion(order)?;
+        (write.bind)(sqlx::query(write.sql))
+            .execute(&mut **tx)
+            .await?;
+        Ok(order)
+    }
+
+    /// A new `pending` order, and the write that inserts it, not yet run:
+    /// for [`resilience::outbox::Outbox::enqueue_after`], which runs it in
+    /// the same statement as the message to shipping.
+    pub fn insertion(order: &NewOrder) -> Result<(Order, Write), sqlx::Error> {
         let id = OrderId::new();
         let now = now_ms();
         let items =
             serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        sqlx::query(
-            "INSERT INTO orders (id, customer_id, items, delivery_mode, status, send_attempts, \
-             created_at, updated_at) VALUES ($1, $2, $3, $4, 'pending', 0, $5, $5)",
-        )
-        .bind(id.to_string())
-        .bind(&order.customer_id)
-        .bind(items)
-        .bind(order.mode.as_str())
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-        Ok(Order {
+        let (customer_id, mode) = (order.customer_id.clone(), order.mode.as_str());
+        let write = Write {
+            sql: "INSERT INTO orders (id, customer_id, items, delivery_mode, status, \
+                  send_attempts, created_at, updated_at) \
+                  VALUES ($1, $2, $3, $4, 'pending', 0, $5, $5)",
+            params: 5,
+            bind: Box::new(move |q| {
+                q.bind(id.to_string())
+                    .bind(customer_id)
+                    .bind(items)
+                    .bind(mode)
+                    .bind(now)
+            }),
+        };
+        let order = Order {
             id,
             customer_id: order.customer_id.clone(),
             items: order.items.clone(),
@@ -99,7 +114,8 @@ impl OrderStore {
             created_at: rfc3339(now),
             accepted_at: None,
             shipped_at: None,
-        })
+        };
+        Ok((order, write))
     }
 
     /// One order.

@@ -18,7 +18,7 @@ use resilience::circuit_breaker::BreakerRegistry;
 use resilience::fault::{FaultConfig, FaultHandle};
 use resilience::outbox::{
     DeadLetter, DeliveryHandler, NoopHandler, Outbox, OutgoingRequest, Relay, RelayConfig,
-    SentMessage,
+    SentMessage, Write,
 };
 use resilience::retry::Backoff;
 use resilience::store::{Backend, Db};
@@ -785,6 +785,68 @@ async fn outcomes_commit_in_batches(backend: Backend) -> Result<()> {
     Ok(())
 }
 
+/// `enqueue_after`: the caller's write and the message commit together
+/// (one statement on Postgres), roll back together, and a write that fails
+/// leaves no message behind.
+async fn enqueue_after_writes_both_or_neither(backend: Backend) -> Result<()> {
+    let e = env(backend).await?;
+    sqlx::query("CREATE TABLE things (id TEXT PRIMARY KEY, n BIGINT NOT NULL)")
+        .execute(e.db.pool())
+        .await?;
+    let outbox = Outbox::new(e.db.clone());
+    let thing = |id: &'static str, n: i64| Write {
+        sql: "INSERT INTO things (id, n) VALUES ($1, $2)",
+        params: 2,
+        bind: Box::new(move |q| q.bind(id).bind(n)),
+    };
+    let msg = |n: i64| {
+        OutgoingRequest::post_json(
+            "http://127.0.0.1:9",
+            "/things",
+            &serde_json::json!({ "n": n }),
+            "thing",
+        )
+    };
+    // Committed: both.
+    let mut tx = e.db.begin().await?;
+    outbox
+        .enqueue_after(&mut tx, msg(1)?, Some(thing("a", 1)))
+        .await?;
+    tx.commit().await?;
+    // Rolled back: neither.
+    let mut tx = e.db.begin().await?;
+    outbox
+        .enqueue_after(&mut tx, msg(2)?, Some(thing("b", 2)))
+        .await?;
+    tx.rollback().await?;
+    // The caller's write fails (its key is taken): an error, no message.
+    let mut tx = e.db.begin().await?;
+    let failed = outbox
+        .enqueue_after(&mut tx, msg(3)?, Some(thing("a", 3)))
+        .await;
+    ensure!(failed.is_err(), "a duplicate key was accepted");
+    tx.rollback().await?;
+    // Without a write of its own it is a plain enqueue.
+    let mut tx = e.db.begin().await?;
+    outbox.enqueue_after(&mut tx, msg(4)?, None).await?;
+    tx.commit().await?;
+
+    ensure!(count(&e.db, "SELECT COUNT(*) FROM things").await? == 1);
+    ensure!(count(&e.db, "SELECT n FROM things WHERE id = 'a'").await? == 1);
+    let bodies: Vec<Vec<u8>> = sqlx::query_scalar("SELECT body FROM outbox ORDER BY id")
+        .fetch_all(e.db.pool())
+        .await?;
+    let ns: Vec<i64> = bodies
+        .iter()
+        .map(|b| {
+            serde_json::from_slice::<serde_json::Value>(b).map(|v| v["n"].as_i64().unwrap_or(-1))
+        })
+        .collect::<Result<_, _>>()?;
+    ensure!(ns == [1, 4], "outbox holds {ns:?}");
+    e.tdb.cleanup().await;
+    Ok(())
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite { $(
@@ -810,4 +872,5 @@ on_both_backends!(
     graceful_shutdown_with_sends_in_flight,
     purge_and_stats,
     outcomes_commit_in_batches,
+    enqueue_after_writes_both_or_neither,
 );

@@ -18,7 +18,7 @@ use super::AppState;
 use crate::domain::{CreateOrderRequest, NewOrder, Order, OrderId, OrderStatus, ShipmentEvent};
 use crate::pull;
 use crate::shipping::{order_created, send_once, shipment_request};
-use crate::store::ApplyError;
+use crate::store::{ApplyError, OrderStore};
 
 const DEFAULT_PAGE: u32 = 20;
 const MAX_PAGE: u32 = 100;
@@ -61,7 +61,22 @@ pub(super) async fn create(
     app.backlog.admit()?;
     let new = NewOrder::parse(req, app.config.default_mode).map_err(Problem::unprocessable)?;
     let mut conn = tx.lock().await?;
-    let order = app.store.insert(&mut conn, &new).await.map_err(db_error)?;
+    let order = if new.mode.uses_outbox() {
+        // The order and the message to shipping commit together, or not at
+        // all; on Postgres they are written in one statement.
+        let (order, insert) = OrderStore::insertion(&new).map_err(db_error)?;
+        let msg =
+            shipment_request(&app.config.shipping_url, &order, &trace).map_err(internal_error)?;
+        app.outbox
+            .enqueue_after(&mut conn, msg, Some(insert))
+            .await
+            .map_err(outbox_error)?;
+        let outbox = app.outbox.clone();
+        tx.after_commit(move || Box::pin(async move { outbox.notify() }));
+        order
+    } else {
+        app.store.insert(&mut conn, &new).await.map_err(db_error)?
+    };
     // Logged once committed: a request that rolls back (and a batch run
     // again one by one) created nothing.
     let (id, mode) = (order.id, order.delivery_mode);
@@ -91,17 +106,7 @@ pub(super) async fn create(
             })?;
         let log = app.feed.clone();
         tx.after_commit(move || Box::pin(async move { log.notify() }));
-    } else if order.delivery_mode.uses_outbox() {
-        // The order and the message to shipping commit together, or not at all.
-        let msg =
-            shipment_request(&app.config.shipping_url, &order, &trace).map_err(internal_error)?;
-        app.outbox
-            .enqueue(&mut conn, msg)
-            .await
-            .map_err(outbox_error)?;
-        let outbox = app.outbox.clone();
-        tx.after_commit(move || Box::pin(async move { outbox.notify() }));
-    } else {
+    } else if !order.delivery_mode.uses_outbox() {
         let app = app.clone();
         let order = order.clone();
         let span = tracing::Span::current();
