@@ -417,6 +417,55 @@ async fn one_key_twice_in_a_batch_runs_once(backend: Backend) -> Result<()> {
     Ok(())
 }
 
+/// Keys looked up together (the first sub-request to look fetches them
+/// all): replays, new keys and keys without a record mixed in one batch
+/// each get their own answer.
+async fn replays_and_new_keys_mixed_in_a_batch(backend: Backend) -> Result<()> {
+    let env = Env::new(backend).await?;
+    let router = env.router(false)?;
+    let first: Vec<Value> = (0..5)
+        .map(|i| widget(&format!("m{i}"), "ok", Some(&format!("km{i}"))))
+        .collect();
+    let (_, _, answer) = send(&router, json!({ "requests": first }).to_string()).await?;
+    ensure!(statuses(&answer) == vec![201; 5], "{answer}");
+    // Old keys between new ones, one request without a key, and one old
+    // key with another body (422).
+    let mut mixed: Vec<Value> = Vec::new();
+    for i in 0..10 {
+        mixed.push(widget(&format!("m{i}"), "ok", Some(&format!("km{i}"))));
+    }
+    mixed.insert(3, widget("nokey", "ok", None));
+    let (status, _, answer) = send(&router, json!({ "requests": mixed }).to_string()).await?;
+    ensure!(
+        status == 200 && statuses(&answer) == vec![201; 11],
+        "{answer}"
+    );
+    let replayed: Vec<bool> = answer["responses"]
+        .as_array()
+        .context("responses")?
+        .iter()
+        .map(|sub| header(sub, IDEMPOTENT_REPLAYED) == Some("true"))
+        .collect();
+    let want = [
+        true, true, true, false, true, true, false, false, false, false, false,
+    ];
+    ensure!(replayed == want, "replayed {replayed:?}");
+    ensure!(env.rows().await?.len() == 11, "rows");
+    // Committed as one batch, not run again one by one.
+    if let Some(n) = env.writers().await? {
+        ensure!(n == 2, "two batches took {n} transactions");
+    }
+    let reused = json!({ "requests": [
+        widget("x", "ok", Some("km1")),
+        widget("y", "ok", Some("fresh")),
+    ]});
+    let (_, _, answer) = send(&router, reused.to_string()).await?;
+    ensure!(statuses(&answer) == vec![422, 201], "{answer}");
+    ensure!(env.rows().await?.len() == 12, "rows after the reuse");
+    env.done().await;
+    Ok(())
+}
+
 async fn malformed_batches_change_nothing(backend: Backend) -> Result<()> {
     let env = Env::new(backend).await?;
     let router = env.router(false)?;
@@ -973,6 +1022,7 @@ on_both_backends!(
     batch_commits_once_and_answers_each,
     refused_sub_request_runs_the_others_alone,
     one_key_twice_in_a_batch_runs_once,
+    replays_and_new_keys_mixed_in_a_batch,
     hooks_of_a_batch_run_side_by_side,
     malformed_batches_change_nothing,
     signatures_survive_the_rerun_and_replays_do_not,

@@ -351,6 +351,13 @@ async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> 
     let db = &config.db;
     // Begun when the first sub-request reaches its idempotency layer.
     let shared = SharedTx::lazy(db.clone());
+    // Their keys are looked up together, by the first that looks one up.
+    shared.expect_keys(
+        items
+            .iter()
+            .filter_map(|item| crate::idempotency::parse_key(&item.headers).ok().flatten())
+            .collect(),
+    );
     // First run: every sub-request in the shared transaction, in order,
     // until one is refused.
     let mut answers: Vec<Answer> = Vec::with_capacity(n);

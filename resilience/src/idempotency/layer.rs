@@ -327,13 +327,15 @@ where
     let db = &config.db;
     let owner = Owner::of(config, &parts.extensions);
     let mut transaction = owner.begin(config).await?;
-    let found = match db.backend() {
-        Backend::Postgres => {
+    let found = match (&owner, db.backend()) {
+        // In a batch: with the other sub-requests' keys, in one statement.
+        (Owner::Batch(shared), _) => shared.lookup(&mut transaction, db, &scope, &key).await,
+        (Owner::Own(_), Backend::Postgres) => {
             let id = lock_id(db.schema(), &scope, &key);
             record::lock_and_lookup(&mut *transaction, id, &scope, &key).await
         }
         // BEGIN IMMEDIATE holds the only write lock: nobody else is in flight.
-        Backend::Sqlite => record::lookup(&mut *transaction, &scope, &key)
+        (Owner::Own(_), Backend::Sqlite) => record::lookup(&mut *transaction, &scope, &key)
             .await
             .map(|r| (true, r)),
     };

@@ -154,6 +154,83 @@ where
     Ok((locked, stored_from_row(&row)?))
 }
 
+/// Looks several keys of one scope up in one statement (expired records
+/// too). On Postgres it also tries each key's advisory lock, as
+/// [`lock_and_lookup`] does for one; on SQLite the batch's write
+/// transaction is the lock, and every key counts as locked. `keys` holds no
+/// duplicates. Answers `(key, locked, record)` per key.
+pub(crate) async fn lookup_many(
+    conn: &mut sqlx::AnyConnection,
+    backend: Backend,
+    schema: &str,
+    scope: &str,
+    keys: &[String],
+) -> Result<Vec<(String, bool, Option<Stored>)>, sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    match backend {
+        Backend::Postgres => {
+            let mut sql = String::from(
+                "SELECT v.k AS idem_key, pg_try_advisory_xact_lock(v.l) AS locked, \
+                 r.fingerprint, r.status, r.headers, r.body, r.expires_at FROM (VALUES ",
+            );
+            for i in 0..keys.len() {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("(${}, ${})", 2 * i + 2, 2 * i + 3));
+            }
+            sql.push_str(
+                ") AS v(k, l) LEFT JOIN idempotency_keys r ON r.scope = $1 AND r.idem_key = v.k",
+            );
+            let mut q = sqlx::query(&sql).bind(scope);
+            for key in keys {
+                q = q
+                    .bind(key.as_str())
+                    .bind(super::key::lock_id(schema, scope, key));
+            }
+            q.fetch_all(conn)
+                .await?
+                .iter()
+                .map(|row| {
+                    Ok((
+                        row.try_get("idem_key")?,
+                        row.try_get("locked")?,
+                        stored_from_row(row)?,
+                    ))
+                })
+                .collect()
+        }
+        Backend::Sqlite => {
+            let mut sql = String::from(
+                "SELECT idem_key, fingerprint, status, headers, body, expires_at \
+                 FROM idempotency_keys WHERE scope = $1 AND idem_key IN (",
+            );
+            for i in 0..keys.len() {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("${}", i + 2));
+            }
+            sql.push(')');
+            let mut q = sqlx::query(&sql).bind(scope);
+            for key in keys {
+                q = q.bind(key.as_str());
+            }
+            let mut found = std::collections::HashMap::new();
+            for row in q.fetch_all(conn).await? {
+                let key: String = row.try_get("idem_key")?;
+                found.insert(key, stored_from_row(&row)?);
+            }
+            Ok(keys
+                .iter()
+                .map(|k| (k.clone(), true, found.remove(k).flatten()))
+                .collect())
+        }
+    }
+}
+
 /// Looks the record up (expired or not).
 pub(crate) async fn lookup<'c, E>(
     conn: E,

@@ -11,13 +11,15 @@
 //! and runs each sub-request again on its own, in a transaction of its own,
 //! so that one refusal costs nobody else their answer.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use sqlx::{Any, Transaction};
 use tokio::sync::Mutex;
 
-use super::record::{self, OwnedRecord};
+use super::key::lock_id;
+use super::record::{self, OwnedRecord, Stored};
 use super::tx::AfterCommit;
 use crate::store::{Backend, Db};
 
@@ -64,6 +66,20 @@ struct Inner {
     /// Sub-requests that asked for the transaction (whether or not they got
     /// it): each may have written in it, so each runs again if it rolls back.
     joined: AtomicUsize,
+    /// The batch's idempotency keys, looked up together by the first
+    /// sub-request that looks one up.
+    prefetch: std::sync::Mutex<Prefetch>,
+}
+
+/// What [`SharedTx::lookup`] fetched ahead for the sub-requests to come.
+#[derive(Default)]
+struct Prefetch {
+    /// The keys the batch's sub-requests carry, until fetched.
+    keys: Vec<String>,
+    /// The scope they were fetched under (the first looker's).
+    scope: Option<String>,
+    /// Each key's lock and record, taken by the sub-request that asks.
+    found: HashMap<String, (bool, Option<Stored>)>,
 }
 
 impl std::fmt::Debug for Finished {
@@ -105,6 +121,7 @@ impl SharedTx {
                 records: std::sync::Mutex::new(Vec::new()),
                 failed: AtomicBool::new(false),
                 joined: AtomicUsize::new(0),
+                prefetch: std::sync::Mutex::new(Prefetch::default()),
             }),
         }
     }
@@ -143,6 +160,76 @@ impl SharedTx {
     pub(crate) async fn give_back_failed(&self, tx: Transaction<'static, Any>) {
         self.fail();
         *self.inner.tx.lock().await = Some(tx);
+    }
+
+    /// The idempotency keys the batch's sub-requests carry (a key that
+    /// appears twice, once). The first sub-request that looks its key up
+    /// looks them all up, in one statement instead of one per sub-request.
+    pub fn expect_keys(&self, mut keys: Vec<String>) {
+        keys.sort_unstable();
+        keys.dedup();
+        self.lock_prefetch().keys = keys;
+    }
+
+    /// A sub-request's lookup of its key (and, on Postgres, the try of its
+    /// advisory lock) in the batch's transaction: from what the first
+    /// lookup fetched for the whole batch, or on its own when the key or
+    /// scope was not among those.
+    pub(crate) async fn lookup(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        db: &Db,
+        scope: &str,
+        key: &str,
+    ) -> Result<(bool, Option<Stored>), sqlx::Error> {
+        let ahead = {
+            let mut p = self.lock_prefetch();
+            match &p.scope {
+                Some(s) if s == scope => {
+                    if let Some(hit) = p.found.remove(key) {
+                        return Ok(hit);
+                    }
+                    None
+                }
+                None if p.keys.len() > 1 && p.keys.iter().any(|k| k == key) => {
+                    p.scope = Some(scope.to_string());
+                    Some(std::mem::take(&mut p.keys))
+                }
+                _ => None,
+            }
+        };
+        if let Some(keys) = ahead {
+            let rows =
+                record::lookup_many(&mut **tx, db.backend(), db.schema(), scope, &keys).await?;
+            let mut p = self.lock_prefetch();
+            let mut mine = None;
+            for (k, locked, stored) in rows {
+                if k == key {
+                    mine = Some((locked, stored));
+                } else {
+                    p.found.insert(k, (locked, stored));
+                }
+            }
+            if let Some(mine) = mine {
+                return Ok(mine);
+            }
+        }
+        match db.backend() {
+            Backend::Postgres => {
+                let id = lock_id(db.schema(), scope, key);
+                record::lock_and_lookup(&mut **tx, id, scope, key).await
+            }
+            Backend::Sqlite => record::lookup(&mut **tx, scope, key)
+                .await
+                .map(|r| (true, r)),
+        }
+    }
+
+    fn lock_prefetch(&self) -> std::sync::MutexGuard<'_, Prefetch> {
+        self.inner
+            .prefetch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Keeps a sub-request's idempotency record for the batch's one
