@@ -199,8 +199,7 @@ impl SharedTx {
             }
         };
         if let Some(keys) = ahead {
-            let rows =
-                record::lookup_many(&mut **tx, db.backend(), db.schema(), scope, &keys).await?;
+            let rows = record::lookup_many(tx, db.backend(), db.schema(), scope, &keys).await?;
             let mut p = self.lock_prefetch();
             let mut mine = None;
             for (k, locked, stored) in rows {
