@@ -256,20 +256,7 @@ impl OrderStore {
             }
             q.fetch_all(&mut **tx).await?;
         }
-        // VALUES columns are column1, column2, ... on both backends.
-        let rows: Vec<String> = (0..accepted.len())
-            .map(|i| {
-                let b = 2 + 3 * i;
-                format!("(${}, ${}, CAST(${} AS BIGINT))", b, b + 1, b + 2)
-            })
-            .collect();
-        let sql = format!(
-            "UPDATE orders SET status = 'accepted', accepted_at = $1, updated_at = $1, \
-             shipment_id = COALESCE(orders.shipment_id, v.column2), last_error = NULL, \
-             send_attempts = COALESCE(v.column3, orders.send_attempts) \
-             FROM (VALUES {}) AS v WHERE orders.id = v.column1 AND orders.status = 'pending'",
-            rows.join(", ")
-        );
+        let sql = accepted_all_sql(accepted.len());
         let now = now_ms();
         let mut q = sqlx::query(&sql).bind(now);
         for ((_, shipment, attempts), id) in accepted.iter().zip(&ids) {
@@ -284,15 +271,7 @@ impl OrderStore {
             .filter_map(|((_, _, attempts), id)| attempts.map(|a| (id, a)))
             .collect();
         if moved < accepted.len() as u64 && !late.is_empty() {
-            let rows: Vec<String> = (0..late.len())
-                .map(|i| format!("(${}, CAST(${} AS BIGINT))", 2 + 2 * i, 3 + 2 * i))
-                .collect();
-            let sql = format!(
-                "UPDATE orders SET send_attempts = v.column2, updated_at = $1 \
-                 FROM (VALUES {}) AS v \
-                 WHERE orders.id = v.column1 AND orders.send_attempts < v.column2",
-                rows.join(", ")
-            );
+            let sql = late_attempts_sql(late.len());
             let mut q = sqlx::query(&sql).bind(now);
             for (id, attempts) in late {
                 q = q.bind(id).bind(attempts);
@@ -505,4 +484,54 @@ fn order_from_row(row: &AnyRow) -> Result<Order, sqlx::Error> {
         accepted_at: row.try_get::<Option<i64>, _>("accepted_at")?.map(rfc3339),
         shipped_at: row.try_get::<Option<i64>, _>("shipped_at")?.map(rfc3339),
     })
+}
+
+/// The statement of [`OrderStore::record_accepted_all`] for `n` orders: `$1`
+/// the time, then `(id, shipment id, attempts)` per order.
+///
+/// The orders are found through the primary key only: the ids are listed
+/// again as `id IN (...)`, and `status = 'pending'` is written as a filter
+/// that no index can serve. With stale statistics (a fresh table, or a
+/// backlog that grew since the last `ANALYZE`) Postgres took
+/// `status = 'pending'` for a rare value and hash-joined every pending order
+/// read through `orders_by_status`: 5,000 rows read for a batch of 16, a
+/// cost that grew with the backlog.
+#[doc(hidden)]
+pub fn accepted_all_sql(n: usize) -> String {
+    // VALUES columns are column1, column2, ... on both backends.
+    let rows: Vec<String> = (0..n)
+        .map(|i| {
+            let b = 2 + 3 * i;
+            format!("(${}, ${}, CAST(${} AS BIGINT))", b, b + 1, b + 2)
+        })
+        .collect();
+    let ids: Vec<String> = (0..n).map(|i| format!("${}", 2 + 3 * i)).collect();
+    format!(
+        "UPDATE orders SET status = 'accepted', accepted_at = $1, updated_at = $1, \
+         shipment_id = COALESCE(orders.shipment_id, v.column2), last_error = NULL, \
+         send_attempts = COALESCE(v.column3, orders.send_attempts) \
+         FROM (VALUES {}) AS v WHERE orders.id = v.column1 AND orders.id IN ({}) \
+         AND (orders.status = 'pending') IS TRUE",
+        rows.join(", "),
+        ids.join(", ")
+    )
+}
+
+/// The statement that keeps the sends of orders a report moved on before
+/// their acknowledgement: `$1` the time, then `(id, attempts)` per order.
+/// Found through the primary key, as in [`accepted_all_sql`].
+#[doc(hidden)]
+pub fn late_attempts_sql(n: usize) -> String {
+    let rows: Vec<String> = (0..n)
+        .map(|i| format!("(${}, CAST(${} AS BIGINT))", 2 + 2 * i, 3 + 2 * i))
+        .collect();
+    let ids: Vec<String> = (0..n).map(|i| format!("${}", 2 + 2 * i)).collect();
+    format!(
+        "UPDATE orders SET send_attempts = v.column2, updated_at = $1 \
+         FROM (VALUES {}) AS v \
+         WHERE orders.id = v.column1 AND orders.id IN ({}) \
+         AND orders.send_attempts < v.column2",
+        rows.join(", "),
+        ids.join(", ")
+    )
 }

@@ -226,16 +226,7 @@ impl ShipmentStore {
         if reported.is_empty() {
             return Ok(());
         }
-        // VALUES columns are column1, column2 on both backends.
-        let rows: Vec<String> = (0..reported.len())
-            .map(|i| format!("(${}, CAST(${} AS BIGINT))", 2 + 2 * i, 3 + 2 * i))
-            .collect();
-        let sql = format!(
-            "UPDATE shipments SET report_error = NULL, report_attempts = v.column2, \
-             reported_at = COALESCE(shipments.reported_at, $1), updated_at = $1 \
-             FROM (VALUES {}) AS v WHERE shipments.id = v.column1",
-            rows.join(", ")
-        );
+        let sql = reported_all_sql(reported.len());
         let mut q = sqlx::query(&sql).bind(now_ms());
         for (id, attempts) in reported {
             q = q.bind(id.to_string()).bind(*attempts);
@@ -297,4 +288,24 @@ fn shipment_from_row(row: &AnyRow) -> Result<Shipment, sqlx::Error> {
                 TraceContext::parse(&tp, ts.as_deref())
             }),
     })
+}
+
+/// The statement of [`ShipmentStore::mark_reported_all`] for `n` shipments:
+/// `$1` the time, then `(id, attempts)` per shipment. The ids are listed
+/// again as `id IN (...)` so that the rows are found through the primary
+/// key whatever the table's statistics say, not by a scan of the table.
+#[doc(hidden)]
+pub fn reported_all_sql(n: usize) -> String {
+    // VALUES columns are column1, column2 on both backends.
+    let rows: Vec<String> = (0..n)
+        .map(|i| format!("(${}, CAST(${} AS BIGINT))", 2 + 2 * i, 3 + 2 * i))
+        .collect();
+    let ids: Vec<String> = (0..n).map(|i| format!("${}", 2 + 2 * i)).collect();
+    format!(
+        "UPDATE shipments SET report_error = NULL, report_attempts = v.column2, \
+         reported_at = COALESCE(shipments.reported_at, $1), updated_at = $1 \
+         FROM (VALUES {}) AS v WHERE shipments.id = v.column1 AND shipments.id IN ({})",
+        rows.join(", "),
+        ids.join(", ")
+    )
 }

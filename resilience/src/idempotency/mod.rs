@@ -153,6 +153,8 @@ pub use key::{fingerprint, parse_key};
 pub(crate) use layer::rollback;
 pub use layer::{key_reused, Idempotency, IdempotencyLayer};
 pub use reaper::{reap_expired, spawn_reaper, IdempotencyReaper};
+#[doc(hidden)]
+pub use record::lookup_many_sql;
 pub use scope::{Finished, SharedTx};
 pub use tx::{AfterCommit, Tx, TxGuard};
 

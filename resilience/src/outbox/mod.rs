@@ -83,6 +83,8 @@ use uuid::Uuid;
 
 use crate::store::{now_ms, Backend, Db};
 
+#[doc(hidden)]
+pub use relay::{claim_sql, delivered_batch_sql};
 pub use relay::{DeliveryHandler, DeliveryOutcome, NoopHandler, Relay, RelayConfig, SentMessage};
 
 /// Errors of the outbox.
