@@ -207,11 +207,22 @@ impl Db {
                 }
                 conn.close().await?;
                 let keepalive = opts.keepalive_idle.as_secs().max(1);
+                // `plan_cache_mode = force_custom_plan`: sqlx prepares each
+                // statement once per connection, and after five executions
+                // Postgres may switch that statement to a generic plan and
+                // keep it for the connection's life. A service's tables start
+                // empty and grow, so a generic plan made in its first seconds
+                // is one for a table of a few pages: the relay's claim kept
+                // a hash join over a sequential scan of the whole outbox
+                // (delivered history included) long after the table grew.
+                // Planning each execution with the table as it is costs
+                // less than that (see the README's benchmark section).
                 let session = format!(
                     "SET search_path TO \"{}\"; SET lock_timeout = {}; \
                      SET idle_in_transaction_session_timeout = {}; \
                      SET tcp_keepalives_idle = {keepalive}; SET tcp_keepalives_interval = {}; \
-                     SET tcp_keepalives_count = 3; SET client_connection_check_interval = {}",
+                     SET tcp_keepalives_count = 3; SET client_connection_check_interval = {}; \
+                     SET plan_cache_mode = force_custom_plan",
                     opts.schema,
                     opts.lock_timeout.as_millis(),
                     opts.idle_in_transaction_timeout.as_millis(),

@@ -51,25 +51,33 @@ async fn database() -> Result<(TestDatabase, PgConnection)> {
     Ok((tdb, conn))
 }
 
-/// Runs `q` in a transaction that is rolled back, and answers the rows that
-/// transaction read from `table` (sequential and index fetches) and the rows
-/// `q` changed.
+/// Rows of `table` read so far by this connection's transaction, as
+/// Postgres counts them (sequential reads and index fetches). The counters
+/// may still hold earlier, unflushed transactions' reads, so callers take
+/// the difference across a statement.
+async fn reads(conn: &mut PgConnection, table: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT CAST(COALESCE(SUM(seq_tup_read), 0) + COALESCE(SUM(idx_tup_fetch), 0) AS BIGINT) \
+         FROM pg_stat_xact_user_tables WHERE relname = $1",
+    )
+    .bind(table)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Runs `q` in a transaction that is rolled back, and answers the rows it
+/// read from `table` and the rows it changed.
 async fn rows_read(
     conn: &mut PgConnection,
     table: &str,
     q: Query<'_, Postgres, PgArguments>,
 ) -> Result<(i64, u64)> {
     let mut tx = conn.begin().await?;
+    let before = reads(&mut tx, table).await?;
     let changed = q.execute(&mut *tx).await?.rows_affected();
-    let row = sqlx::query(
-        "SELECT CAST(COALESCE(seq_tup_read, 0) + COALESCE(idx_tup_fetch, 0) AS BIGINT) AS n \
-         FROM pg_stat_xact_user_tables WHERE relname = $1",
-    )
-    .bind(table)
-    .fetch_one(&mut *tx)
-    .await?;
+    let after = reads(&mut tx, table).await?;
     tx.rollback().await?;
-    Ok((row.try_get("n")?, changed))
+    Ok((after - before, changed))
 }
 
 fn id(prefix: &str, i: usize) -> String {
@@ -189,6 +197,7 @@ async fn run(conn: &mut PgConnection) -> Result<()> {
         q = q.bind(k).bind(i as i64);
     }
     let mut tx = conn.begin().await?;
+    let before = reads(&mut tx, "idempotency_keys").await?;
     let found = q
         .fetch_all(&mut *tx)
         .await?
@@ -200,12 +209,7 @@ async fn run(conn: &mut PgConnection) -> Result<()> {
                 .is_some()
         })
         .count();
-    let read: i64 = sqlx::query_scalar(
-        "SELECT CAST(COALESCE(seq_tup_read, 0) + COALESCE(idx_tup_fetch, 0) AS BIGINT) \
-         FROM pg_stat_xact_user_tables WHERE relname = 'idempotency_keys'",
-    )
-    .fetch_one(&mut *tx)
-    .await?;
+    let read = reads(&mut tx, "idempotency_keys").await? - before;
     tx.rollback().await?;
     check("looked-up keys", "idempotency_keys", (read, found as u64))?;
     Ok(())
@@ -222,4 +226,70 @@ fn check(what: &str, table: &str, (read, changed): (i64, u64)) -> Result<()> {
          the plan no longer finds the batch's rows through an index that leads to them"
     );
     Ok(())
+}
+
+/// The services' connections plan each execution for the table as it is.
+/// A statement prepared while its table was nearly empty, and run more than
+/// five times, could otherwise keep a generic plan made for a few pages for
+/// the connection's life: here the relay's claim, run ten times on a
+/// one-message outbox, then once on 5,000.
+#[tokio::test]
+async fn plans_follow_the_table_as_it_grows() -> Result<()> {
+    let tdb = TestDatabase::create(Backend::Postgres)
+        .await
+        .context("create a Postgres test database (is TEST_POSTGRES_URL up?)")?;
+    let result = grow(&tdb).await;
+    tdb.cleanup().await;
+    result
+}
+
+async fn grow(tdb: &TestDatabase) -> Result<()> {
+    let db = tdb.connect("plans", "relay").await?;
+    db.migrate_resilience().await?;
+    let mut conn = db.pool().acquire().await?;
+    sqlx::query("ALTER TABLE outbox SET (autovacuum_enabled = false)")
+        .execute(&mut *conn)
+        .await?;
+    let insert = |from: i64, to: i64| {
+        format!(
+            "INSERT INTO outbox (id, destination, method, path, headers, body, kind, status, \
+             attempts, next_attempt_at, created_at, updated_at) \
+             SELECT 'msg-' || lpad(g::text, 8, '0'), 'http://127.0.0.1:9', 'POST', '/orders', \
+             '[]', CAST('{{}}' AS BYTEA), 'order', 'delivered', 0, g, g, g \
+             FROM generate_series({from}, {to}) g"
+        )
+    };
+    sqlx::query(&insert(0, 0)).execute(&mut *conn).await?;
+    let sql = resilience::outbox::claim_sql(Backend::Postgres, 0);
+    let claim = |now: i64| {
+        sqlx::query(&sql)
+            .bind("relay-a")
+            .bind(now + 1_000)
+            .bind(now)
+            .bind(BATCH as i64)
+    };
+    for i in 0..10 {
+        claim(i).fetch_all(&mut *conn).await?;
+    }
+    // The table grows: 5,000 delivered messages, and a batch's worth due.
+    sqlx::query(&insert(1, ROWS as i64))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "UPDATE outbox SET status = 'pending' WHERE id IN \
+         (SELECT id FROM outbox ORDER BY id DESC LIMIT 16)",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let count = "SELECT CAST(COALESCE(SUM(seq_tup_read), 0) + COALESCE(SUM(idx_tup_fetch), 0) \
+                 AS BIGINT) FROM pg_stat_xact_user_tables WHERE relname = 'outbox'";
+    let before: i64 = sqlx::query_scalar(count).fetch_one(&mut *tx).await?;
+    let claimed = claim(ROWS as i64 * 2).fetch_all(&mut *tx).await?.len();
+    let read = sqlx::query_scalar::<_, i64>(count)
+        .fetch_one(&mut *tx)
+        .await?
+        - before;
+    tx.rollback().await?;
+    check("claim after growth", "outbox", (read, claimed as u64))
 }
