@@ -74,7 +74,7 @@ impl OrderStore {
         order: &NewOrder,
     ) -> Result<Order, sqlx::Error> {
         let (order, write) = Self::insertion(order)?;
-        (write.bind)(sqlx::query(write.sql))
+        (write.bind)(sqlx::query(&write.sql))
             .execute(&mut **tx)
             .await?;
         Ok(order)
@@ -92,7 +92,8 @@ impl OrderStore {
         let write = Write {
             sql: "INSERT INTO orders (id, customer_id, items, delivery_mode, status, \
                   send_attempts, created_at, updated_at) \
-                  VALUES ($1, $2, $3, $4, 'pending', 0, $5, $5)",
+                  VALUES ($1, $2, $3, $4, 'pending', 0, $5, $5)"
+                .into(),
             params: 5,
             bind: Box::new(move |q| {
                 q.bind(id.to_string())

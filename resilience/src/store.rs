@@ -22,6 +22,9 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyPool, ConnectOptions, Connection, Executor, Transaction};
 
+mod write;
+pub use write::{run_writes, shift_placeholders, BindWrite, Write};
+
 /// Which database engine sits behind a [`Db`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -391,7 +394,7 @@ pub enum CommitOutcome {
 
 /// How long [`Db::commit_resolved`] keeps asking the database about an
 /// ambiguous commit before it calls the outcome unknown.
-const RESOLVE_FOR: Duration = Duration::from_secs(3);
+pub(crate) const RESOLVE_FOR: Duration = Duration::from_secs(3);
 
 impl Db {
     /// Commits `tx` and, if the commit fails, finds out whether it happened

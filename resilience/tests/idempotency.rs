@@ -22,9 +22,9 @@ use futures::FutureExt;
 use http_body_util::BodyExt;
 use resilience::idempotency::{
     reap_expired, spawn_reaper, IdempotencyConfig, IdempotencyLayer, IdempotencyReaper, KeyPolicy,
-    Tx, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
+    Tx, TxError, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
 };
-use resilience::store::{now_ms, Backend, Db, DbOptions};
+use resilience::store::{now_ms, Backend, Db, DbOptions, Write};
 use service_kit::{internal_error, Problem, PROBLEM_JSON};
 use sqlx::{Connection, Executor};
 use tokio::sync::Notify;
@@ -149,6 +149,13 @@ on_both_backends!(
     quoted_string_key_is_the_same_key,
     tx_without_layer_is_a_problem,
     lost_race_replays_the_winner,
+    first_writes_commit_with_the_record,
+    first_lock_claims_the_key,
+    first_key_in_flight_is_409,
+    first_expired_record_runs_again,
+    first_refusal_gives_way_to_the_record,
+    first_write_error_is_the_handlers_to_answer,
+    first_duplicates_at_once_write_once,
 );
 
 // ---------------------------------------------------------------- the app
@@ -242,6 +249,57 @@ async fn slow(State(p): State<Probe>, tx: Tx, name: String) -> Result<Response, 
     let id = insert_widget(&tx, &name).await?;
     count_hook(&tx, &p);
     Ok(created(&id, &name))
+}
+
+/// Hands its widget to [`Tx::write`]: with `handler_first` on Postgres, the
+/// layer runs it with the key's record as one statement.
+async fn write_widget(tx: &Tx, id: &str, name: &str) -> Result<(), TxError> {
+    let (id, name) = (id.to_owned(), name.to_owned());
+    tx.write(vec![Write::new(
+        "INSERT INTO widgets (id, name) VALUES ($1, $2)",
+        2,
+        move |q| q.bind(id).bind(name),
+    )])
+    .await
+}
+
+/// [`create`] through [`Tx::write`]; refuses with 503 while the probe's
+/// `failed_once` flag is set (as a service under back-pressure would).
+async fn deferred(State(p): State<Probe>, tx: Tx, name: String) -> Result<Response, Problem> {
+    p.calls.fetch_add(1, Ordering::SeqCst);
+    if p.failed_once.load(Ordering::SeqCst) {
+        return Err(Problem::unavailable("busy, on purpose"));
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    write_widget(&tx, &id, &name).await?;
+    count_hook(&tx, &p);
+    Ok(created(&id, &name))
+}
+
+/// Writes the widget whose id is its name, and answers a duplicate id with
+/// its own 409.
+async fn named(State(p): State<Probe>, tx: Tx, name: String) -> Result<Response, Problem> {
+    p.calls.fetch_add(1, Ordering::SeqCst);
+    match write_widget(&tx, &name, &name).await {
+        Ok(()) => {}
+        Err(TxError::Write(e)) if resilience::store::is_unique_violation(&e) => {
+            return Err(Problem::conflict("widget exists", "a widget has this id"));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    count_hook(&tx, &p);
+    Ok(created(&name, &name))
+}
+
+/// The handler-first app: `/widgets` locks ([`create`]), `/deferred` and
+/// `/named` write through [`Tx::write`].
+fn first_app(env: &Env, probe: Probe) -> Router {
+    let layer = IdempotencyLayer::new(config(env).handler_first(true));
+    Router::new()
+        .route("/widgets", post(create).layer(layer.clone()))
+        .route("/deferred", post(deferred).layer(layer.clone()))
+        .route("/named", post(named).layer(layer))
+        .with_state(probe)
 }
 
 fn app(cfg: IdempotencyConfig, probe: Probe) -> Router {
@@ -802,6 +860,252 @@ async fn lost_race_replays_the_winner(env: Env) -> Result<()> {
     ensure!(
         probe.hooks() == expected_hooks,
         "after-commit of the loser ran"
+    );
+    Ok(())
+}
+
+// ------------------------------------------------- handler first (Postgres)
+//
+// With `handler_first`, a Postgres request with a key runs its handler
+// before the key is claimed, and the writes it hands to `Tx::write` commit
+// with the key's record in one statement. SQLite ignores the setting: the
+// same tests hold there with the key claimed first (the handler then never
+// runs for a replay).
+
+/// Handler runs a replay costs: one on Postgres (it runs before the key is
+/// looked up), none on SQLite.
+fn replay_calls(env: &Env) -> usize {
+    usize::from(env.backend == Backend::Postgres)
+}
+
+async fn first_writes_commit_with_the_record(env: Env) -> Result<()> {
+    let probe = Probe::default();
+    let app = first_app(&env, probe.clone());
+    let first = post_key(&app, "/deferred", "f-1", "w").await?;
+    ensure!(
+        first.status == StatusCode::CREATED && !first.replayed(),
+        "{first:?}"
+    );
+    ensure!(count(&env.db, "widgets").await? == 1);
+    ensure!(count(&env.db, "idempotency_keys").await? == 1);
+    ensure!(probe.calls() == 1 && probe.hooks() == 1);
+    if env.backend == Backend::Postgres {
+        // One transaction wrote both.
+        let same: bool = sqlx::query_scalar(
+            "SELECT w.xmin::text = k.xmin::text FROM widgets w, idempotency_keys k",
+        )
+        .fetch_one(env.db.pool())
+        .await?;
+        ensure!(same, "the widget and the record committed apart");
+    }
+
+    let again = post_key(&app, "/deferred", "f-1", "w").await?;
+    ensure!(
+        again.status == StatusCode::CREATED && again.replayed(),
+        "{again:?}"
+    );
+    ensure!(again.body == first.body && again.header("location") == first.header("location"));
+    ensure!(
+        probe.calls() == 1 + replay_calls(&env),
+        "calls {}",
+        probe.calls()
+    );
+    ensure!(probe.hooks() == 1, "a replay ran an after-commit hook");
+    let other = post_key(&app, "/deferred", "f-1", "another").await?;
+    ensure!(
+        other.status == StatusCode::UNPROCESSABLE_ENTITY && other.is_problem(),
+        "{other:?}"
+    );
+    ensure!(count(&env.db, "widgets").await? == 1);
+    ensure!(count(&env.db, "idempotency_keys").await? == 1);
+    Ok(())
+}
+
+async fn first_lock_claims_the_key(env: Env) -> Result<()> {
+    // `/widgets` calls `Tx::lock`: the key is claimed there.
+    let probe = Probe::default();
+    let app = first_app(&env, probe.clone());
+    let first = post_key(&app, "/widgets", "f-lock", "w").await?;
+    ensure!(first.status == StatusCode::CREATED && !first.replayed());
+    let again = post_key(&app, "/widgets", "f-lock", "w").await?;
+    ensure!(again.replayed() && again.body == first.body, "{again:?}");
+    ensure!(probe.calls() == 1 + replay_calls(&env));
+    ensure!(probe.hooks() == 1);
+    ensure!(count(&env.db, "widgets").await? == 1);
+    Ok(())
+}
+
+async fn first_key_in_flight_is_409(env: Env) -> Result<()> {
+    // A request claiming the key first holds it while its handler waits.
+    let probe = Probe::default();
+    let usual = app(config(&env), probe.clone());
+    let first = {
+        let usual = usual.clone();
+        tokio::spawn(async move { post_key(&usual, "/widgets/slow", "f-busy", "slow").await })
+    };
+    tokio::time::timeout(DEADLINE, probe.started.notified())
+        .await
+        .context("the first request never reached the handler")?;
+    let first_app = first_app(&env, probe.clone());
+    let dup = {
+        let first_app = first_app.clone();
+        tokio::spawn(async move { post_key(&first_app, "/deferred", "f-busy", "slow").await })
+    };
+    match env.backend {
+        Backend::Postgres => {
+            // Answered at once: the one statement does not wait for the key.
+            let dup = tokio::time::timeout(DEADLINE, dup).await???;
+            ensure!(
+                dup.status == StatusCode::CONFLICT && dup.is_problem(),
+                "{dup:?}"
+            );
+            ensure!(dup.header("retry-after").is_some(), "{dup:?}");
+            ensure!(count(&env.db, "widgets").await? == 0, "the 409 wrote");
+            probe.release.notify_one();
+            let first = tokio::time::timeout(DEADLINE, first).await???;
+            ensure!(first.status == StatusCode::CREATED && !first.replayed());
+        }
+        Backend::Sqlite => {
+            // The one writer: the second waits, then finds the key used for
+            // another request.
+            probe.release.notify_one();
+            let first = tokio::time::timeout(DEADLINE, first).await???;
+            ensure!(first.status == StatusCode::CREATED && !first.replayed());
+            let dup = tokio::time::timeout(DEADLINE, dup).await???;
+            ensure!(dup.status == StatusCode::UNPROCESSABLE_ENTITY, "{dup:?}");
+        }
+    }
+    ensure!(count(&env.db, "widgets").await? == 1);
+    // Now answered: the handler-first route finds it used for another request.
+    let later = post_key(&first_app, "/deferred", "f-busy", "slow").await?;
+    ensure!(
+        later.status == StatusCode::UNPROCESSABLE_ENTITY,
+        "{later:?}"
+    );
+    ensure!(count(&env.db, "widgets").await? == 1);
+    Ok(())
+}
+
+async fn first_expired_record_runs_again(env: Env) -> Result<()> {
+    let probe = Probe::default();
+    let app = first_app(&env, probe.clone());
+    let first = post_key(&app, "/deferred", "f-exp", "w").await?;
+    ensure!(first.status == StatusCode::CREATED);
+    sqlx::query("UPDATE idempotency_keys SET expires_at = $1")
+        .bind(now_ms() - 1)
+        .execute(env.db.pool())
+        .await?;
+    let again = post_key(&app, "/deferred", "f-exp", "w").await?;
+    ensure!(
+        again.status == StatusCode::CREATED && !again.replayed(),
+        "{again:?}"
+    );
+    ensure!(again.body != first.body, "the expired answer was replayed");
+    ensure!(count(&env.db, "widgets").await? == 2);
+    ensure!(
+        count(&env.db, "idempotency_keys").await? == 1,
+        "the expired record was not replaced"
+    );
+    ensure!(probe.hooks() == 2, "hooks {}", probe.hooks());
+    let third = post_key(&app, "/deferred", "f-exp", "w").await?;
+    ensure!(third.replayed() && third.body == again.body, "{third:?}");
+    Ok(())
+}
+
+async fn first_refusal_gives_way_to_the_record(env: Env) -> Result<()> {
+    let probe = Probe::default();
+    let app = first_app(&env, probe.clone());
+    let first = post_key(&app, "/deferred", "f-ref", "w").await?;
+    ensure!(first.status == StatusCode::CREATED);
+    // The handler now refuses every request (back-pressure, say): a repeat
+    // of an answered key still gets its answer...
+    probe.failed_once.store(true, Ordering::SeqCst);
+    let again = post_key(&app, "/deferred", "f-ref", "w").await?;
+    ensure!(
+        again.status == StatusCode::CREATED && again.replayed() && again.body == first.body,
+        "{again:?}"
+    );
+    // ...and another body with it is still told the key is reused.
+    let other = post_key(&app, "/deferred", "f-ref", "x").await?;
+    ensure!(
+        other.status == StatusCode::UNPROCESSABLE_ENTITY,
+        "{other:?}"
+    );
+    // A new key gets the refusal, and nothing is written.
+    let fresh = post_key(&app, "/deferred", "f-ref-2", "w").await?;
+    ensure!(
+        fresh.status == StatusCode::SERVICE_UNAVAILABLE && fresh.is_problem(),
+        "{fresh:?}"
+    );
+    ensure!(count(&env.db, "widgets").await? == 1);
+    ensure!(count(&env.db, "idempotency_keys").await? == 1);
+    Ok(())
+}
+
+async fn first_write_error_is_the_handlers_to_answer(env: Env) -> Result<()> {
+    let probe = Probe::default();
+    let app = first_app(&env, probe.clone());
+    sqlx::query("INSERT INTO widgets (id, name) VALUES ('taken', 'taken')")
+        .execute(env.db.pool())
+        .await?;
+    // The write fails in the one statement; the request runs again the
+    // usual way, where the handler sees the failure and answers it.
+    let ans = post_key(&app, "/named", "f-err", "taken").await?;
+    ensure!(
+        ans.status == StatusCode::CONFLICT && ans.is_problem(),
+        "{ans:?}"
+    );
+    ensure!(
+        String::from_utf8_lossy(&ans.body).contains("widget exists"),
+        "{ans:?}"
+    );
+    ensure!(count(&env.db, "widgets").await? == 1);
+    ensure!(
+        count(&env.db, "idempotency_keys").await? == 0,
+        "a refusal was recorded"
+    );
+    ensure!(probe.hooks() == 0);
+    // Refused, so the key is free: once the id is, the same key succeeds.
+    sqlx::query("DELETE FROM widgets")
+        .execute(env.db.pool())
+        .await?;
+    let ok = post_key(&app, "/named", "f-err", "taken").await?;
+    ensure!(ok.status == StatusCode::CREATED && !ok.replayed(), "{ok:?}");
+    ensure!(count(&env.db, "widgets").await? == 1);
+    ensure!(probe.hooks() == 1);
+    Ok(())
+}
+
+async fn first_duplicates_at_once_write_once(env: Env) -> Result<()> {
+    let probe = Probe::default();
+    let app = first_app(&env, probe.clone());
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { post_key(&app, "/deferred", "f-dup", "same").await })
+        })
+        .collect();
+    let mut fresh = Vec::new();
+    let mut replayed = Vec::new();
+    for t in tasks {
+        let ans = tokio::time::timeout(DEADLINE, t).await???;
+        match ans.status {
+            StatusCode::CREATED if !ans.replayed() => fresh.push(ans.body),
+            StatusCode::CREATED => replayed.push(ans.body),
+            StatusCode::CONFLICT => ensure!(ans.header("retry-after").is_some()),
+            _ => bail!("unexpected answer {ans:?}"),
+        }
+    }
+    ensure!(fresh.len() == 1, "{} requests committed", fresh.len());
+    ensure!(
+        replayed.iter().all(|b| *b == fresh[0]),
+        "a replay differs from the answer that committed"
+    );
+    ensure!(count(&env.db, "widgets").await? == 1);
+    ensure!(
+        probe.hooks() == 1,
+        "after-commit ran {} times",
+        probe.hooks()
     );
     Ok(())
 }

@@ -795,7 +795,7 @@ async fn enqueue_after_writes_both_or_neither(backend: Backend) -> Result<()> {
         .await?;
     let outbox = Outbox::new(e.db.clone());
     let thing = |id: &'static str, n: i64| Write {
-        sql: "INSERT INTO things (id, n) VALUES ($1, $2)",
+        sql: "INSERT INTO things (id, n) VALUES ($1, $2)".into(),
         params: 2,
         bind: Box::new(move |q| q.bind(id).bind(n)),
     };

@@ -1,13 +1,16 @@
 //! A TCP proxy between a service and Postgres that can lose the answer to a
-//! `COMMIT`: the ambiguous commit, where the server committed but the client
+//! commit: the ambiguous commit, where the server committed but the client
 //! never heard.
 //!
 //! It forwards bytes both ways. When [armed](PgProxy::arm) with a marker, the
 //! first connection whose client bytes contain the marker (a value bound in
-//! the transaction, e.g. a customer id) is doomed: its next client message
-//! containing `COMMIT` is forwarded, the server's answer is read and thrown
-//! away (so the server has certainly run the COMMIT), and both sockets are
-//! closed. With a blackout, every other proxied connection is cut too and new
+//! the transaction, e.g. a customer id) is doomed, and the answer to the
+//! message that commits the marked work is read and thrown away (so the
+//! server has certainly committed it), and both sockets are closed. That
+//! message is the next one containing `COMMIT` when the marked statement
+//! runs inside a transaction, or the marked statement itself when it runs
+//! outside one (the connection was idle: the server's last `ReadyForQuery`
+//! said `I`), since such a statement commits on its own. With a blackout, every other proxied connection is cut too and new
 //! ones are refused for that long, so the service cannot ask the database
 //! what happened.
 
@@ -159,6 +162,9 @@ impl PgProxy {
         // the marked transaction's own (the carried-over tail may hold an
         // earlier transaction's COMMIT).
         let mut after: Vec<u8> = Vec::new();
+        // The transaction status of the server's last ReadyForQuery: `I`
+        // idle, `T` in a transaction, `E` in a failed one.
+        let mut status = b'I';
         loop {
             tokio::select! {
                 _ = cut.changed() => return,
@@ -176,6 +182,9 @@ impl PgProxy {
                                 marked = true;
                                 s.marker = None;
                                 after = window[at + m.len()..].to_vec();
+                                // Outside a transaction, the marked statement
+                                // commits on its own: its answer is the one.
+                                doomed = status == b'I';
                             }
                         }
                     }
@@ -203,8 +212,11 @@ impl PgProxy {
                     if let Some(until) = frozen {
                         tokio::time::sleep_until(until).await;
                     }
+                    if let [.., b'Z', 0, 0, 0, 5, st] = &sbuf[..n] {
+                        status = *st;
+                    }
                     if doomed {
-                        // The server answered the COMMIT: it ran. The client
+                        // The server answered the commit: it ran. The client
                         // never hears it.
                         let blackout = {
                             let mut s = self.lock();

@@ -75,6 +75,9 @@ pub fn router(state: AppState) -> Router {
     );
     // The memory-dedupe counter-example sits outside the persisted layer and
     // hides the key from it (only for requests marked `x-dedupe: memory`).
+    // POST /orders runs its handler before claiming the key (Postgres): the
+    // order, its message to shipping and the key's record are one statement.
+    let idem_create = IdempotencyLayer::new(idem.config().clone().handler_first(true));
     let memory =
         axum::middleware::from_fn_with_state(state.memory.clone(), memory_dedupe::middleware);
     let signed = require_signed(&state.verifier);
@@ -84,7 +87,7 @@ pub fn router(state: AppState) -> Router {
     let (api, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(
             routes!(orders::create)
-                .layer(idem.clone())
+                .layer(idem_create)
                 .layer(memory.clone()),
         )
         .routes(routes!(orders::list))

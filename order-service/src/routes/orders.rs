@@ -60,25 +60,68 @@ pub(super) async fn create(
     // Back-pressure first: past the bound, nothing is written.
     app.backlog.admit()?;
     let new = NewOrder::parse(req, app.config.default_mode).map_err(Problem::unprocessable)?;
-    let mut conn = tx.lock().await?;
     let order = if new.mode.uses_outbox() {
         // The order and the message to shipping commit together, or not at
-        // all; on Postgres they are written in one statement.
+        // all. On Postgres they are one statement, and with an
+        // Idempotency-Key the layer runs that statement with the key's
+        // record: the request's one round trip to the database.
         let (order, insert) = OrderStore::insertion(&new).map_err(db_error)?;
         let msg =
             shipment_request(&app.config.shipping_url, &order, &trace).map_err(internal_error)?;
-        app.outbox
-            .enqueue_after(&mut conn, msg, Some(insert))
-            .await
-            .map_err(outbox_error)?;
+        let (_, message) = app.outbox.enqueue_write(msg).map_err(outbox_error)?;
+        tx.write(vec![insert, message]).await?;
         let outbox = app.outbox.clone();
         tx.after_commit(move || Box::pin(async move { outbox.notify() }));
+        log_created(&tx, &order);
         order
     } else {
-        app.store.insert(&mut conn, &new).await.map_err(db_error)?
+        let mut conn = tx.lock().await?;
+        let order = app.store.insert(&mut conn, &new).await.map_err(db_error)?;
+        log_created(&tx, &order);
+        if order.delivery_mode.uses_feed() {
+            // Pull: the order and its event commit together; shipping reads
+            // the event from the feed at its own offset.
+            let feed = feed_name(pull::RESOURCE, order.delivery_mode);
+            let body = order_created(&order, &trace);
+            app.feed
+                .append(
+                    &mut conn,
+                    &feed,
+                    pull::ORDER_CREATED,
+                    &order.id.to_string(),
+                    &body,
+                )
+                .await
+                .map_err(|e| match e {
+                    resilience::feed::FeedError::Db(e) => db_error(e),
+                    e => internal_error(e),
+                })?;
+            let log = app.feed.clone();
+            tx.after_commit(move || Box::pin(async move { log.notify() }));
+        } else {
+            let app = app.clone();
+            let order = order.clone();
+            let span = tracing::Span::current();
+            tx.after_commit(move || {
+                Box::pin(tracing::Instrument::instrument(
+                    deliver_at_most_once(app, order, trace),
+                    span,
+                ))
+            });
+        }
+        order
     };
-    // Logged once committed: a request that rolls back (and a batch run
-    // again one by one) created nothing.
+
+    let mut headers = HeaderMap::new();
+    if let Ok(loc) = HeaderValue::from_str(&format!("/orders/{}", order.id)) {
+        headers.insert(header::LOCATION, loc);
+    }
+    Ok((StatusCode::CREATED, headers, Json(order)))
+}
+
+/// Logs the order as created once committed: a request that rolls back
+/// (and a batch run again one by one) created nothing.
+fn log_created(tx: &Tx, order: &Order) {
     let (id, mode) = (order.id, order.delivery_mode);
     let span = tracing::Span::current();
     tx.after_commit(move || {
@@ -86,44 +129,6 @@ pub(super) async fn create(
             span.in_scope(|| tracing::info!(order_id = %id, %mode, "order created"));
         })
     });
-    if order.delivery_mode.uses_feed() {
-        // Pull: the order and its event commit together; shipping reads the
-        // event from the feed at its own offset.
-        let feed = feed_name(pull::RESOURCE, order.delivery_mode);
-        let body = order_created(&order, &trace);
-        app.feed
-            .append(
-                &mut conn,
-                &feed,
-                pull::ORDER_CREATED,
-                &order.id.to_string(),
-                &body,
-            )
-            .await
-            .map_err(|e| match e {
-                resilience::feed::FeedError::Db(e) => db_error(e),
-                e => internal_error(e),
-            })?;
-        let log = app.feed.clone();
-        tx.after_commit(move || Box::pin(async move { log.notify() }));
-    } else if !order.delivery_mode.uses_outbox() {
-        let app = app.clone();
-        let order = order.clone();
-        let span = tracing::Span::current();
-        tx.after_commit(move || {
-            Box::pin(tracing::Instrument::instrument(
-                deliver_at_most_once(app, order, trace),
-                span,
-            ))
-        });
-    }
-    drop(conn);
-
-    let mut headers = HeaderMap::new();
-    if let Ok(loc) = HeaderValue::from_str(&format!("/orders/{}", order.id)) {
-        headers.insert(header::LOCATION, loc);
-    }
-    Ok((StatusCode::CREATED, headers, Json(order)))
 }
 
 /// A failed enqueue: a database failure is answered like any other.

@@ -61,6 +61,10 @@ pub struct IdempotencyConfig {
     /// `Retry-After` sent with the 409 for a request in flight (default 1 s,
     /// rounded up to whole seconds).
     pub in_flight_retry_after: Duration,
+    /// Postgres: run the handler before the key is claimed, and the writes
+    /// it hands to [`Tx::write`](super::Tx::write) with the key's record as
+    /// one statement (default off). See [`IdempotencyConfig::handler_first`].
+    pub handler_first: bool,
 }
 
 impl IdempotencyConfig {
@@ -73,6 +77,7 @@ impl IdempotencyConfig {
             max_body_bytes: 1024 * 1024,
             scope: client_id_scope(),
             in_flight_retry_after: Duration::from_secs(1),
+            handler_first: false,
         }
     }
 
@@ -116,6 +121,34 @@ impl IdempotencyConfig {
         self
     }
 
+    /// On Postgres, for a request with a key in a transaction of its own (not
+    /// in a batch): run the handler first, and claim the key after it, with
+    /// its writes, in one round trip to the database.
+    ///
+    /// The usual order is the key first: begin, look the key up under its
+    /// lock, run the handler only if the key is new, insert the record,
+    /// commit (five round trips around the handler's own statements). With
+    /// `handler_first`, the handler runs with nothing begun, hands its writes
+    /// to [`Tx::write`](super::Tx::write), and the layer runs them and the
+    /// record as one statement that commits on its own. A key that is
+    /// already answered, in flight, or expired makes that statement fail
+    /// with nothing kept, and the request then runs the usual way, so
+    /// answers are the same as without it. A handler that calls
+    /// [`Tx::lock`](super::Tx::lock) claims the key there, as the usual order
+    /// would have, and continues the usual way.
+    ///
+    /// What changes for the handler: it may run for a request whose key is
+    /// answered already (its answer is then replaced by the stored one), and
+    /// it may run twice for one request (once more the usual way). So it
+    /// must have no effect outside its writes, other than through
+    /// [`Tx::after_commit`](super::Tx::after_commit) hooks, which run only
+    /// for the run that committed. SQLite ignores the setting: its write
+    /// transaction is the lock, and it has no round trips to save.
+    pub fn handler_first(mut self, on: bool) -> Self {
+        self.handler_first = on;
+        self
+    }
+
     /// Sets the `Retry-After` of the in-flight 409.
     pub fn in_flight_retry_after(mut self, after: Duration) -> Self {
         self.in_flight_retry_after = after;
@@ -149,6 +182,7 @@ impl fmt::Debug for IdempotencyConfig {
             .field("ttl", &self.ttl)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("in_flight_retry_after", &self.in_flight_retry_after)
+            .field("handler_first", &self.handler_first)
             .finish_non_exhaustive()
     }
 }

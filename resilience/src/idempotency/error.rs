@@ -18,16 +18,30 @@ pub enum TxError {
     /// spawned) kept the [`Tx`](super::Tx) past the end of the request.
     #[error("the request's transaction is already finished")]
     Finished,
-    /// The lazily begun transaction (request without a key) failed to start.
+    /// The lazily begun transaction failed to start (or, for a request with
+    /// a key, its key could not be looked up).
     #[error("cannot begin the request's transaction: {0}")]
     Begin(#[source] sqlx::Error),
+    /// Writes handed to [`Tx::write`](super::Tx::write) failed.
+    #[error("the request's writes failed: {0}")]
+    Write(#[source] sqlx::Error),
+    /// The request's `Idempotency-Key` was already answered, or is in flight
+    /// in another request: the layer answers with that (the stored answer,
+    /// or 409), whatever the handler returns.
+    #[error("the request's idempotency key is answered elsewhere")]
+    Answered,
 }
 
 impl From<TxError> for Problem {
     fn from(err: TxError) -> Self {
         match err {
-            TxError::Begin(e) => crate::problem::db_error(e),
+            TxError::Begin(e) | TxError::Write(e) => crate::problem::db_error(e),
             TxError::Finished => crate::problem::internal_error(err),
+            // Never shown: the layer answers instead.
+            TxError::Answered => Problem::conflict(
+                "request answered elsewhere",
+                "a request with this Idempotency-Key was answered or is in flight",
+            ),
         }
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
+use axum::body::Bytes;
 use axum::extract::{OriginalUri, Request};
 use axum::response::{IntoResponse, Response};
 use futures::future::BoxFuture;
@@ -16,11 +17,11 @@ use tower::{Layer, Service};
 use super::config::{IdempotencyConfig, KeyPolicy};
 use super::error::{begin_failed, commit_failed, commit_unknown};
 use super::key::{fingerprint, lock_id, parse_key};
-use super::record::{self, NewRecord, Stored};
+use super::record::{self, NewRecord, ReadBack, Stored, Verdict};
 use super::scope::{SharedTx, TakeError};
-use super::tx::Tx;
+use super::tx::{Claim, Ended, Found, Tx};
 use crate::problem::{db_error, internal_error, Problem};
-use crate::store::{is_unique_violation, now_ms, Backend, CommitOutcome, Db};
+use crate::store::{is_connection_error, is_unique_violation, now_ms, Backend, CommitOutcome, Db};
 
 /// Wraps axum routes in [`Idempotency`]: a transaction per request and,
 /// when the request carries an `Idempotency-Key`, at-most-once execution
@@ -96,7 +97,7 @@ where
 
 async fn handle<S>(config: Arc<IdempotencyConfig>, inner: S, req: Request) -> Response
 where
-    S: Service<Request, Response = Response, Error = Infallible>,
+    S: Service<Request, Response = Response, Error = Infallible> + Clone,
 {
     // The caller's identity is checked on every request, keyed or not: an
     // unusable one is refused, never mistaken for another caller.
@@ -295,9 +296,9 @@ async fn with_key<S>(
     key: String,
 ) -> Result<Response, Problem>
 where
-    S: Service<Request, Response = Response, Error = Infallible>,
+    S: Service<Request, Response = Response, Error = Infallible> + Clone,
 {
-    let (mut parts, body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let body = match Limited::new(body, config.max_body_bytes).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<LengthLimitError>() => {
@@ -323,19 +324,55 @@ where
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let fp = fingerprint(&parts.method, path, &body);
     tracing::debug!(%scope, %key, "request with idempotency key");
-
-    let db = &config.db;
+    let request = Keyed {
+        scope,
+        key,
+        fp,
+        body,
+    };
     let owner = Owner::of(config, &parts.extensions);
+    match (&owner, config.db.backend()) {
+        (Owner::Own(_), Backend::Postgres) if config.handler_first => {
+            deferred(config, inner, parts, request).await
+        }
+        _ => claim_first(config, owner, inner, parts, &request).await,
+    }
+}
+
+/// A request with a key, its body read.
+struct Keyed {
+    scope: String,
+    key: String,
+    /// Its fingerprint (method, path, body).
+    fp: String,
+    body: Bytes,
+}
+
+/// The key first: begin, look it up (with its lock), and run the handler
+/// in the transaction only if the key is this request's. SQLite, batches,
+/// and a Postgres request that [`deferred`] sends back.
+async fn claim_first<S>(
+    config: &IdempotencyConfig,
+    owner: Owner,
+    inner: S,
+    mut parts: http::request::Parts,
+    req: &Keyed,
+) -> Result<Response, Problem>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    let (scope, key) = (req.scope.as_str(), req.key.as_str());
+    let db = &config.db;
     let mut transaction = owner.begin(config).await?;
     let found = match (&owner, db.backend()) {
         // In a batch: with the other sub-requests' keys, in one statement.
-        (Owner::Batch(shared), _) => shared.lookup(&mut transaction, db, &scope, &key).await,
+        (Owner::Batch(shared), _) => shared.lookup(&mut transaction, db, scope, key).await,
         (Owner::Own(_), Backend::Postgres) => {
-            let id = lock_id(db.schema(), &scope, &key);
-            record::lock_and_lookup(&mut *transaction, id, &scope, &key).await
+            let id = lock_id(db.schema(), scope, key);
+            record::lock_and_lookup(&mut *transaction, id, scope, key).await
         }
         // BEGIN IMMEDIATE holds the only write lock: nobody else is in flight.
-        (Owner::Own(_), Backend::Sqlite) => record::lookup(&mut *transaction, &scope, &key)
+        (Owner::Own(_), Backend::Sqlite) => record::lookup(&mut *transaction, scope, key)
             .await
             .map(|r| (true, r)),
     };
@@ -346,22 +383,21 @@ where
             return Err(db_error(e));
         }
     };
-    let now = now_ms();
-    match stored {
-        Some(stored) if stored.expires_at > now => {
+    match record::classify(locked, stored, now_ms()) {
+        Verdict::Replay(stored) => {
             owner.release(transaction).await;
             tracing::debug!(%scope, %key, "replaying completed idempotency record");
-            return answer_from(stored, &fp);
+            return answer_from(stored, &req.fp);
         }
-        Some(_) if locked => {
+        Verdict::Expired => {
             tracing::debug!(%scope, %key, "idempotency record expired; treating as absent");
-            if let Err(e) = record::delete(&mut *transaction, &scope, &key).await {
+            if let Err(e) = record::delete(&mut *transaction, scope, key).await {
                 owner.abandon(transaction).await;
                 return Err(db_error(e));
             }
         }
-        None if locked => {}
-        _ => {
+        Verdict::Absent => {}
+        Verdict::InFlight => {
             owner.abandon(transaction).await;
             tracing::debug!(%scope, %key, "idempotency key in flight elsewhere");
             return Err(in_flight(config));
@@ -371,39 +407,46 @@ where
     // In flight: run the handler in this transaction.
     let tx = Tx::active(transaction);
     parts.extensions.insert(tx.clone());
-    let res = call_inner(inner, Request::from_parts(parts, Body::from(body))).await;
-    let Some(mut transaction) = tx.finish().await else {
+    let res = call_inner(
+        inner,
+        Request::from_parts(parts, Body::from(req.body.clone())),
+    )
+    .await;
+    let Some(transaction) = tx.finish().await else {
         return Err(internal_error("the request's transaction disappeared"));
     };
+    record_and_commit(config, &owner, transaction, &tx, res, req).await
+}
+
+/// The handler has run in `transaction`, with the key claimed: roll back a
+/// refusal; otherwise store the answer as the key's record and commit (in
+/// a batch, hand both to the batch).
+async fn record_and_commit(
+    config: &IdempotencyConfig,
+    owner: &Owner,
+    mut transaction: Transaction<'static, Any>,
+    tx: &Tx,
+    res: Response,
+    req: &Keyed,
+) -> Result<Response, Problem> {
+    let db = &config.db;
+    let (scope, key, fp) = (req.scope.as_str(), req.key.as_str(), req.fp.as_str());
     if refused(res.status()) {
         owner.abandon(transaction).await;
         return Ok(res);
     }
-    let (res_parts, res_body) = res.into_parts();
-    let res_body = match res_body.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
+    let (res_parts, res_body) = match buffered(res).await {
+        Ok(buffered) => buffered,
+        Err(p) => {
             owner.abandon(transaction).await;
-            return Err(internal_error(format_args!(
-                "cannot buffer the response: {e}"
-            )));
+            return Err(p);
         }
     };
-    let now = now_ms();
-    let new = NewRecord {
-        scope: &scope,
-        key: &key,
-        fingerprint: &fp,
-        status: i64::from(res_parts.status.as_u16()),
-        headers: record::encode_headers(&res_parts.headers),
-        body: &res_body,
-        created_at: now,
-        expires_at: now.saturating_add(config.ttl_ms()),
-    };
+    let new = new_record(config, req, &res_parts, &res_body);
     // In a batch the record is inserted with the others', before the
     // batch's commit (a key answered twice fails that insert, and the
     // batch runs its requests one by one).
-    let inserted = match &owner {
+    let inserted = match owner {
         Owner::Batch(shared) => {
             shared.defer_record(new.to_owned_record());
             Ok(None)
@@ -417,8 +460,8 @@ where
             // writes go, theirs stand, and we answer with their response.
             owner.abandon(transaction).await;
             tracing::debug!(%scope, %key, "lost the race for an idempotency key; replaying");
-            return match record::lookup(db.pool(), &scope, &key).await {
-                Ok(Some(stored)) if stored.expires_at > now_ms() => answer_from(stored, &fp),
+            return match record::lookup(db.pool(), scope, key).await {
+                Ok(Some(stored)) if stored.expires_at > now_ms() => answer_from(stored, fp),
                 Ok(_) => Err(in_flight(config)),
                 Err(e) => Err(db_error(e)),
             };
@@ -429,6 +472,150 @@ where
         }
     };
     let xid = xid.map(Some);
-    owner.complete(config, transaction, xid, &tx).await?;
+    owner.complete(config, transaction, xid, tx).await?;
     Ok(Response::from_parts(res_parts, Body::from(res_body)))
+}
+
+/// The response with its body read, to be stored.
+async fn buffered(res: Response) -> Result<(http::response::Parts, Bytes), Problem> {
+    let (parts, body) = res.into_parts();
+    match body.collect().await {
+        Ok(collected) => Ok((parts, collected.to_bytes())),
+        Err(e) => Err(internal_error(format_args!(
+            "cannot buffer the response: {e}"
+        ))),
+    }
+}
+
+/// The record of `req`'s answer.
+fn new_record<'a>(
+    config: &IdempotencyConfig,
+    req: &'a Keyed,
+    parts: &http::response::Parts,
+    body: &'a [u8],
+) -> NewRecord<'a> {
+    let now = now_ms();
+    NewRecord {
+        scope: &req.scope,
+        key: &req.key,
+        fingerprint: &req.fp,
+        status: i64::from(parts.status.as_u16()),
+        headers: record::encode_headers(&parts.headers),
+        body,
+        created_at: now,
+        expires_at: now.saturating_add(config.ttl_ms()),
+    }
+}
+
+/// Postgres, a request with a key in a transaction of its own: the handler
+/// first, the key after, and the whole request in one round trip when it
+/// can be.
+///
+/// The handler runs with nothing begun. The writes it hands to
+/// [`Tx::write`] wait; once it has answered, they and the key's record run
+/// as one statement, outside any transaction, so it commits on its own (see
+/// [`record::insert_with_writes`]). Where that cannot decide the request,
+/// it runs the usual way ([`claim_first`]):
+///
+/// - the statement fails with an answer from the server (the key has a
+///   record, completed or expired; another request holds it; a write of the
+///   handler's is refused): nothing was kept, and the request runs again
+///   the usual way, which replays the record, answers 409, or lets the
+///   handler answer its own write's error;
+/// - the handler calls [`Tx::lock`] (it reads, or needs its writes' errors):
+///   the lock begins the transaction and claims the key as the usual way
+///   would have before the handler, and finishes it the usual way;
+/// - the handler refuses the request (4xx, 5xx): if the key has a live
+///   record, that answers instead, as it would have before the handler ran.
+///
+/// A statement whose answer is lost is read back through the key: the
+/// record is found (the request's own, or a twin's that is replayed), or,
+/// if none turns up within a few seconds, 503 "outcome unknown", which a
+/// retry with the same key resolves.
+async fn deferred<S>(
+    config: &IdempotencyConfig,
+    inner: S,
+    mut parts: http::request::Parts,
+    req: Keyed,
+) -> Result<Response, Problem>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone,
+{
+    let db = &config.db;
+    let claim = Claim {
+        lock_id: lock_id(db.schema(), &req.scope, &req.key),
+        scope: req.scope.clone(),
+        key: req.key.clone(),
+    };
+    let again = (inner.clone(), parts.clone());
+    let tx = Tx::deferred(db.clone(), claim.clone());
+    parts.extensions.insert(tx.clone());
+    let res = call_inner(
+        inner,
+        Request::from_parts(parts, Body::from(req.body.clone())),
+    )
+    .await;
+    let writes = match tx.end().await {
+        Ended::Answered(Found::Record(stored)) => {
+            tracing::debug!(scope = %req.scope, key = %req.key, "replaying completed idempotency record");
+            return answer_from(stored, &req.fp);
+        }
+        Ended::Answered(Found::InFlight) => return Err(in_flight(config)),
+        Ended::Begun(transaction) => {
+            let owner = Owner::Own(db.clone());
+            return record_and_commit(config, &owner, transaction, &tx, res, &req).await;
+        }
+        Ended::Gone => {
+            // A write failed in a begun transaction (rolled back): the
+            // handler's answer is a refusal, or it ignored the failure.
+            if refused(res.status()) {
+                return Ok(res);
+            }
+            return Err(internal_error(
+                "the handler answered although its writes failed",
+            ));
+        }
+        Ended::Held(writes) => writes,
+    };
+    if refused(res.status()) {
+        // The key was never looked up: a completed record answers, as it
+        // would have before the handler ran.
+        return match record::lookup(db.pool(), &req.scope, &req.key).await {
+            Ok(Some(stored)) if stored.expires_at > now_ms() => answer_from(stored, &req.fp),
+            _ => Ok(res),
+        };
+    }
+    let (res_parts, res_body) = buffered(res).await?;
+    let new = new_record(config, &req, &res_parts, &res_body).to_owned_record();
+    let err = match record::insert_with_writes(db.pool(), writes, new.clone(), claim.lock_id).await
+    {
+        Ok(()) => {
+            tx.run_hooks().await;
+            return Ok(Response::from_parts(res_parts, Body::from(res_body)));
+        }
+        Err(e) => e,
+    };
+    drop(tx.take_hooks());
+    if matches!(err, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) {
+        // Never sent.
+        return Err(begin_failed(err, config.retry_after_secs()));
+    }
+    if matches!(err, sqlx::Error::Database(_)) && !is_connection_error(&err) {
+        // The server refused the statement, so it kept nothing: run the
+        // request the usual way, which says why.
+        tracing::debug!(scope = %req.scope, key = %req.key, error = %err,
+            "one-statement request refused; running it the usual way");
+        let (inner, parts) = again;
+        let owner = Owner::Own(db.clone());
+        return claim_first(config, owner, inner, parts, &req).await;
+    }
+    tracing::warn!(error = %err, "one-statement request failed without an answer; reading its key back");
+    match record::read_back(db.pool(), &new).await {
+        ReadBack::Ours => {
+            tracing::warn!(scope = %req.scope, key = %req.key, "the request did commit");
+            Ok(Response::from_parts(res_parts, Body::from(res_body)))
+        }
+        ReadBack::Theirs(stored) => answer_from(stored, &req.fp),
+        ReadBack::Unknown => Err(commit_unknown(err, config.retry_after_secs())),
+    }
 }

@@ -16,6 +16,7 @@ pub(crate) struct Stored {
     pub(crate) status: i64,
     pub(crate) headers: String,
     pub(crate) body: Vec<u8>,
+    pub(crate) created_at: i64,
     pub(crate) expires_at: i64,
 }
 
@@ -125,8 +126,116 @@ fn stored_from_row(row: &AnyRow) -> Result<Option<Stored>, sqlx::Error> {
         status: row.try_get("status")?,
         headers: row.try_get("headers")?,
         body: row.try_get("body")?,
+        created_at: row.try_get("created_at")?,
         expires_at: row.try_get("expires_at")?,
     }))
+}
+
+/// What a key's lookup under its lock means for the request.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    /// A completed record answers it (replayed, or 422 for another request).
+    Replay(Stored),
+    /// An expired record, ours to delete: run the request.
+    Expired,
+    /// No record, and the key is ours: run the request.
+    Absent,
+    /// Another request with the key holds it.
+    InFlight,
+}
+
+/// Reads a lookup: `locked` is whether the key's lock is ours.
+pub(crate) fn classify(locked: bool, stored: Option<Stored>, now: i64) -> Verdict {
+    match stored {
+        Some(stored) if stored.expires_at > now => Verdict::Replay(stored),
+        Some(_) if locked => Verdict::Expired,
+        None if locked => Verdict::Absent,
+        _ => Verdict::InFlight,
+    }
+}
+
+/// Postgres: the writes a handler left to the layer and the key's record,
+/// as one statement run outside any transaction (it commits on its own):
+/// one round trip for the whole request.
+///
+/// The record's insert tries the key's advisory lock first and inserts no
+/// fingerprint (a NOT NULL violation, so the statement fails and keeps
+/// nothing) when another request holds it, so it never waits on a key in
+/// flight, even one held by a frozen replica. A record already there
+/// (completed, or expired) fails it with a unique violation. Either way the
+/// server answers with an error and nothing was kept.
+pub(crate) async fn insert_with_writes(
+    pool: &sqlx::AnyPool,
+    writes: Vec<crate::store::Write>,
+    rec: OwnedRecord,
+    lock_id: i64,
+) -> Result<(), sqlx::Error> {
+    const RECORD: &str = "INSERT INTO idempotency_keys \
+         (scope, idem_key, fingerprint, status, headers, body, created_at, expires_at) \
+         SELECT $1, $2, CASE WHEN pg_try_advisory_xact_lock($9) THEN $3 END, \
+         $4, $5, $6, $7, $8";
+    let record = crate::store::Write::new(RECORD, 9, move |q| {
+        q.bind(rec.scope)
+            .bind(rec.key)
+            .bind(rec.fingerprint)
+            .bind(rec.status)
+            .bind(rec.headers)
+            .bind(rec.body)
+            .bind(rec.created_at)
+            .bind(rec.expires_at)
+            .bind(lock_id)
+    });
+    let all: Vec<_> = writes.into_iter().chain(Some(record)).collect();
+    if let Some(w) = crate::store::Write::fold(all) {
+        (w.bind)(sqlx::query(&w.sql)).execute(pool).await?;
+    }
+    Ok(())
+}
+
+/// What reading a key back says about a statement whose answer was lost.
+#[derive(Debug)]
+pub(crate) enum ReadBack {
+    /// The record is the one this request wrote: it committed.
+    Ours,
+    /// A record for the key, written by another request with it.
+    Theirs(Stored),
+    /// No record could be found in time: the outcome is unknown.
+    Unknown,
+}
+
+/// After [`insert_with_writes`] lost its answer: looks the key up on fresh
+/// pooled connections, for up to [`RESOLVE_FOR`](crate::store::RESOLVE_FOR).
+/// The record is the request's own when it holds the same fingerprint,
+/// body and creation time. No record is never taken as "rolled back": the
+/// statement may still be finishing on the server.
+pub(crate) async fn read_back(pool: &sqlx::AnyPool, rec: &OwnedRecord) -> ReadBack {
+    let deadline = tokio::time::Instant::now() + crate::store::RESOLVE_FOR;
+    loop {
+        let asked = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            lookup(pool, &rec.scope, &rec.key),
+        )
+        .await;
+        match asked {
+            Ok(Ok(Some(stored))) => {
+                return if stored.fingerprint == rec.fingerprint
+                    && stored.body == rec.body
+                    && stored.created_at == rec.created_at
+                {
+                    ReadBack::Ours
+                } else {
+                    ReadBack::Theirs(stored)
+                };
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "read-back of a key failed"),
+            Err(_) => tracing::debug!("read-back of a key timed out"),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return ReadBack::Unknown;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 /// Postgres: try the advisory lock and look the record up, one round trip.
@@ -141,7 +250,7 @@ where
 {
     let row = sqlx::query(
         "SELECT pg_try_advisory_xact_lock($1) AS locked, \
-                r.fingerprint, r.status, r.headers, r.body, r.expires_at \
+                r.fingerprint, r.status, r.headers, r.body, r.created_at, r.expires_at \
          FROM (SELECT 1 AS one) AS o \
          LEFT JOIN idempotency_keys r ON r.scope = $2 AND r.idem_key = $3",
     )
@@ -166,7 +275,7 @@ where
 pub fn lookup_many_sql(n: usize) -> String {
     let mut sql = String::from(
         "SELECT v.k AS idem_key, pg_try_advisory_xact_lock(v.l) AS locked, \
-         r.fingerprint, r.status, r.headers, r.body, r.expires_at FROM (VALUES ",
+         r.fingerprint, r.status, r.headers, r.body, r.created_at, r.expires_at FROM (VALUES ",
     );
     for i in 0..n {
         if i > 0 {
@@ -175,7 +284,7 @@ pub fn lookup_many_sql(n: usize) -> String {
         sql.push_str(&format!("(${}, ${})", 2 * i + 2, 2 * i + 3));
     }
     sql.push_str(
-        ") AS v(k, l) LEFT JOIN LATERAL (SELECT fingerprint, status, headers, body, expires_at \
+        ") AS v(k, l) LEFT JOIN LATERAL (SELECT fingerprint, status, headers, body, created_at, expires_at \
          FROM idempotency_keys WHERE scope = $1 AND idem_key = v.k OFFSET 0) AS r ON true",
     );
     sql
@@ -219,7 +328,7 @@ pub(crate) async fn lookup_many(
         }
         Backend::Sqlite => {
             let mut sql = String::from(
-                "SELECT idem_key, fingerprint, status, headers, body, expires_at \
+                "SELECT idem_key, fingerprint, status, headers, body, created_at, expires_at \
                  FROM idempotency_keys WHERE scope = $1 AND idem_key IN (",
             );
             for i in 0..keys.len() {
@@ -256,7 +365,7 @@ where
     E: Executor<'c, Database = Any>,
 {
     let row = sqlx::query(
-        "SELECT fingerprint, status, headers, body, expires_at \
+        "SELECT fingerprint, status, headers, body, created_at, expires_at \
          FROM idempotency_keys WHERE scope = $1 AND idem_key = $2",
     )
     .bind(scope)
@@ -431,6 +540,7 @@ mod tests {
             status: 201,
             headers: json,
             body: b"abc".to_vec(),
+            created_at: 0,
             expires_at: 0,
         });
         assert_eq!(res.status(), StatusCode::CREATED);

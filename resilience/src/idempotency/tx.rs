@@ -12,23 +12,65 @@ use sqlx::{Any, Transaction};
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
 use super::error::TxError;
+use super::record::{self, Stored, Verdict};
 use crate::problem::Problem;
-use crate::store::Db;
+use crate::store::{now_ms, run_writes, Backend, Db, Write};
 
 /// A hook run after a successful commit.
 pub type AfterCommit = Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send + 'static>;
 
+/// The key a deferred transaction claims when it is begun.
+#[derive(Debug, Clone)]
+pub(crate) struct Claim {
+    pub(crate) lock_id: i64,
+    pub(crate) scope: String,
+    pub(crate) key: String,
+}
+
+/// What claiming the key found, instead of the key being this request's.
+#[derive(Debug)]
+pub(crate) enum Found {
+    /// A completed record: it answers the request.
+    Record(Stored),
+    /// Another request with the key is in flight.
+    InFlight,
+}
+
 enum Slot {
     /// Not begun yet (request without a key): begun at the first `lock`.
     Pending(Db),
+    /// Postgres, a request with a key in a transaction of its own, not
+    /// begun: writes handed to [`Tx::write`] wait here, and the layer runs
+    /// them with the key's record in one statement after the handler. The
+    /// first `lock` begins the transaction, claims the key (lock and
+    /// lookup, as the layer does before the handler otherwise) and runs
+    /// them.
+    Deferred {
+        db: Db,
+        claim: Claim,
+        writes: Vec<Write>,
+    },
     Active(Transaction<'static, Any>),
     /// Taken by the layer to commit or roll back.
     Finished,
 }
 
+/// How a deferred transaction ended, for the layer.
+pub(crate) enum Ended {
+    /// Never begun: the writes still wait (possibly none).
+    Held(Vec<Write>),
+    /// Begun by a `lock`, with the key claimed: finish it the usual way.
+    Begun(Transaction<'static, Any>),
+    /// Claiming the key found it answered or in flight.
+    Answered(Found),
+    /// Nothing to finish (a write failed, or it was finished already).
+    Gone,
+}
+
 struct Shared {
     slot: Mutex<Slot>,
     hooks: std::sync::Mutex<Vec<AfterCommit>>,
+    found: std::sync::Mutex<Option<Found>>,
 }
 
 /// The request's database transaction, owned by the
@@ -52,6 +94,7 @@ impl Tx {
             shared: Arc::new(Shared {
                 slot: Mutex::new(slot),
                 hooks: std::sync::Mutex::new(Vec::new()),
+                found: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -66,15 +109,62 @@ impl Tx {
         Self::with(Slot::Active(tx))
     }
 
+    /// A transaction that claims `claim` when begun (Postgres), and whose
+    /// writes wait for the layer until then.
+    pub(crate) fn deferred(db: Db, claim: Claim) -> Self {
+        Self::with(Slot::Deferred {
+            db,
+            claim,
+            writes: Vec::new(),
+        })
+    }
+
     /// Locks the transaction for this handler's statements:
     /// `query.execute(&mut **guard)`. Release the guard (drop it) before
     /// awaiting anything slow that does not need the database.
+    ///
+    /// For a request with an `Idempotency-Key` on Postgres, the first `lock`
+    /// begins the transaction and claims the key; if the key turns out to be
+    /// answered already, or in flight in another request, it fails with
+    /// [`TxError::Answered`], and the layer answers the request (the replay,
+    /// or 409) whatever the handler returns.
     pub async fn lock(&self) -> Result<TxGuard<'_>, TxError> {
         let mut slot = self.shared.slot.lock().await;
-        if let Slot::Pending(db) = &*slot {
-            let db = db.clone();
-            let tx = db.begin().await.map_err(TxError::Begin)?;
-            *slot = Slot::Active(tx);
+        match &mut *slot {
+            Slot::Pending(db) => {
+                let db = db.clone();
+                let tx = db.begin().await.map_err(TxError::Begin)?;
+                *slot = Slot::Active(tx);
+            }
+            Slot::Deferred { db, claim, writes } => {
+                let db = db.clone();
+                let mut tx = db.begin().await.map_err(TxError::Begin)?;
+                match claim_key(&mut tx, claim).await {
+                    Ok(None) => {}
+                    Ok(Some(found)) => {
+                        super::layer::rollback(tx).await;
+                        *slot = Slot::Finished;
+                        *self
+                            .shared
+                            .found
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(found);
+                        return Err(TxError::Answered);
+                    }
+                    Err(e) => {
+                        super::layer::rollback(tx).await;
+                        return Err(TxError::Begin(e));
+                    }
+                }
+                let held = std::mem::take(writes);
+                if let Err(e) = run_writes(&mut tx, Backend::Postgres, held).await {
+                    super::layer::rollback(tx).await;
+                    *slot = Slot::Finished;
+                    return Err(TxError::Write(e));
+                }
+                *slot = Slot::Active(tx);
+            }
+            Slot::Active(_) | Slot::Finished => {}
         }
         MutexGuard::try_map(slot, |s| match s {
             Slot::Active(tx) => Some(tx),
@@ -82,6 +172,37 @@ impl Tx {
         })
         .map(|inner| TxGuard { inner })
         .map_err(|_| TxError::Finished)
+    }
+
+    /// Runs `writes` in the request's transaction, in order: on Postgres as
+    /// one statement (see [`Write::fold`]), on SQLite one after another.
+    ///
+    /// For a request with an `Idempotency-Key` on Postgres, outside a batch,
+    /// the writes are not run here: they wait, and once the handler has
+    /// answered, the layer runs them and the key's record as one statement,
+    /// which commits on its own: one round trip to the database for the
+    /// whole request. So a handler must not expect to read their rows back,
+    /// and an error in them reaches the layer, not the handler: the layer
+    /// then runs the request again the usual way (the handler's writes run
+    /// at once, and it answers their errors itself). A handler that calls
+    /// [`Tx::lock`] after `write` gets them run first.
+    pub async fn write(&self, writes: Vec<Write>) -> Result<(), TxError> {
+        {
+            let mut slot = self.shared.slot.lock().await;
+            if let Slot::Deferred { writes: held, .. } = &mut *slot {
+                held.extend(writes);
+                return Ok(());
+            }
+        }
+        let mut conn = self.lock().await?;
+        let backend = if conn.backend_name().eq_ignore_ascii_case("postgresql") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        };
+        run_writes(&mut conn, backend, writes)
+            .await
+            .map_err(TxError::Write)
     }
 
     /// Registers `hook` to run after the transaction commits, before the
@@ -106,7 +227,25 @@ impl Tx {
         let mut slot = self.shared.slot.lock().await;
         match std::mem::replace(&mut *slot, Slot::Finished) {
             Slot::Active(tx) => Some(tx),
-            Slot::Pending(_) | Slot::Finished => None,
+            Slot::Pending(_) | Slot::Deferred { .. } | Slot::Finished => None,
+        }
+    }
+
+    /// [`Tx::finish`] for a deferred transaction: what the layer has to
+    /// finish.
+    pub(crate) async fn end(&self) -> Ended {
+        let found = self
+            .shared
+            .found
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let mut slot = self.shared.slot.lock().await;
+        match (std::mem::replace(&mut *slot, Slot::Finished), found) {
+            (_, Some(found)) => Ended::Answered(found),
+            (Slot::Deferred { writes, .. }, None) => Ended::Held(writes),
+            (Slot::Active(tx), None) => Ended::Begun(tx),
+            (Slot::Pending(_) | Slot::Finished, None) => Ended::Gone,
         }
     }
 
@@ -134,6 +273,26 @@ impl Tx {
         for hook in hooks {
             hook().await;
         }
+    }
+}
+
+/// Begins a deferred transaction's work: tries the key's advisory lock and
+/// looks its record up, deleting an expired one. `None`: the key is this
+/// request's.
+async fn claim_key(
+    tx: &mut Transaction<'static, Any>,
+    claim: &Claim,
+) -> Result<Option<Found>, sqlx::Error> {
+    let (locked, stored) =
+        record::lock_and_lookup(&mut **tx, claim.lock_id, &claim.scope, &claim.key).await?;
+    match record::classify(locked, stored, now_ms()) {
+        Verdict::Replay(stored) => Ok(Some(Found::Record(stored))),
+        Verdict::InFlight => Ok(Some(Found::InFlight)),
+        Verdict::Expired => {
+            record::delete(&mut **tx, &claim.scope, &claim.key).await?;
+            Ok(None)
+        }
+        Verdict::Absent => Ok(None),
     }
 }
 

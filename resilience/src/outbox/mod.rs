@@ -81,7 +81,7 @@ use sqlx::{Any, Row, Transaction};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::store::{now_ms, Backend, Db};
+use crate::store::{now_ms, run_writes, Backend, Db};
 
 #[doc(hidden)]
 pub use relay::{claim_sql, delivered_batch_sql};
@@ -176,33 +176,7 @@ impl OutgoingRequest {
     }
 }
 
-/// Binds a [`Write`]'s parameters onto a query, in order.
-pub type BindWrite = Box<
-    dyn for<'q> FnOnce(
-            sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
-        ) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>
-        + Send,
->;
-
-/// A caller's own write for [`Outbox::enqueue_after`]: one statement with
-/// placeholders `$1..$params`, and what binds them (owned values).
-pub struct Write {
-    /// The statement, e.g. `INSERT INTO orders (...) VALUES ($1, ...)`.
-    pub sql: &'static str,
-    /// How many placeholders it uses (`$1` to `$params`, each at least once).
-    pub params: usize,
-    /// Binds them, in order.
-    pub bind: BindWrite,
-}
-
-impl std::fmt::Debug for Write {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Write")
-            .field("sql", &self.sql)
-            .field("params", &self.params)
-            .finish_non_exhaustive()
-    }
-}
+pub use crate::store::{BindWrite, Write};
 
 /// Counts over the outbox table, for operations.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -301,60 +275,50 @@ impl Outbox {
         msg: OutgoingRequest,
         before: Option<Write>,
     ) -> Result<Uuid, OutboxError> {
-        /// Placeholders `$1..$10`, shifted past the caller's.
-        fn insert_sql(offset: usize) -> String {
-            let p = |n: usize| format!("${}", n + offset);
-            format!(
-                "INSERT INTO outbox (id, destination, method, path, headers, body, kind, \
-                 correlation_id, idempotency_key, status, attempts, next_attempt_at, created_at, \
-                 updated_at) VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {}, 'pending', 0, {}, {}, {})",
-                p(1),
-                p(2),
-                p(3),
-                p(4),
-                p(5),
-                p(6),
-                p(7),
-                p(8),
-                p(9),
-                p(10),
-                p(10),
-                p(10)
-            )
-        }
+        let (id, insert) = self.enqueue_write(msg)?;
+        let writes: Vec<Write> = before.into_iter().chain(Some(insert)).collect();
+        run_writes(tx, self.db.backend(), writes).await?;
+        Ok(id)
+    }
+
+    /// The outbox insert of [`Outbox::enqueue`] as a [`Write`], not yet run:
+    /// for a caller that runs it with its own writes, such as a handler
+    /// handing them to [`Tx::write`](crate::idempotency::Tx::write). The
+    /// message is sent if and only if the transaction that runs the write
+    /// commits. Returns the message's id with it.
+    pub fn enqueue_write(&self, msg: OutgoingRequest) -> Result<(Uuid, Write), OutboxError> {
+        const INSERT: &str = "INSERT INTO outbox (id, destination, method, path, headers, body, \
+             kind, correlation_id, idempotency_key, status, attempts, next_attempt_at, \
+             created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', 0, $10, $10, $10)";
         let id = Uuid::now_v7();
         let now = now_ms();
         let headers =
             serde_json::to_string(&msg.headers).map_err(|e| OutboxError::Invalid(e.to_string()))?;
         let key = msg.idempotency_key.then(|| id.to_string());
-        let (sql, before) = match before {
-            Some(w) if self.db.backend() == Backend::Postgres => (
-                format!("WITH before AS ({}) {}", w.sql, insert_sql(w.params)),
-                Some(w),
-            ),
-            Some(w) => {
-                (w.bind)(sqlx::query(w.sql)).execute(&mut **tx).await?;
-                (insert_sql(0), None)
-            }
-            None => (insert_sql(0), None),
-        };
-        let mut q = sqlx::query(&sql);
-        if let Some(w) = before {
-            q = (w.bind)(q);
-        }
-        q.bind(id.to_string())
-            .bind(&msg.destination)
-            .bind(msg.method.as_str())
-            .bind(&msg.path)
-            .bind(headers)
-            .bind(msg.body.to_vec())
-            .bind(&msg.kind)
-            .bind(&msg.correlation_id)
-            .bind(key)
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
-        Ok(id)
+        let OutgoingRequest {
+            destination,
+            method,
+            path,
+            body,
+            kind,
+            correlation_id,
+            ..
+        } = msg;
+        let (method, body) = (method.as_str().to_owned(), body.to_vec());
+        let write = Write::new(INSERT, 10, move |q| {
+            q.bind(id.to_string())
+                .bind(destination)
+                .bind(method)
+                .bind(path)
+                .bind(headers)
+                .bind(body)
+                .bind(kind)
+                .bind(correlation_id)
+                .bind(key)
+                .bind(now)
+        });
+        Ok((id, write))
     }
 
     /// Inserts several messages inside the caller's transaction, in

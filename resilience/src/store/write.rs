@@ -1,0 +1,214 @@
+//! Writes held as data: a statement and what binds it, run now or later,
+//! alone or folded with others into one statement.
+//!
+//! A service's state change and the delivery machinery's own rows (an outbox
+//! message, an idempotency record) must commit together. Each is a round trip
+//! when run as a statement of its own. On Postgres, writes that do not read
+//! each other's rows can run as *one* statement: all but the last as
+//! data-modifying `WITH` parts ahead of the last, all in one snapshot and all
+//! or none. [`Write`] holds one such write until the caller knows what runs
+//! with it; [`Write::fold`] builds the single statement; [`run_writes`] runs a
+//! list the way the backend allows (SQLite has no writes in `WITH`, so there
+//! they run one after another, which costs no network round trip).
+
+use std::borrow::Cow;
+
+use sqlx::any::AnyArguments;
+use sqlx::query::Query;
+use sqlx::{Any, AnyConnection};
+
+use super::Backend;
+
+/// Binds a [`Write`]'s parameters onto a query, in order.
+pub type BindWrite = Box<
+    dyn for<'q> FnOnce(Query<'q, Any, AnyArguments<'q>>) -> Query<'q, Any, AnyArguments<'q>> + Send,
+>;
+
+/// One write statement with placeholders `$1..$params`, and what binds them
+/// (owned values, so the write can wait to be run).
+pub struct Write {
+    /// The statement, e.g. `INSERT INTO orders (...) VALUES ($1, ...)`. It
+    /// must be a plain `INSERT`, `UPDATE` or `DELETE` (no `WITH` of its own)
+    /// for [`Write::fold`] to place it in a `WITH`.
+    pub sql: Cow<'static, str>,
+    /// How many placeholders it uses (`$1` to `$params`, each at least once).
+    pub params: usize,
+    /// Binds them, in order.
+    pub bind: BindWrite,
+}
+
+impl std::fmt::Debug for Write {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Write")
+            .field("sql", &self.sql)
+            .field("params", &self.params)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Write {
+    /// A write from its statement, its placeholder count and its binder.
+    pub fn new(
+        sql: impl Into<Cow<'static, str>>,
+        params: usize,
+        bind: impl for<'q> FnOnce(Query<'q, Any, AnyArguments<'q>>) -> Query<'q, Any, AnyArguments<'q>>
+            + Send
+            + 'static,
+    ) -> Self {
+        Self {
+            sql: sql.into(),
+            params,
+            bind: Box::new(bind),
+        }
+    }
+
+    /// Postgres: `writes` as one statement. Every write but the last becomes
+    /// a data-modifying `WITH` part (`w0`, `w1`, ...) ahead of the last, each
+    /// one's placeholders numbered after the previous ones', and the binders
+    /// chained in the same order. The parts share one snapshot, so none sees
+    /// another's rows; all run to completion, or the statement fails and
+    /// none is kept. `None` for an empty list.
+    pub fn fold(writes: Vec<Write>) -> Option<Write> {
+        let n = writes.len();
+        let mut sql = String::new();
+        let mut params = 0;
+        let mut binds: Vec<BindWrite> = Vec::with_capacity(n);
+        for (i, w) in writes.into_iter().enumerate() {
+            let shifted = shift_placeholders(&w.sql, params);
+            if i + 1 < n {
+                sql.push_str(if i == 0 { "WITH " } else { ", " });
+                sql.push_str(&format!("w{i} AS ({shifted})"));
+            } else {
+                if n > 1 {
+                    sql.push(' ');
+                }
+                sql.push_str(&shifted);
+            }
+            params += w.params;
+            binds.push(w.bind);
+        }
+        if n == 0 {
+            return None;
+        }
+        if n == 1 {
+            let bind = binds.pop()?;
+            return Some(Write {
+                sql: sql.into(),
+                params,
+                bind,
+            });
+        }
+        Some(Write::new(sql, params, move |mut q| {
+            for bind in binds {
+                q = bind(q);
+            }
+            q
+        }))
+    }
+}
+
+/// `sql` with every placeholder `$n` written `$(n + offset)`. Text in single
+/// or double quotes is left as it is; `$` not followed by a digit is copied.
+/// Dollar-quoted strings (`$$...$$`) are not recognised: a `$n` inside one
+/// would be shifted too, so the statements given to it use none.
+pub fn shift_placeholders(sql: &str, offset: usize) -> String {
+    if offset == 0 {
+        return sql.to_owned();
+    }
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut chars = sql.char_indices().peekable();
+    let mut quote: Option<char> = None;
+    while let Some((_, c)) = chars.next() {
+        match quote {
+            Some(q) => {
+                out.push(c);
+                if c == q {
+                    quote = None;
+                }
+            }
+            None if c == '\'' || c == '"' => {
+                quote = Some(c);
+                out.push(c);
+            }
+            None if c == '$' && chars.peek().is_some_and(|(_, d)| d.is_ascii_digit()) => {
+                let mut n: usize = 0;
+                while let Some(&(_, d)) = chars.peek() {
+                    let Some(v) = d.to_digit(10) else { break };
+                    n = n.saturating_mul(10).saturating_add(v as usize);
+                    chars.next();
+                }
+                out.push('$');
+                out.push_str(&(n + offset).to_string());
+            }
+            None => out.push(c),
+        }
+    }
+    out
+}
+
+/// Runs `writes` on `conn`, in order: on Postgres folded into one statement
+/// (one round trip), on SQLite one statement after another. Run them inside
+/// a transaction to have all or none.
+pub async fn run_writes(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    writes: Vec<Write>,
+) -> Result<(), sqlx::Error> {
+    match backend {
+        Backend::Postgres => {
+            if let Some(w) = Write::fold(writes) {
+                (w.bind)(sqlx::query(&w.sql)).execute(&mut *conn).await?;
+            }
+        }
+        Backend::Sqlite => {
+            for w in writes {
+                (w.bind)(sqlx::query(&w.sql)).execute(&mut *conn).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_shift_outside_quotes_only() {
+        assert_eq!(
+            shift_placeholders("VALUES ($1, $2, '$3', \"$4\", $10, $$x$$)", 5),
+            "VALUES ($6, $7, '$3', \"$4\", $15, $$x$$)"
+        );
+        assert_eq!(shift_placeholders("a = $1", 0), "a = $1");
+        assert_eq!(
+            shift_placeholders("x = 'it''s $1' AND y = $2", 1),
+            "x = 'it''s $1' AND y = $3"
+        );
+    }
+
+    fn w(sql: &'static str, params: usize) -> Write {
+        Write::new(sql, params, |q| q)
+    }
+
+    #[test]
+    fn fold_numbers_each_part_after_the_last() {
+        let one = Write::fold(vec![w("INSERT INTO a VALUES ($1)", 1)]).map(|w| w.sql);
+        assert_eq!(one.as_deref(), Some("INSERT INTO a VALUES ($1)"));
+        let three = Write::fold(vec![
+            w("INSERT INTO a VALUES ($1, $2)", 2),
+            w("UPDATE b SET x = $1", 1),
+            w("INSERT INTO c VALUES ($1, $2, $1)", 2),
+        ])
+        .map(|w| (w.sql, w.params));
+        assert_eq!(
+            three,
+            Some((
+                "WITH w0 AS (INSERT INTO a VALUES ($1, $2)), w1 AS (UPDATE b SET x = $3) \
+                 INSERT INTO c VALUES ($4, $5, $4)"
+                    .into(),
+                5
+            ))
+        );
+        assert!(Write::fold(Vec::new()).is_none());
+    }
+}
