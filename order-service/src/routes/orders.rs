@@ -74,41 +74,37 @@ pub(super) async fn create(
         tx.after_commit(move || Box::pin(async move { outbox.notify() }));
         log_created(&tx, &order);
         order
-    } else {
-        let mut conn = tx.lock().await?;
-        let order = app.store.insert(&mut conn, &new).await.map_err(db_error)?;
+    } else if new.mode.uses_feed() {
+        // Pull: the order and its event commit together (one statement on
+        // Postgres, with the key's record when there is a key); shipping
+        // reads the event from the feed at its own offset.
+        let (order, insert) = OrderStore::insertion(&new).map_err(db_error)?;
+        let feed = feed_name(pull::RESOURCE, order.delivery_mode);
+        let body = order_created(&order, &trace);
+        let event = app
+            .feed
+            .append_write(&feed, pull::ORDER_CREATED, &order.id.to_string(), &body)
+            .map_err(internal_error)?;
+        tx.write(vec![insert, event]).await?;
+        let log = app.feed.clone();
+        tx.after_commit(move || Box::pin(async move { log.notify() }));
         log_created(&tx, &order);
-        if order.delivery_mode.uses_feed() {
-            // Pull: the order and its event commit together; shipping reads
-            // the event from the feed at its own offset.
-            let feed = feed_name(pull::RESOURCE, order.delivery_mode);
-            let body = order_created(&order, &trace);
-            app.feed
-                .append(
-                    &mut conn,
-                    &feed,
-                    pull::ORDER_CREATED,
-                    &order.id.to_string(),
-                    &body,
-                )
-                .await
-                .map_err(|e| match e {
-                    resilience::feed::FeedError::Db(e) => db_error(e),
-                    e => internal_error(e),
-                })?;
-            let log = app.feed.clone();
-            tx.after_commit(move || Box::pin(async move { log.notify() }));
-        } else {
-            let app = app.clone();
-            let order = order.clone();
-            let span = tracing::Span::current();
-            tx.after_commit(move || {
-                Box::pin(tracing::Instrument::instrument(
-                    deliver_at_most_once(app, order, trace),
-                    span,
-                ))
-            });
-        }
+        order
+    } else {
+        // At-most-once: the order alone; the one call to shipping is made
+        // after the commit.
+        let (order, insert) = OrderStore::insertion(&new).map_err(db_error)?;
+        tx.write(vec![insert]).await?;
+        log_created(&tx, &order);
+        let app = app.clone();
+        let order_sent = order.clone();
+        let span = tracing::Span::current();
+        tx.after_commit(move || {
+            Box::pin(tracing::Instrument::instrument(
+                deliver_at_most_once(app, order_sent, trace),
+                span,
+            ))
+        });
         order
     };
 

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{FeedEvent, Page};
 use super::FeedError;
-use crate::store::{now_ms, Backend, Db};
+use crate::store::{now_ms, Backend, Db, Write};
 
 /// How many committed events one sequencing round numbers at most.
 const SEQUENCE_BATCH: i64 = 5000;
@@ -80,20 +80,42 @@ impl FeedLog {
         id: &str,
         payload: &impl Serialize,
     ) -> Result<(), FeedError> {
+        let w = self.append_write(feed, event_type, id, payload)?;
+        (w.bind)(sqlx::query(&w.sql)).execute(&mut **tx).await?;
+        Ok(())
+    }
+
+    /// The insert of [`FeedLog::append`] as a [`Write`], not yet run: for a
+    /// caller that runs it with its own writes, such as a handler handing
+    /// them to [`Tx::write`](crate::idempotency::Tx::write). The event is
+    /// appended if and only if the transaction that runs it commits.
+    pub fn append_write(
+        &self,
+        feed: &str,
+        event_type: &str,
+        id: &str,
+        payload: &impl Serialize,
+    ) -> Result<Write, FeedError> {
         let payload =
             serde_json::to_string(payload).map_err(|e| FeedError::Invalid(e.to_string()))?;
-        sqlx::query(
+        let (feed, id, event_type, now) = (
+            feed.to_owned(),
+            id.to_owned(),
+            event_type.to_owned(),
+            now_ms(),
+        );
+        Ok(Write::new(
             "INSERT INTO feed_events (feed, id, event_type, payload, created_at) \
              VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(feed)
-        .bind(id)
-        .bind(event_type)
-        .bind(payload)
-        .bind(now_ms())
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
+            5,
+            move |q| {
+                q.bind(feed)
+                    .bind(id)
+                    .bind(event_type)
+                    .bind(payload)
+                    .bind(now)
+            },
+        ))
     }
 
     /// Wakes long-pollers (call after the appending transaction committed):

@@ -115,6 +115,45 @@
 //! statements inside the handler's own transaction: the lookup (with the lock
 //! on Postgres) and the insert of the response.
 //!
+//! ## Handler first: one round trip (Postgres)
+//!
+//! With [`IdempotencyConfig::handler_first`], a keyed request on Postgres
+//! (not in a batch) runs the other way round. The handler runs with nothing
+//! begun and hands its writes to [`Tx::write`] as [`Write`]s; once it has
+//! answered, the layer runs those writes and the key's record as *one*
+//! statement (data-modifying `WITH` parts ahead of the record's insert),
+//! outside any transaction, so the statement commits on its own: one round
+//! trip for the whole request, where the usual order takes five.
+//!
+//! - The record's insert tries the key's advisory lock and, when another
+//!   request holds it, inserts a NULL fingerprint: the NOT NULL violation
+//!   fails the statement, nothing is kept, and nothing waits for a key in
+//!   flight (not even one held by a frozen replica).
+//! - A record already there (completed, or expired) fails it by the
+//!   primary key; a refused write of the handler's fails it too.
+//! - Whenever the server refuses the statement, the request runs again the
+//!   usual way, so the answers are the usual ones: the replay, 422, 409,
+//!   the deletion of an expired record, or the handler's own answer to its
+//!   write's error (its writes now run at once).
+//! - A handler that calls [`Tx::lock`] claims the key there (lock and
+//!   lookup, as the usual order would have before the handler); if the key
+//!   is answered or in flight, `lock` fails with [`TxError::Answered`] and
+//!   the layer answers with the record or 409.
+//! - A refusal (4xx, 5xx) from a handler that never claimed the key gives
+//!   way to a live record: the repeat of an answered request is replayed
+//!   even if the handler would now refuse it (under back-pressure, say).
+//! - A statement whose answer is lost is read back through the key on fresh
+//!   connections: the request's own record (same fingerprint, body and
+//!   creation time) means it committed, and its after-commit hooks run;
+//!   another request's record is replayed; none within a few seconds is
+//!   `503` "outcome unknown", which a retry with the same key resolves.
+//!
+//! The price is the handler's: it may run for a replay (its answer is then
+//! replaced) and twice for one request, so it must have no effect outside
+//! its writes but through [`Tx::after_commit`] hooks. SQLite ignores the
+//! setting.
+//!
+//! [`Write`]: crate::store::Write
 //! # Client side: [`IdempotencyKeyLayer`]
 //!
 //! Stamps `Idempotency-Key` on outgoing requests that carry an
