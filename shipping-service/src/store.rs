@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use resilience::store::{now_ms, rfc3339, Backend, Db};
+use resilience::store::{now_ms, rfc3339, Backend, Db, Write};
 use service_kit::trace::TraceContext;
 use service_kit::DeliveryMode;
 use sqlx::any::AnyRow;
@@ -40,38 +40,52 @@ impl ShipmentStore {
         &self.db
     }
 
-    /// Inserts a `packing` shipment, due to ship after `delay`, in the caller's transaction.
+    /// Inserts a new `packing` shipment inside the caller's transaction.
     pub async fn insert(
         &self,
         tx: &mut Transaction<'static, Any>,
         new: &NewShipment,
         delay: Duration,
     ) -> Result<Shipment, sqlx::Error> {
+        let (shipment, write) = Self::insertion(new, delay)?;
+        (write.bind)(sqlx::query(&write.sql))
+            .execute(&mut **tx)
+            .await?;
+        Ok(shipment)
+    }
+
+    /// A new `packing` shipment, and the write that inserts it, not yet
+    /// run: for `Tx::write`, which in a batch runs every request's insert
+    /// with the batch's idempotency records as one statement (Postgres).
+    pub fn insertion(new: &NewShipment, delay: Duration) -> Result<(Shipment, Write), sqlx::Error> {
         let id = Uuid::now_v7();
         let now = now_ms();
         let ship_at = now + delay.as_millis() as i64;
         let items =
             serde_json::to_string(&new.items).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        sqlx::query(
+        let (order_id, mode) = (new.order_id.to_string(), new.mode.as_str());
+        let traceparent = new.trace.as_ref().map(TraceContext::traceparent);
+        let tracestate = new
+            .trace
+            .as_ref()
+            .and_then(|t| t.tracestate().map(str::to_owned));
+        let write = Write::new(
             "INSERT INTO shipments (id, order_id, items, delivery_mode, status, created_at, \
              ship_at, updated_at, traceparent, tracestate) \
              VALUES ($1, $2, $3, $4, 'packing', $5, $6, $5, $7, $8)",
-        )
-        .bind(id.to_string())
-        .bind(new.order_id.to_string())
-        .bind(items)
-        .bind(new.mode.as_str())
-        .bind(now)
-        .bind(ship_at)
-        .bind(new.trace.as_ref().map(TraceContext::traceparent))
-        .bind(
-            new.trace
-                .as_ref()
-                .and_then(|t| t.tracestate().map(str::to_owned)),
-        )
-        .execute(&mut **tx)
-        .await?;
-        Ok(Shipment {
+            8,
+            move |q| {
+                q.bind(id.to_string())
+                    .bind(order_id)
+                    .bind(items)
+                    .bind(mode)
+                    .bind(now)
+                    .bind(ship_at)
+                    .bind(traceparent)
+                    .bind(tracestate)
+            },
+        );
+        let shipment = Shipment {
             id,
             order_id: new.order_id,
             items: new.items.clone(),
@@ -84,7 +98,8 @@ impl ShipmentStore {
             report_error: None,
             reported_at: None,
             trace: new.trace.clone(),
-        })
+        };
+        Ok((shipment, write))
     }
 
     /// One shipment.

@@ -141,6 +141,64 @@ async fn lost_commit_answer_is_resolved_by_reading_back() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The keyed at-most-once order is one statement that commits on its own:
+/// its answer lost, the service reads the key back, answers 201, and runs
+/// what was to follow the commit (the one call to shipping, whose failure
+/// is recorded on the order). Without that, the order would stay pending
+/// and never be sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_answer_still_runs_what_follows_the_commit() -> anyhow::Result<()> {
+    let dbs = TestDatabases::create(TestBackend::Postgres).await?;
+    let proxy = PgProxy::start("127.0.0.1:5432").await?;
+    let mut svc = order_service(&dbs, &proxy).await?;
+    let http = reqwest::Client::new();
+
+    let customer = format!("lost-amo-{}", uuid::Uuid::new_v4().simple());
+    proxy.arm(&customer, None);
+    let mut body = order(&customer);
+    body["delivery_mode"] = json!("at-most-once");
+    let res = http
+        .post(format!("{}/orders", svc.url))
+        .header("idempotency-key", "lost-amo-key")
+        .json(&body)
+        .send()
+        .await?;
+    let status = res.status().as_u16();
+    let answer: Value = res.json().await.unwrap_or(Value::Null);
+    assert_eq!(proxy.dropped(), 1, "the proxy must have dropped an answer");
+    assert_eq!(status, 201, "{answer}");
+    let in_db = orders_of(&dbs, &customer).await?;
+    assert_eq!(in_db.len(), 1);
+    assert_eq!(answer["id"].as_str(), Some(in_db[0].as_str()));
+
+    // The call to shipping (nobody listens) was made and its failure noted.
+    let db = dbs.order_db().await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (attempts, error): (i64, Option<String>) =
+            sqlx::query_as("SELECT send_attempts, last_error FROM orders WHERE id = $1")
+                .bind(&in_db[0])
+                .fetch_one(db.pool())
+                .await?;
+        if attempts >= 1 && error.is_some() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the at-most-once call never ran: attempts {attempts}, error {error:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    db.close().await;
+
+    if let Some(s) = svc.stop.take() {
+        let _ = s.send(());
+    }
+    svc.task.await??;
+    dbs.cleanup().await;
+    Ok(())
+}
+
 /// A lost COMMIT answer, and the database unreachable for longer than the
 /// service asks: the outcome cannot be known, so the answer is 503 "outcome
 /// unknown" with `Retry-After`, never "nothing was saved". A retry with the

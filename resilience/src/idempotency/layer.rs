@@ -192,7 +192,10 @@ impl Owner {
                 committed(config, outcome)?;
                 tx.run_hooks().await;
             }
-            Owner::Batch(shared) => shared.give_back(t, tx.take_hooks()).await,
+            Owner::Batch(shared) => {
+                shared.defer_writes(tx.take_held());
+                shared.give_back(t, tx.take_hooks()).await;
+            }
         }
         Ok(())
     }
@@ -214,7 +217,7 @@ where
     let tx = match &owner {
         Owner::Own(db) => Tx::lazy(db.clone()),
         Owner::Batch(_) => match owner.begin(config).await {
-            Ok(t) => Tx::active(t),
+            Ok(t) => Tx::batched(t),
             Err(p) => return p.into_response(),
         },
     };
@@ -405,7 +408,10 @@ where
     }
 
     // In flight: run the handler in this transaction.
-    let tx = Tx::active(transaction);
+    let tx = match &owner {
+        Owner::Batch(_) => Tx::batched(transaction),
+        Owner::Own(_) => Tx::active(transaction),
+    };
     parts.extensions.insert(tx.clone());
     let res = call_inner(
         inner,
@@ -587,35 +593,87 @@ where
     }
     let (res_parts, res_body) = buffered(res).await?;
     let new = new_record(config, &req, &res_parts, &res_body).to_owned_record();
-    let err = match record::insert_with_writes(db.pool(), writes, new.clone(), claim.lock_id).await
-    {
+    // A connection first: a failure to get one sent nothing.
+    let mut conn = match db.pool().acquire().await {
+        Ok(conn) => conn,
+        Err(e) => return Err(begin_failed(e, config.retry_after_secs())),
+    };
+    let sent = record::insert_with_writes(&mut conn, writes, new.clone(), claim.lock_id).await;
+    drop(conn);
+    let err = match sent {
         Ok(()) => {
             tx.run_hooks().await;
             return Ok(Response::from_parts(res_parts, Body::from(res_body)));
         }
         Err(e) => e,
     };
-    drop(tx.take_hooks());
-    if matches!(err, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) {
-        // Never sent.
-        return Err(begin_failed(err, config.retry_after_secs()));
-    }
-    if matches!(err, sqlx::Error::Database(_)) && !is_connection_error(&err) {
-        // The server refused the statement, so it kept nothing: run the
-        // request the usual way, which says why.
-        tracing::debug!(scope = %req.scope, key = %req.key, error = %err,
-            "one-statement request refused; running it the usual way");
-        let (inner, parts) = again;
-        let owner = Owner::Own(db.clone());
-        return claim_first(config, owner, inner, parts, &req).await;
+    match refusal(&err) {
+        Refusal::Busy => {
+            // A lock or statement timeout: nothing was kept, and the usual
+            // way would wait as long again.
+            drop(tx.take_hooks());
+            return Err(db_error(err));
+        }
+        Refusal::Refused => {
+            // The server refused the statement, so it kept nothing: run the
+            // request the usual way, which says why.
+            drop(tx.take_hooks());
+            tracing::debug!(scope = %req.scope, key = %req.key, error = %err,
+                "one-statement request refused; running it the usual way");
+            let (inner, parts) = again;
+            let owner = Owner::Own(db.clone());
+            return claim_first(config, owner, inner, parts, &req).await;
+        }
+        Refusal::Unknown => {}
     }
     tracing::warn!(error = %err, "one-statement request failed without an answer; reading its key back");
     match record::read_back(db.pool(), &new).await {
         ReadBack::Ours => {
             tracing::warn!(scope = %req.scope, key = %req.key, "the request did commit");
+            tx.run_hooks().await;
             Ok(Response::from_parts(res_parts, Body::from(res_body)))
         }
-        ReadBack::Theirs(stored) => answer_from(stored, &req.fp),
-        ReadBack::Unknown => Err(commit_unknown(err, config.retry_after_secs())),
+        ReadBack::Theirs(stored) => {
+            drop(tx.take_hooks());
+            answer_from(stored, &req.fp)
+        }
+        ReadBack::Unknown => {
+            drop(tx.take_hooks());
+            Err(commit_unknown(err, config.retry_after_secs()))
+        }
+    }
+}
+
+/// What an error of a statement that commits on its own says about it.
+enum Refusal {
+    /// The server refused it for a lock or statement timeout: nothing kept.
+    Busy,
+    /// The server refused it (bad data, a constraint, a conflict): nothing
+    /// kept.
+    Refused,
+    /// No answer, or one that does not say: it may have committed.
+    Unknown,
+}
+
+/// Reads a failed self-committing statement's error. Only errors whose
+/// SQLSTATE class means the statement itself failed count as refusals:
+/// data exceptions (22), integrity constraints (23), transaction rollbacks
+/// such as serialization failures and deadlocks (40), syntax and access
+/// (42), `lock_not_available` and `query_canceled`. Anything else (a lost
+/// connection, a server shutting down, an internal error while committing)
+/// may have come after the commit.
+fn refusal(err: &sqlx::Error) -> Refusal {
+    let sqlx::Error::Database(db) = err else {
+        return Refusal::Unknown;
+    };
+    if is_connection_error(err) {
+        return Refusal::Unknown;
+    }
+    match db.code().as_deref() {
+        Some("55P03" | "57014") => Refusal::Busy,
+        Some(code) if ["22", "23", "40", "42"].iter().any(|c| code.starts_with(c)) => {
+            Refusal::Refused
+        }
+        _ => Refusal::Unknown,
     }
 }

@@ -66,16 +66,24 @@ pub(crate) struct OwnedRecord {
 /// limits).
 const INSERT_CHUNK: usize = 100;
 
-/// Inserts the records of a batch, many per statement. A unique violation
-/// means a key was answered twice (two requests with one key in a batch, or
-/// a race with another transaction): the batch must roll back. On Postgres
-/// it returns the transaction's id, as [`insert`] does.
+/// Runs a batch's held writes and inserts its records, many per statement.
+/// On Postgres the writes are folded into the first records statement (one
+/// round trip for all of them); on SQLite they run first, one after
+/// another. A unique violation means a key was answered twice (two requests
+/// with one key in a batch, or a race with another transaction): the batch
+/// must roll back, as for any failure here. On Postgres it returns the
+/// transaction's id when it inserted a record, as [`insert`] does.
 pub(crate) async fn insert_all(
     tx: &mut sqlx::AnyConnection,
+    writes: Vec<crate::store::Write>,
     recs: &[OwnedRecord],
     backend: Backend,
 ) -> Result<Option<i64>, sqlx::Error> {
     let mut xid = None;
+    let mut writes = Some(writes);
+    if backend == Backend::Sqlite || recs.is_empty() {
+        crate::store::run_writes(&mut *tx, backend, writes.take().unwrap_or_default()).await?;
+    }
     for chunk in recs.chunks(INSERT_CHUNK) {
         let rows: Vec<String> = (0..chunk.len())
             .map(|i| crate::store::placeholders(8 * i + 1, 8))
@@ -90,18 +98,31 @@ pub(crate) async fn insert_all(
              VALUES {}{returning}",
             rows.join(", ")
         );
-        let mut q = sqlx::query(&sql);
-        for r in chunk {
-            q = q
-                .bind(r.scope.as_str())
-                .bind(r.key.as_str())
-                .bind(r.fingerprint.as_str())
-                .bind(r.status)
-                .bind(r.headers.as_str())
-                .bind(r.body.as_slice())
-                .bind(r.created_at)
-                .bind(r.expires_at);
-        }
+        let chunk = chunk.to_vec();
+        let insert = crate::store::Write::new(sql, 8 * chunk.len(), move |mut q| {
+            for r in chunk {
+                q = q
+                    .bind(r.scope)
+                    .bind(r.key)
+                    .bind(r.fingerprint)
+                    .bind(r.status)
+                    .bind(r.headers)
+                    .bind(r.body)
+                    .bind(r.created_at)
+                    .bind(r.expires_at);
+            }
+            q
+        });
+        let parts: Vec<_> = writes
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .chain(Some(insert))
+            .collect();
+        let Some(w) = crate::store::Write::fold(parts) else {
+            continue;
+        };
+        let q = (w.bind)(sqlx::query(&w.sql));
         match backend {
             Backend::Postgres => {
                 let rows = q.fetch_all(&mut *tx).await?;
@@ -165,7 +186,7 @@ pub(crate) fn classify(locked: bool, stored: Option<Stored>, now: i64) -> Verdic
 /// (completed, or expired) fails it with a unique violation. Either way the
 /// server answers with an error and nothing was kept.
 pub(crate) async fn insert_with_writes(
-    pool: &sqlx::AnyPool,
+    conn: &mut sqlx::AnyConnection,
     writes: Vec<crate::store::Write>,
     rec: OwnedRecord,
     lock_id: i64,
@@ -187,7 +208,7 @@ pub(crate) async fn insert_with_writes(
     });
     let all: Vec<_> = writes.into_iter().chain(Some(record)).collect();
     if let Some(w) = crate::store::Write::fold(all) {
-        (w.bind)(sqlx::query(&w.sql)).execute(pool).await?;
+        (w.bind)(sqlx::query(&w.sql)).execute(conn).await?;
     }
     Ok(())
 }
@@ -217,7 +238,8 @@ pub(crate) async fn read_back(pool: &sqlx::AnyPool, rec: &OwnedRecord) -> ReadBa
         )
         .await;
         match asked {
-            Ok(Ok(Some(stored))) => {
+            // An expired record is not this request's, nor an answer to it.
+            Ok(Ok(Some(stored))) if stored.expires_at > crate::store::now_ms() => {
                 return if stored.fingerprint == rec.fingerprint
                     && stored.body == rec.body
                     && stored.created_at == rec.created_at
@@ -227,7 +249,7 @@ pub(crate) async fn read_back(pool: &sqlx::AnyPool, rec: &OwnedRecord) -> ReadBa
                     ReadBack::Theirs(stored)
                 };
             }
-            Ok(Ok(None)) => {}
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::debug!(error = %e, "read-back of a key failed"),
             Err(_) => tracing::debug!("read-back of a key timed out"),
         }

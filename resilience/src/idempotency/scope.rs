@@ -21,7 +21,7 @@ use tokio::sync::Mutex;
 use super::key::lock_id;
 use super::record::{self, OwnedRecord, Stored};
 use super::tx::AfterCommit;
-use crate::store::{Backend, Db};
+use crate::store::{Backend, Db, Write};
 
 /// Why a sub-request could not take the batch's transaction.
 #[derive(Debug)]
@@ -62,6 +62,8 @@ struct Inner {
     hooks: std::sync::Mutex<Vec<Vec<AfterCommit>>>,
     /// The answers to record, inserted together before the commit.
     records: std::sync::Mutex<Vec<OwnedRecord>>,
+    /// The requests' writes handed to `Tx::write`, in order.
+    writes: std::sync::Mutex<Vec<Write>>,
     failed: AtomicBool,
     /// Sub-requests that asked for the transaction (whether or not they got
     /// it): each may have written in it, so each runs again if it rolls back.
@@ -119,6 +121,7 @@ impl SharedTx {
                 lazy: std::sync::Mutex::new(lazy),
                 hooks: std::sync::Mutex::new(Vec::new()),
                 records: std::sync::Mutex::new(Vec::new()),
+                writes: std::sync::Mutex::new(Vec::new()),
                 failed: AtomicBool::new(false),
                 joined: AtomicUsize::new(0),
                 prefetch: std::sync::Mutex::new(Prefetch::default()),
@@ -233,6 +236,18 @@ impl SharedTx {
 
     /// Keeps a sub-request's idempotency record for the batch's one
     /// multi-row insert ([`SharedTx::write_records`]).
+    /// Holds a request's writes for [`SharedTx::write_records`].
+    pub(crate) fn defer_writes(&self, writes: Vec<Write>) {
+        if writes.is_empty() {
+            return;
+        }
+        self.inner
+            .writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(writes);
+    }
+
     pub(crate) fn defer_record(&self, rec: OwnedRecord) {
         self.inner
             .records
@@ -258,10 +273,14 @@ impl SharedTx {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
-        if records.is_empty() {
-            return Ok(None);
-        }
-        record::insert_all(&mut *tx, &records, backend).await
+        let writes = std::mem::take(
+            &mut *self
+                .inner
+                .writes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        record::insert_all(&mut *tx, writes, &records, backend).await
     }
 
     /// Marks the batch failed (it must roll back).

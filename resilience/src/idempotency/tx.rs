@@ -71,6 +71,9 @@ struct Shared {
     slot: Mutex<Slot>,
     hooks: std::sync::Mutex<Vec<AfterCommit>>,
     found: std::sync::Mutex<Option<Found>>,
+    /// In a batch: writes handed to [`Tx::write`] wait here, for the batch
+    /// to run them with every answer's record in one statement.
+    held: Option<std::sync::Mutex<Vec<Write>>>,
 }
 
 /// The request's database transaction, owned by the
@@ -90,12 +93,35 @@ pub struct Tx {
 
 impl Tx {
     fn with(slot: Slot) -> Self {
+        Self::holding(slot, false)
+    }
+
+    fn holding(slot: Slot, hold: bool) -> Self {
         Self {
             shared: Arc::new(Shared {
                 slot: Mutex::new(slot),
                 hooks: std::sync::Mutex::new(Vec::new()),
                 found: std::sync::Mutex::new(None),
+                held: hold.then(|| std::sync::Mutex::new(Vec::new())),
             }),
+        }
+    }
+
+    /// A batch's transaction, lent to one of its requests: writes handed to
+    /// [`Tx::write`] are held for the batch (see [`Tx::take_held`]).
+    pub(crate) fn batched(tx: Transaction<'static, Any>) -> Self {
+        Self::holding(Slot::Active(tx), true)
+    }
+
+    /// The writes held for the batch, in order.
+    pub(crate) fn take_held(&self) -> Vec<Write> {
+        match &self.shared.held {
+            Some(held) => std::mem::take(
+                &mut *held
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            ),
+            None => Vec::new(),
         }
     }
 
@@ -136,14 +162,26 @@ impl Tx {
                 let tx = db.begin().await.map_err(TxError::Begin)?;
                 *slot = Slot::Active(tx);
             }
-            Slot::Deferred { db, claim, writes } => {
-                let db = db.clone();
-                let mut tx = db.begin().await.map_err(TxError::Begin)?;
-                match claim_key(&mut tx, claim).await {
+            Slot::Deferred { .. } => {
+                // Out of the slot before the first await: a `lock` dropped
+                // half way leaves it finished, never a claim without its
+                // writes. A failure to begin or to look up puts it back.
+                let Slot::Deferred { db, claim, writes } =
+                    std::mem::replace(&mut *slot, Slot::Finished)
+                else {
+                    return Err(TxError::Finished);
+                };
+                let mut tx = match db.begin().await {
+                    Ok(tx) => tx,
+                    Err(e) => {
+                        *slot = Slot::Deferred { db, claim, writes };
+                        return Err(TxError::Begin(e));
+                    }
+                };
+                match claim_key(&mut tx, &claim).await {
                     Ok(None) => {}
                     Ok(Some(found)) => {
                         super::layer::rollback(tx).await;
-                        *slot = Slot::Finished;
                         *self
                             .shared
                             .found
@@ -153,18 +191,27 @@ impl Tx {
                     }
                     Err(e) => {
                         super::layer::rollback(tx).await;
+                        *slot = Slot::Deferred { db, claim, writes };
                         return Err(TxError::Begin(e));
                     }
                 }
-                let held = std::mem::take(writes);
-                if let Err(e) = run_writes(&mut tx, Backend::Postgres, held).await {
+                if let Err(e) = run_writes(&mut tx, Backend::Postgres, writes).await {
                     super::layer::rollback(tx).await;
-                    *slot = Slot::Finished;
                     return Err(TxError::Write(e));
                 }
                 *slot = Slot::Active(tx);
             }
-            Slot::Active(_) | Slot::Finished => {}
+            Slot::Active(tx) => {
+                // Held writes run before anything that may read them.
+                let held = self.take_held();
+                if !held.is_empty() {
+                    let backend = backend_of(tx);
+                    run_writes(tx, backend, held)
+                        .await
+                        .map_err(TxError::Write)?;
+                }
+            }
+            Slot::Finished => {}
         }
         MutexGuard::try_map(slot, |s| match s {
             Slot::Active(tx) => Some(tx),
@@ -174,8 +221,14 @@ impl Tx {
         .map_err(|_| TxError::Finished)
     }
 
-    /// Runs `writes` in the request's transaction, in order: on Postgres as
-    /// one statement (see [`Write::fold`]), on SQLite one after another.
+    /// Runs `writes` in the request's transaction: on Postgres as one
+    /// statement (see [`Write::fold`]: one snapshot, so none sees another's
+    /// rows), on SQLite one after another.
+    ///
+    /// In a batch, the writes are held for the batch, which runs every
+    /// request's writes with their records as one statement on Postgres
+    /// before its commit (a failure there runs the batch's requests one by
+    /// one, each alone). A `lock` runs the held writes first.
     ///
     /// For a request with an `Idempotency-Key` on Postgres, outside a batch,
     /// the writes are not run here: they wait, and once the handler has
@@ -189,17 +242,24 @@ impl Tx {
     pub async fn write(&self, writes: Vec<Write>) -> Result<(), TxError> {
         {
             let mut slot = self.shared.slot.lock().await;
-            if let Slot::Deferred { writes: held, .. } = &mut *slot {
-                held.extend(writes);
-                return Ok(());
+            match &mut *slot {
+                Slot::Deferred { writes: held, .. } => {
+                    held.extend(writes);
+                    return Ok(());
+                }
+                Slot::Active(_) => {
+                    if let Some(held) = &self.shared.held {
+                        held.lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .extend(writes);
+                        return Ok(());
+                    }
+                }
+                Slot::Pending(_) | Slot::Finished => {}
             }
         }
         let mut conn = self.lock().await?;
-        let backend = if conn.backend_name().eq_ignore_ascii_case("postgresql") {
-            Backend::Postgres
-        } else {
-            Backend::Sqlite
-        };
+        let backend = backend_of(&conn);
         run_writes(&mut conn, backend, writes)
             .await
             .map_err(TxError::Write)
@@ -273,6 +333,15 @@ impl Tx {
         for hook in hooks {
             hook().await;
         }
+    }
+}
+
+/// The backend a connection speaks to.
+fn backend_of(conn: &sqlx::AnyConnection) -> Backend {
+    if conn.backend_name().eq_ignore_ascii_case("postgresql") {
+        Backend::Postgres
+    } else {
+        Backend::Sqlite
     }
 }
 

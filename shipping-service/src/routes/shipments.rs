@@ -15,6 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use crate::domain::{parse_uuid, CreateShipmentRequest, NewShipment, Shipment};
+use crate::store::ShipmentStore;
 
 const DEFAULT_PAGE: u32 = 20;
 const MAX_PAGE: u32 = 100;
@@ -55,13 +56,11 @@ pub(super) async fn create(
     let mut new = NewShipment::parse(req).map_err(Problem::unprocessable)?;
     // The shipment continues the caller's trace (the order's).
     new.trace = Some(trace);
-    let mut conn = tx.lock().await?;
-    let shipment = app
-        .store
-        .insert(&mut conn, &new, app.config.warehouse_delay)
-        .await
-        .map_err(db_error)?;
-    drop(conn);
+    // In a batch the insert waits for the batch, which runs every request's
+    // insert with the batch's idempotency records in one statement.
+    let (shipment, insert) =
+        ShipmentStore::insertion(&new, app.config.warehouse_delay).map_err(db_error)?;
+    tx.write(vec![insert]).await?;
     // Logged once committed: a request that rolls back (and a batch run
     // again one by one) created nothing.
     let (id, order_id, span) = (shipment.id, shipment.order_id, tracing::Span::current());
