@@ -67,22 +67,10 @@ impl OrderStore {
         &self.db
     }
 
-    /// Inserts a new `pending` order inside the caller's transaction.
-    pub async fn insert(
-        &self,
-        tx: &mut Transaction<'static, Any>,
-        order: &NewOrder,
-    ) -> Result<Order, sqlx::Error> {
-        let (order, write) = Self::insertion(order)?;
-        (write.bind)(sqlx::query(&write.sql))
-            .execute(&mut **tx)
-            .await?;
-        Ok(order)
-    }
-
     /// A new `pending` order, and the write that inserts it, not yet run:
-    /// for [`resilience::outbox::Outbox::enqueue_after`], which runs it in
-    /// the same statement as the message to shipping.
+    /// for `Tx::write`, which runs it in one statement with what goes with
+    /// it (the message to shipping, the feed event) and, with a key on
+    /// Postgres, the key's record.
     pub fn insertion(order: &NewOrder) -> Result<(Order, Write), sqlx::Error> {
         let id = OrderId::new();
         let now = now_ms();

@@ -266,20 +266,8 @@ impl SharedTx {
         tx: &mut Transaction<'static, Any>,
         backend: Backend,
     ) -> Result<Option<i64>, sqlx::Error> {
-        let records = std::mem::take(
-            &mut *self
-                .inner
-                .records
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        let writes = std::mem::take(
-            &mut *self
-                .inner
-                .writes
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let records = drain(&self.inner.records);
+        let writes = drain(&self.inner.writes);
         record::insert_all(&mut *tx, writes, &records, backend).await
     }
 
@@ -328,4 +316,13 @@ impl SharedTx {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// Takes everything out of a list behind a lock.
+fn drain<T>(list: &std::sync::Mutex<Vec<T>>) -> Vec<T> {
+    std::mem::take(
+        &mut *list
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    )
 }
