@@ -1,6 +1,10 @@
 //! The `orders` table. Status changes are compare-and-set updates, so two
 //! writers racing on one order can never make an illegal transition.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use resilience::batch::BatchScope;
 use resilience::outbox::Write;
 use resilience::store::{now_ms, rfc3339, Db};
 use service_kit::DeliveryMode;
@@ -307,6 +311,116 @@ impl OrderStore {
         Ok(())
     }
 
+    /// A report that runs in a batch (see [`BatchScope`]), judged on the
+    /// order as its batch read it, without a statement of its own.
+    ///
+    /// The first report of a batch reads every order the batch's reports
+    /// name, in one statement, inside the batch's transaction (on Postgres
+    /// `FOR UPDATE`, in id order as [`OrderStore::record_accepted_all`]
+    /// locks them, so the two never deadlock; on SQLite the transaction
+    /// holds the only write lock). The rows then stay as read until the
+    /// batch commits, except for what its own reports change, which the
+    /// memo follows. So each report is judged in memory, exactly as
+    /// [`OrderStore::apply_event`] would judge it, and a change comes back
+    /// as a [`Write`] to hand to [`resilience::idempotency::Tx::write`]:
+    /// the batch runs them all with its records, in one statement on
+    /// Postgres, one script on SQLite. The write keeps the compare-and-set
+    /// on the status read.
+    ///
+    /// [`Planned::Usual`] where that cannot be done: the order was not
+    /// read (none such: the usual way answers 404), or a report needs the
+    /// rarer binding of a shipment id to an order already moved on.
+    /// [`Planned::Again`] when an order changed by an earlier report of
+    /// the batch would change once more (an `accepted` then a `shipped`
+    /// report in one batch, which shipping never sends): two writes of one
+    /// row cannot go in one statement, so the batch should run its
+    /// requests one by one.
+    pub async fn plan_event(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        batch: &BatchScope,
+        id: OrderId,
+        event: &ShipmentEvent,
+    ) -> Result<Planned, ApplyError> {
+        let memo = batch.memo(BatchOrders::default);
+        if !memo.is_loaded() {
+            let ids = report_ids(batch.paths());
+            let orders = self.lock_all(tx, &ids).await?;
+            memo.load(orders);
+        }
+        let Some((order, written)) = memo.get(id) else {
+            return Ok(Planned::Usual);
+        };
+        if judge(&order, event)? == Transition::Unchanged {
+            if order.shipment_id.is_none() {
+                memo.forget(id);
+                return Ok(Planned::Usual);
+            }
+            return Ok(Planned::Ready(Box::new(order), Transition::Unchanged, None));
+        }
+        if written {
+            return Ok(Planned::Again);
+        }
+        let now = now_ms();
+        let shipped_at = (event.status == OrderStatus::Shipped).then_some(now);
+        let from = order.status;
+        let mut moved = order;
+        moved.status = event.status;
+        moved.last_error = None;
+        moved.accepted_at = moved.accepted_at.or_else(|| Some(rfc3339(now)));
+        moved.shipped_at = moved.shipped_at.or_else(|| shipped_at.map(rfc3339));
+        moved.shipment_id = moved
+            .shipment_id
+            .or_else(|| Some(event.shipment_id.clone()));
+        let (status, shipment) = (event.status.as_str(), event.shipment_id.clone());
+        let write = Write::new(
+            "UPDATE orders SET status = $1, updated_at = $2, last_error = NULL, \
+             accepted_at = COALESCE(accepted_at, $2), shipped_at = COALESCE(shipped_at, $3), \
+             shipment_id = COALESCE(shipment_id, $4) \
+             WHERE id = $5 AND status = $6 AND (shipment_id IS NULL OR shipment_id = $4)",
+            6,
+            move |q| {
+                q.bind(status)
+                    .bind(now)
+                    .bind(shipped_at)
+                    .bind(shipment)
+                    .bind(id.to_string())
+                    .bind(from.as_str())
+            },
+        );
+        memo.set(id, moved.clone());
+        Ok(Planned::Ready(
+            Box::new(moved),
+            Transition::Changed,
+            Some(write),
+        ))
+    }
+
+    /// Reads (on Postgres also locks) the orders `ids`, in id order.
+    async fn lock_all(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        ids: &[String],
+    ) -> Result<Vec<Order>, sqlx::Error> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lock = match self.db.backend() {
+            resilience::store::Backend::Postgres => " FOR UPDATE",
+            resilience::store::Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "SELECT {COLUMNS} FROM orders WHERE id IN {} ORDER BY id{lock}",
+            resilience::store::placeholders(1, ids.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for id in ids {
+            q = q.bind(id);
+        }
+        let rows = q.fetch_all(&mut **tx).await?;
+        rows.iter().map(order_from_row).collect()
+    }
+
     /// Applies a report from shipping through the status machine, inside the
     /// caller's transaction (which also records the report's idempotency key).
     ///
@@ -377,15 +491,7 @@ impl OrderStore {
         // a status can move forward at most twice.
         for _ in 0..3 {
             let order = get_in(&mut **tx, id).await?.ok_or(ApplyError::NotFound)?;
-            if let Some(recorded) = &order.shipment_id {
-                if *recorded != event.shipment_id {
-                    return Err(ApplyError::OtherShipment {
-                        recorded: recorded.clone(),
-                        reported: event.shipment_id.clone(),
-                    });
-                }
-            }
-            if order.status.transition(event.status)? == Transition::Unchanged {
+            if judge(&order, event)? == Transition::Unchanged {
                 if order.shipment_id.is_none() {
                     // `accepted` without an id (the acknowledgement was
                     // unreadable): this report's shipment becomes the order's.
@@ -438,6 +544,94 @@ impl OrderStore {
             "order status kept changing under a concurrent writer".into(),
         )))
     }
+}
+
+/// A report judged on the order as read: a report about another shipment
+/// than the order's is refused, and the status machine says whether it
+/// moves the order.
+fn judge(order: &Order, event: &ShipmentEvent) -> Result<Transition, ApplyError> {
+    if let Some(recorded) = &order.shipment_id {
+        if *recorded != event.shipment_id {
+            return Err(ApplyError::OtherShipment {
+                recorded: recorded.clone(),
+                reported: event.shipment_id.clone(),
+            });
+        }
+    }
+    Ok(order.status.transition(event.status)?)
+}
+
+/// What [`OrderStore::plan_event`] made of a report.
+#[derive(Debug)]
+pub enum Planned {
+    /// The answer, and the write that makes it true (`None`: it changes
+    /// nothing).
+    Ready(Box<Order>, Transition, Option<Write>),
+    /// Apply it the usual way, [`OrderStore::apply_event`].
+    Usual,
+    /// The batch must run its requests one by one.
+    Again,
+}
+
+/// The orders a batch's reports name, as read and then as its reports
+/// planned them. Cheap to clone (the batch's memo holds one).
+#[derive(Clone, Default)]
+pub struct BatchOrders(Arc<std::sync::Mutex<BatchOrdersInner>>);
+
+#[derive(Default)]
+struct BatchOrdersInner {
+    loaded: bool,
+    /// Each order, and whether a report of the batch changed it.
+    orders: HashMap<OrderId, (Order, bool)>,
+}
+
+impl BatchOrders {
+    fn inner(&self) -> std::sync::MutexGuard<'_, BatchOrdersInner> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn is_loaded(&self) -> bool {
+        self.inner().loaded
+    }
+
+    fn load(&self, orders: Vec<Order>) {
+        let mut inner = self.inner();
+        inner.loaded = true;
+        inner.orders = orders.into_iter().map(|o| (o.id, (o, false))).collect();
+    }
+
+    fn get(&self, id: OrderId) -> Option<(Order, bool)> {
+        self.inner().orders.get(&id).cloned()
+    }
+
+    fn set(&self, id: OrderId, order: Order) {
+        self.inner().orders.insert(id, (order, true));
+    }
+
+    /// The order goes the usual way from now on.
+    fn forget(&self, id: OrderId) {
+        self.inner().orders.remove(&id);
+    }
+}
+
+/// The orders named by the batch's `/orders/{id}/shipment-events` paths,
+/// each once, in id order.
+fn report_ids(paths: &[String]) -> Vec<String> {
+    let mut ids: Vec<String> = paths
+        .iter()
+        .filter_map(|p| {
+            let path = p.split('?').next()?;
+            let id = path
+                .strip_prefix("/orders/")?
+                .strip_suffix("/shipment-events")?;
+            id.parse::<OrderId>().ok().map(|id| id.to_string())
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 async fn get_in<'e, E>(executor: E, id: OrderId) -> Result<Option<Order>, sqlx::Error>

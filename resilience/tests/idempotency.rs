@@ -156,6 +156,7 @@ on_both_backends!(
     first_refusal_gives_way_to_the_record,
     first_write_error_is_the_handlers_to_answer,
     first_duplicates_at_once_write_once,
+    writes_run_in_order_all_or_none,
 );
 
 // ---------------------------------------------------------------- the app
@@ -1107,5 +1108,70 @@ async fn first_duplicates_at_once_write_once(env: Env) -> Result<()> {
         "after-commit ran {} times",
         probe.hooks()
     );
+    Ok(())
+}
+
+/// `run_writes`: several writes, each numbering its placeholders from `$1`,
+/// run in one call (one statement on Postgres, one script on SQLite), each
+/// with its own values; one failing write fails the call, and the
+/// transaction around it keeps none of them.
+async fn writes_run_in_order_all_or_none(env: Env) -> Result<()> {
+    let widget = |id: &str, name: &str| {
+        let (id, name) = (id.to_owned(), name.to_owned());
+        Write::new(
+            "INSERT INTO widgets (id, name) VALUES ($1, $2)",
+            2,
+            move |q| q.bind(id).bind(name),
+        )
+    };
+    let rename = |id: &str, name: &str| {
+        let (id, name) = (id.to_owned(), name.to_owned());
+        Write::new("UPDATE widgets SET name = $2 WHERE id = $1", 2, move |q| {
+            q.bind(id).bind(name)
+        })
+    };
+    let mut tx = env.db.begin().await?;
+    resilience::store::run_writes(
+        &mut tx,
+        env.backend,
+        vec![widget("a", "one"), widget("b", "two"), widget("c", "three")],
+    )
+    .await?;
+    tx.commit().await?;
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT id, name FROM widgets ORDER BY id")
+        .fetch_all(env.db.pool())
+        .await?;
+    ensure!(
+        rows == [
+            ("a".to_owned(), "one".to_owned()),
+            ("b".to_owned(), "two".to_owned()),
+            ("c".to_owned(), "three".to_owned()),
+        ],
+        "{rows:?}"
+    );
+
+    // The second write fails (the id is taken): none is kept.
+    let mut tx = env.db.begin().await?;
+    let failed = resilience::store::run_writes(
+        &mut tx,
+        env.backend,
+        vec![
+            rename("a", "renamed"),
+            widget("b", "again"),
+            widget("d", "four"),
+        ],
+    )
+    .await;
+    ensure!(
+        failed
+            .as_ref()
+            .is_err_and(resilience::store::is_unique_violation),
+        "{failed:?}"
+    );
+    tx.rollback().await?;
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT id, name FROM widgets ORDER BY id")
+        .fetch_all(env.db.pool())
+        .await?;
+    ensure!(rows.len() == 3 && rows[0].1 == "one", "{rows:?}");
     Ok(())
 }

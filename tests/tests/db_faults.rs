@@ -303,9 +303,16 @@ async fn lost_database_answers_503_with_retry_after() -> anyhow::Result<()> {
             read_gone(&http, &svc, path).await;
         }
     };
-    let (feed, (), ()) = tokio::join!(feed, reads, read_gone(&http, &svc, "/readyz"));
+    // The write side by side with the reads, so it starts inside the
+    // blackout however slowly the reads are answered on a loaded machine.
+    let (feed, (), (), posted) = tokio::join!(
+        feed,
+        reads,
+        read_gone(&http, &svc, "/readyz"),
+        post(&http, &svc, &customer, None)
+    );
     feed?;
-    let (status, body, headers) = post(&http, &svc, &customer, None).await?;
+    let (status, body, headers) = posted?;
     assert_eq!(status, 503, "POST with the database gone: {body}");
     assert!(headers.get("retry-after").is_some());
 

@@ -1,6 +1,7 @@
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::Json;
+use axum::{Extension, Json};
+use resilience::batch::BatchScope;
 use resilience::feed::{FeedQuery, Page};
 use resilience::idempotency::Tx;
 use resilience::outbox::OutboxError;
@@ -18,7 +19,7 @@ use super::AppState;
 use crate::domain::{CreateOrderRequest, NewOrder, Order, OrderId, OrderStatus, ShipmentEvent};
 use crate::pull;
 use crate::shipping::{order_created, send_once, shipment_request};
-use crate::store::{ApplyError, OrderStore};
+use crate::store::{ApplyError, OrderStore, Planned};
 
 const DEFAULT_PAGE: u32 = 20;
 const MAX_PAGE: u32 = 100;
@@ -329,6 +330,7 @@ pub(super) async fn list(
 pub(super) async fn shipment_event(
     State(app): State<AppState>,
     tx: Tx,
+    batch: Option<Extension<BatchScope>>,
     ApiPath(id): ApiPath<String>,
     ApiJson(event): ApiJson<ShipmentEvent>,
 ) -> Result<Json<Order>, Problem> {
@@ -340,8 +342,34 @@ pub(super) async fn shipment_event(
     if event.status == OrderStatus::Pending {
         return Err(Problem::unprocessable("status must be accepted or shipped"));
     }
-    let mut conn = tx.lock().await?;
-    match app.store.apply_event(&mut conn, id, &event).await {
+    // In a batch, judged on the orders its first report read for all of
+    // them, the change held for the batch's one statement.
+    let planned = match &batch {
+        Some(Extension(batch)) => {
+            let mut conn = tx.lock().await?;
+            app.store.plan_event(&mut conn, batch, id, &event).await
+        }
+        None => Ok(Planned::Usual),
+    };
+    let applied = match planned {
+        Ok(Planned::Ready(order, transition, write)) => {
+            if let Some(write) = write {
+                tx.write(vec![write]).await?;
+            }
+            Ok((*order, transition))
+        }
+        Ok(Planned::Again) => {
+            return Err(Problem::unavailable(
+                "the order changes twice in this batch; its requests run one by one",
+            ))
+        }
+        Ok(Planned::Usual) => {
+            let mut conn = tx.lock().await?;
+            app.store.apply_event(&mut conn, id, &event).await
+        }
+        Err(e) => Err(e),
+    };
+    match applied {
         Ok((order, transition)) => {
             // Logged once committed (see `create`).
             let (status, span) = (order.status, tracing::Span::current());

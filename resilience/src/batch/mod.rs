@@ -28,7 +28,17 @@
 //!   hands it back instead of committing; the batch inserts every record
 //!   in one statement, commits once, and then runs every sub-request's
 //!   after-commit hooks (each sub-request's in order, the sub-requests'
-//!   side by side).
+//!   side by side). Writes a sub-request hands to
+//!   [`Tx::write`](crate::idempotency::Tx::write) are held and run with
+//!   the records: in the same statement on Postgres, the same script on
+//!   SQLite.
+//! - **Reading for the whole batch**: each sub-request of the shared run
+//!   carries a [`BatchScope`] in its extensions: every sub-request's path
+//!   and a memo they share. A handler can read in its first sub-request
+//!   the rows all of them need (locked, in one statement) and judge each
+//!   sub-request on them, handing its change to `Tx::write` instead of
+//!   running a statement of its own (order-service does this for shipment
+//!   reports). A request run alone has no `BatchScope`.
 //!
 //! # Guarantees, unchanged
 //!
@@ -82,7 +92,7 @@ mod client;
 mod server;
 
 pub use client::{BatchConfig, BatchError, BatchLayer, Batching};
-pub use server::{route, router, BatchServerConfig};
+pub use server::{route, router, BatchScope, BatchServerConfig};
 
 use serde::{Deserialize, Serialize};
 

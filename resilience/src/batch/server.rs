@@ -168,6 +168,59 @@ async fn handle(State(state): State<Arc<BatchState>>, req: Request) -> Response 
     }
 }
 
+/// What a sub-request of a batch can know of the batch it runs in: the
+/// paths of all its sub-requests, and a memo that they share. It is in the
+/// request's extensions (`Option<Extension<BatchScope>>` in a handler) while
+/// the sub-requests run together in the batch's one transaction, and absent
+/// when a request runs alone (also when a failed batch runs its requests
+/// one by one).
+///
+/// A handler can use it to read, in its first sub-request, the rows that
+/// all of them will need, and keep them in the memo for the others: in the
+/// batch's transaction, under the locks it took, they stay as read, except
+/// for what the batch's own requests write.
+#[derive(Clone)]
+pub struct BatchScope {
+    paths: Arc<[String]>,
+    memo: Arc<std::sync::Mutex<http::Extensions>>,
+}
+
+impl BatchScope {
+    fn new(paths: Vec<String>) -> Self {
+        Self {
+            paths: paths.into(),
+            memo: Arc::default(),
+        }
+    }
+
+    /// The sub-requests' paths (with their queries), in the batch's order.
+    pub fn paths(&self) -> &[String] {
+        &self.paths
+    }
+
+    /// The memo's value of type `T`, made by `init` the first time.
+    pub fn memo<T: Clone + Send + Sync + 'static>(&self, init: impl FnOnce() -> T) -> T {
+        let mut memo = self
+            .memo
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(v) = memo.get::<T>() {
+            return v.clone();
+        }
+        let v = init();
+        memo.insert(v.clone());
+        v
+    }
+}
+
+impl std::fmt::Debug for BatchScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchScope")
+            .field("paths", &self.paths)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One sub-request, checked and decoded.
 struct Item {
     method: Method,
@@ -360,12 +413,14 @@ async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> 
     );
     // First run: every sub-request in the shared transaction, in order,
     // until one is refused.
+    let scope = BatchScope::new(items.iter().map(|item| item.uri.to_string()).collect());
     let mut answers: Vec<Answer> = Vec::with_capacity(n);
     let mut joined: Vec<bool> = Vec::with_capacity(n);
     let first_run = async {
         for item in &items {
             let mut req = item.request();
             req.extensions_mut().insert(shared.clone());
+            req.extensions_mut().insert(scope.clone());
             #[cfg(feature = "signing")]
             req.extensions_mut().insert(nonces.clone());
             let before = shared.joined();

@@ -67,9 +67,8 @@ pub(crate) struct OwnedRecord {
 const INSERT_CHUNK: usize = 100;
 
 /// Runs a batch's held writes and inserts its records, many per statement.
-/// On Postgres the writes are folded into the first records statement (one
-/// round trip for all of them); on SQLite they run first, one after
-/// another. A unique violation means a key was answered twice (two requests
+/// The writes go with the first records statement (one round trip for all
+/// of them): on Postgres folded into it, on SQLite as one script with it. A unique violation means a key was answered twice (two requests
 /// with one key in a batch, or a race with another transaction): the batch
 /// must roll back, as for any failure here. On Postgres it returns the
 /// transaction's id when it inserted a record, as [`insert`] does.
@@ -81,7 +80,7 @@ pub(crate) async fn insert_all(
 ) -> Result<Option<i64>, sqlx::Error> {
     let mut xid = None;
     let mut writes = Some(writes);
-    if backend == Backend::Sqlite || recs.is_empty() {
+    if recs.is_empty() {
         crate::store::run_writes(&mut *tx, backend, writes.take().unwrap_or_default()).await?;
     }
     for chunk in recs.chunks(INSERT_CHUNK) {
@@ -119,7 +118,11 @@ pub(crate) async fn insert_all(
             .into_iter()
             .chain(Some(insert))
             .collect();
-        let Some(w) = crate::store::Write::fold(parts) else {
+        let joined = match backend {
+            Backend::Postgres => crate::store::Write::fold(parts),
+            Backend::Sqlite => crate::store::Write::script(parts),
+        };
+        let Some(w) = joined else {
             continue;
         };
         let q = (w.bind)(sqlx::query(&w.sql));

@@ -223,11 +223,11 @@ impl Tx {
 
     /// Runs `writes` in the request's transaction: on Postgres as one
     /// statement (see [`Write::fold`]: one snapshot, so none sees another's
-    /// rows), on SQLite one after another.
+    /// rows), on SQLite as one script (see [`Write::script`]).
     ///
     /// In a batch, the writes are held for the batch, which runs every
-    /// request's writes with their records as one statement on Postgres
-    /// before its commit (a failure there runs the batch's requests one by
+    /// request's writes with their records before its commit, as one
+    /// statement on Postgres and one script on SQLite (a failure there runs the batch's requests one by
     /// one, each alone). A `lock` runs the held writes first.
     ///
     /// For a request with an `Idempotency-Key` on Postgres, outside a batch,

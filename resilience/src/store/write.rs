@@ -8,8 +8,11 @@
 //! data-modifying `WITH` parts ahead of the last, all in one snapshot and all
 //! or none. [`Write`] holds one such write until the caller knows what runs
 //! with it; [`Write::fold`] builds the single statement; [`run_writes`] runs a
-//! list the way the backend allows (SQLite has no writes in `WITH`, so there
-//! they run one after another, which costs no network round trip).
+//! list the way the backend allows. SQLite has no writes in `WITH`, so there
+//! [`Write::script`] joins them into one `;`-separated script: sqlx runs
+//! each SQLite connection on a thread of its own, and hands it a whole
+//! script in one message, where each statement alone would cost a wake-up
+//! of that thread and one back.
 
 use std::borrow::Cow;
 
@@ -69,21 +72,43 @@ impl Write {
     /// another's rows; all run to completion, or the statement fails and
     /// none is kept. `None` for an empty list.
     pub fn fold(writes: Vec<Write>) -> Option<Write> {
+        Self::joined(writes, |sql, i, n, part| {
+            if i + 1 < n {
+                sql.push_str(if i == 0 { "WITH " } else { ", " });
+                sql.push_str(&format!("w{i} AS ({part})"));
+            } else {
+                if n > 1 {
+                    sql.push(' ');
+                }
+                sql.push_str(part);
+            }
+        })
+    }
+
+    /// SQLite: `writes` as one script, the statements one after another
+    /// (`;`-separated), each one's placeholders numbered after the previous
+    /// ones', and the binders chained in the same order. The driver runs a
+    /// whole script in one call to its worker thread, stopping at the first
+    /// error, so a script is one round trip instead of one per statement.
+    /// Run it inside a transaction to keep all or none. `None` for an empty
+    /// list.
+    pub fn script(writes: Vec<Write>) -> Option<Write> {
+        Self::joined(writes, |sql, i, _, part| {
+            if i > 0 {
+                sql.push_str("; ");
+            }
+            sql.push_str(part);
+        })
+    }
+
+    /// Joins `writes` with `put(sql, index, count, shifted part)`.
+    fn joined(writes: Vec<Write>, put: impl Fn(&mut String, usize, usize, &str)) -> Option<Write> {
         let n = writes.len();
         let mut sql = String::new();
         let mut params = 0;
         let mut binds: Vec<BindWrite> = Vec::with_capacity(n);
         for (i, w) in writes.into_iter().enumerate() {
-            let shifted = shift_placeholders(&w.sql, params);
-            if i + 1 < n {
-                sql.push_str(if i == 0 { "WITH " } else { ", " });
-                sql.push_str(&format!("w{i} AS ({shifted})"));
-            } else {
-                if n > 1 {
-                    sql.push(' ');
-                }
-                sql.push_str(&shifted);
-            }
+            put(&mut sql, i, n, &shift_placeholders(&w.sql, params));
             params += w.params;
             binds.push(w.bind);
         }
@@ -146,8 +171,8 @@ pub fn shift_placeholders(sql: &str, offset: usize) -> String {
     out
 }
 
-/// Runs `writes` on `conn`, in order: on Postgres folded into one statement
-/// (one round trip), on SQLite one statement after another. Run them inside
+/// Runs `writes` on `conn`, in order: on Postgres folded into one statement,
+/// on SQLite as one script (one round trip either way). Run them inside
 /// a transaction to have all or none.
 pub async fn run_writes(
     conn: &mut AnyConnection,
@@ -161,7 +186,7 @@ pub async fn run_writes(
             }
         }
         Backend::Sqlite => {
-            for w in writes {
+            if let Some(w) = Write::script(writes) {
                 (w.bind)(sqlx::query(&w.sql)).execute(&mut *conn).await?;
             }
         }
@@ -210,5 +235,22 @@ mod tests {
             ))
         );
         assert!(Write::fold(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn script_runs_statements_one_after_another() {
+        let two = Write::script(vec![
+            w("INSERT INTO a VALUES ($1, $2)", 2),
+            w("UPDATE b SET x = $1 WHERE y = $2", 2),
+        ])
+        .map(|w| (w.sql, w.params));
+        assert_eq!(
+            two,
+            Some((
+                "INSERT INTO a VALUES ($1, $2); UPDATE b SET x = $3 WHERE y = $4".into(),
+                4
+            ))
+        );
+        assert!(Write::script(Vec::new()).is_none());
     }
 }
