@@ -224,9 +224,11 @@ impl OrderStore {
 
     /// [`OrderStore::record_accepted`] for many orders in one statement
     /// (a batch of relay outcomes): `(order, shipment id, attempts)` each.
-    /// On Postgres the rows are locked first, in the order given (sorted
-    /// by id by the relay), so this never deadlocks with a batch of shipped
-    /// reports that locks the same orders one by one in that order.
+    /// On Postgres the rows are locked first, in id order, as a batch of
+    /// shipment reports locks its orders ([`OrderStore::plan_event`]), so
+    /// the two do not wait on each other in a cycle. (A deadlock Postgres
+    /// breaks, 40P01, costs a retry, not an answer: the relay writes its
+    /// outcomes again, a batch runs its requests one by one.)
     pub async fn record_accepted_all(
         &self,
         tx: &mut Transaction<'static, Any>,
@@ -317,8 +319,7 @@ impl OrderStore {
     /// The first report of a batch reads every order the batch's reports
     /// name, in one statement, inside the batch's transaction (on Postgres
     /// `FOR UPDATE`, in id order as [`OrderStore::record_accepted_all`]
-    /// locks them, so the two never deadlock; on SQLite the transaction
-    /// holds the only write lock). The rows then stay as read until the
+    /// locks them; on SQLite the transaction holds the only write lock). The rows then stay as read until the
     /// batch commits, except for what its own reports change, which the
     /// memo follows. So each report is judged in memory, exactly as
     /// [`OrderStore::apply_event`] would judge it, and a change comes back
@@ -328,8 +329,10 @@ impl OrderStore {
     /// on the status read.
     ///
     /// [`Planned::Usual`] where that cannot be done: the order was not
-    /// read (none such: the usual way answers 404), or a report needs the
-    /// rarer binding of a shipment id to an order already moved on.
+    /// read (none such, so the usual way answers 404, or its id spelled in
+    /// the path in a way the batch's paths were not parsed), or a report
+    /// needs the rarer binding of a shipment id to an order already moved
+    /// on.
     /// [`Planned::Again`] when an order changed by an earlier report of
     /// the batch would change once more (an `accepted` then a `shipped`
     /// report in one batch, which shipping never sends): two writes of one
@@ -576,7 +579,7 @@ pub enum Planned {
 /// The orders a batch's reports name, as read and then as its reports
 /// planned them. Cheap to clone (the batch's memo holds one).
 #[derive(Clone, Default)]
-pub struct BatchOrders(Arc<std::sync::Mutex<BatchOrdersInner>>);
+pub(crate) struct BatchOrders(Arc<std::sync::Mutex<BatchOrdersInner>>);
 
 #[derive(Default)]
 struct BatchOrdersInner {

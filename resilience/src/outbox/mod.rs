@@ -267,8 +267,8 @@ impl Outbox {
     /// (the state change the message announces), in one statement where the
     /// backend allows it. On Postgres `before` runs as a data-modifying
     /// `WITH` ahead of the outbox insert: one round trip for both, both or
-    /// neither. On SQLite, which has no writes in `WITH`, it runs first as
-    /// a statement of its own. Either way both belong to `tx`.
+    /// neither. On SQLite, which has no writes in `WITH`, both run as one
+    /// script ([`Write::script`]). Either way both belong to `tx`.
     pub async fn enqueue_after(
         &self,
         tx: &mut Transaction<'static, Any>,

@@ -86,7 +86,8 @@ impl Write {
     }
 
     /// SQLite: `writes` as one script, the statements one after another
-    /// (`;`-separated), each one's placeholders numbered after the previous
+    /// (each ended by `;` and a line break, so a trailing `--` comment in
+    /// one cannot swallow the next), each one's placeholders numbered after the previous
     /// ones', and the binders chained in the same order. The driver runs a
     /// whole script in one call to its worker thread, stopping at the first
     /// error, so a script is one round trip instead of one per statement.
@@ -95,7 +96,7 @@ impl Write {
     pub fn script(writes: Vec<Write>) -> Option<Write> {
         Self::joined(writes, |sql, i, _, part| {
             if i > 0 {
-                sql.push_str("; ");
+                sql.push_str(";\n");
             }
             sql.push_str(part);
         })
@@ -247,7 +248,7 @@ mod tests {
         assert_eq!(
             two,
             Some((
-                "INSERT INTO a VALUES ($1, $2); UPDATE b SET x = $3 WHERE y = $4".into(),
+                "INSERT INTO a VALUES ($1, $2);\nUPDATE b SET x = $3 WHERE y = $4".into(),
                 4
             ))
         );
