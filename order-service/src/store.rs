@@ -319,9 +319,9 @@ impl OrderStore {
     /// The first report of a batch reads every order the batch's reports
     /// name, in one statement, inside the batch's transaction (on Postgres
     /// `FOR UPDATE`, in id order as [`OrderStore::record_accepted_all`]
-    /// locks them; on SQLite the transaction holds the only write lock). The rows then stay as read until the
-    /// batch commits, except for what its own reports change, which the
-    /// memo follows. So each report is judged in memory, exactly as
+    /// locks them; on SQLite the transaction holds the only write lock).
+    /// The rows then stay as read until the batch commits, except for what
+    /// its own reports change, which the memo follows. So each report is judged in memory, exactly as
     /// [`OrderStore::apply_event`] would judge it, and a change comes back
     /// as a [`Write`] to hand to [`resilience::idempotency::Tx::write`]:
     /// the batch runs them all with its records, in one statement on
