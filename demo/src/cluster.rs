@@ -92,6 +92,21 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// `N` free loopback ports, all different: each is held until all are
+/// chosen (one after another, [`free_port`] may give the same port twice,
+/// and two services would then race for it, one of them answering the
+/// other's health checks).
+pub fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+    let held = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut ports = [0u16; N];
+    for (port, l) in ports.iter_mut().zip(&held) {
+        *port = l.local_addr()?.port();
+    }
+    Ok(ports)
+}
+
 /// One service process: started, killed, restarted on the same port.
 #[derive(Debug)]
 pub struct Process {
@@ -333,7 +348,10 @@ impl Cluster {
     pub async fn start(cfg: ClusterConfig) -> anyhow::Result<Self> {
         let (op, sp) = match cfg.ports {
             Some(p) => p,
-            None => (free_port()?, free_port()?),
+            None => {
+                let [o, s] = free_ports()?;
+                (o, s)
+            }
         };
         let order_url = format!("http://127.0.0.1:{op}");
         let shipping_url = format!("http://127.0.0.1:{sp}");

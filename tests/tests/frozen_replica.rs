@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::ensure;
-use demo::cluster::{free_port, Kind, Process};
+use demo::cluster::{free_ports, Kind, Process};
 use nix::sys::signal::Signal;
 use resilience::store::{now_ms, Db};
 use service_kit::testing::postgres_admin_url;
@@ -81,7 +81,7 @@ async fn holds_locks(admin: &mut sqlx::PgConnection, app: &str) -> anyhow::Resul
 async fn frozen_replica_does_not_stall_the_other() -> anyhow::Result<()> {
     let dbs = TestDatabases::create(TestBackend::Postgres).await?;
     let logs = tempfile::tempdir()?;
-    let (op, pa, pb) = (free_port()?, free_port()?, free_port()?);
+    let [op, pa, pb] = free_ports()?;
     let order_url = format!("http://127.0.0.1:{op}");
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let app_a = format!("shipping-a-{}", &tag[..8]);

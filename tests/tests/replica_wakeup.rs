@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use anyhow::ensure;
-use demo::cluster::{free_port, Kind, Process};
+use demo::cluster::{free_ports, Kind, Process};
 use serde_json::Value;
 use tests::{eventually, sample_order, TestBackend, TestDatabases, ADMIN_TOKEN};
 
@@ -33,7 +33,7 @@ fn process(kind: Kind, port: u16, args: &[&str], db: &str, dir: &std::path::Path
 async fn a_replica_without_relay_wakes_the_others() -> anyhow::Result<()> {
     let dbs = TestDatabases::create(TestBackend::Postgres).await?;
     let logs = tempfile::tempdir()?;
-    let (ps, pa, pb) = (free_port()?, free_port()?, free_port()?);
+    let [ps, pa, pb] = free_ports()?;
     let shipping_url = format!("http://127.0.0.1:{ps}");
     let order_b_url = format!("http://127.0.0.1:{pb}");
     let dirs: Vec<_> = ["s", "a", "b"]
