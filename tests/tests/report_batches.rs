@@ -55,11 +55,6 @@ async fn batch(stack: &Stack, requests: Vec<Value>) -> anyhow::Result<Vec<(u16, 
         .collect()
 }
 
-/// The order as stored, through the API (read from its database).
-async fn stored(stack: &Stack, id: &str) -> anyhow::Result<Value> {
-    stack.order(id).await
-}
-
 fn uuid() -> String {
     uuid::Uuid::new_v4().to_string()
 }
@@ -100,16 +95,16 @@ async fn reports_in_a_batch_match_the_rows(backend: TestBackend) -> anyhow::Resu
         "answers: {answers:?}"
     );
     for ((_, answer), id) in answers.iter().zip([a, a, b, d]) {
-        let row = stored(&stack, id).await?;
+        let row = stack.order(id).await?;
         ensure!(
             *answer == row,
             "the answer about {id} is not the stored order:\n{answer}\n{row}"
         );
     }
     let (a_row, b_row, d_row) = (
-        stored(&stack, a).await?,
-        stored(&stack, b).await?,
-        stored(&stack, d).await?,
+        stack.order(a).await?,
+        stack.order(b).await?,
+        stack.order(d).await?,
     );
     ensure!(a_row["status"] == "shipped" && a_row["shipment_id"] == sa.as_str());
     ensure!(!a_row["shipped_at"].is_null() && !a_row["accepted_at"].is_null());
@@ -136,14 +131,14 @@ async fn reports_in_a_batch_match_the_rows(backend: TestBackend) -> anyhow::Resu
         "answers: {answers:?}"
     );
     ensure!(answers[0].1["status"] == "accepted" && answers[1].1["status"] == "shipped");
-    ensure!(answers[1].1 == stored(&stack, c).await?);
-    ensure!(answers[2].1 == stored(&stack, b).await?);
-    ensure!(stored(&stack, b).await?["status"] == "shipped");
+    ensure!(answers[1].1 == stack.order(c).await?);
+    ensure!(answers[2].1 == stack.order(b).await?);
+    ensure!(stack.order(b).await?["status"] == "shipped");
 
     // 3. Refusals in a batch: another shipment's report (422), a backwards
     //    move (409), an unknown order (404); the reports beside them still
     //    apply, and the refused ones change nothing.
-    let before_d = stored(&stack, d).await?;
+    let before_d = stack.order(d).await?;
     let answers = batch(
         &stack,
         vec![
@@ -160,15 +155,15 @@ async fn reports_in_a_batch_match_the_rows(backend: TestBackend) -> anyhow::Resu
         statuses == [200, 422, 409, 404, 200],
         "statuses: {statuses:?}"
     );
-    ensure!(answers[0].1 == stored(&stack, e).await?);
-    ensure!(answers[4].1 == stored(&stack, f).await?);
+    ensure!(answers[0].1 == stack.order(e).await?);
+    ensure!(answers[4].1 == stack.order(f).await?);
     ensure!(
-        stored(&stack, d).await? == before_d,
+        stack.order(d).await? == before_d,
         "a refused report changed D"
     );
-    ensure!(stored(&stack, a).await?["status"] == "shipped");
-    ensure!(stored(&stack, e).await?["status"] == "shipped");
-    ensure!(stored(&stack, f).await?["status"] == "accepted");
+    ensure!(stack.order(a).await?["status"] == "shipped");
+    ensure!(stack.order(e).await?["status"] == "shipped");
+    ensure!(stack.order(f).await?["status"] == "accepted");
     Ok(())
 }
 

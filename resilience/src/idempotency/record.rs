@@ -118,11 +118,7 @@ pub(crate) async fn insert_all(
             .into_iter()
             .chain(Some(insert))
             .collect();
-        let joined = match backend {
-            Backend::Postgres => crate::store::Write::fold(parts),
-            Backend::Sqlite => crate::store::Write::script(parts),
-        };
-        let Some(w) = joined else {
+        let Some(w) = crate::store::Write::joined_for(backend, parts) else {
             continue;
         };
         let q = (w.bind)(sqlx::query(&w.sql));

@@ -102,6 +102,15 @@ impl Write {
         })
     }
 
+    /// `writes` as one call to `backend`: [`Write::fold`] on Postgres,
+    /// [`Write::script`] on SQLite.
+    pub fn joined_for(backend: Backend, writes: Vec<Write>) -> Option<Write> {
+        match backend {
+            Backend::Postgres => Self::fold(writes),
+            Backend::Sqlite => Self::script(writes),
+        }
+    }
+
     /// Joins `writes` with `put(sql, index, count, shifted part)`.
     fn joined(writes: Vec<Write>, put: impl Fn(&mut String, usize, usize, &str)) -> Option<Write> {
         let n = writes.len();
@@ -180,17 +189,8 @@ pub async fn run_writes(
     backend: Backend,
     writes: Vec<Write>,
 ) -> Result<(), sqlx::Error> {
-    match backend {
-        Backend::Postgres => {
-            if let Some(w) = Write::fold(writes) {
-                (w.bind)(sqlx::query(&w.sql)).execute(&mut *conn).await?;
-            }
-        }
-        Backend::Sqlite => {
-            if let Some(w) = Write::script(writes) {
-                (w.bind)(sqlx::query(&w.sql)).execute(&mut *conn).await?;
-            }
-        }
+    if let Some(w) = Write::joined_for(backend, writes) {
+        (w.bind)(sqlx::query(&w.sql)).execute(&mut *conn).await?;
     }
     Ok(())
 }
