@@ -255,6 +255,10 @@ pub struct EndToEnd {
     pub secs: f64,
     /// `shipped / secs`.
     pub orders_per_s: f64,
+    /// `max(shipped_at) - max(created_at)`, seconds: how long delivery ran
+    /// on after the last order came in. Near `secs` minus the ingest time
+    /// when delivery keeps pace with ingest and only its latency shows.
+    pub tail_secs: f64,
 }
 
 /// Writes per delivered order, counted by the database (Postgres only).
@@ -897,8 +901,8 @@ async fn await_shipped(
     own: &AtomicU64,
 ) -> anyhow::Result<EndToEnd> {
     let query = format!(
-        "{PROBE} SELECT COUNT(*), COUNT(shipped_at), MIN(created_at), MAX(shipped_at) \
-         FROM orders WHERE delivery_mode = $1"
+        "{PROBE} SELECT COUNT(*), COUNT(shipped_at), MIN(created_at), MAX(shipped_at), \
+         MAX(created_at) FROM orders WHERE delivery_mode = $1"
     );
     let deadline = Instant::now() + cfg.deadline;
     let mut last = (usize::MAX, Instant::now());
@@ -912,6 +916,7 @@ async fn await_shipped(
         let shipped = usize::try_from(row.try_get::<i64, _>(1)?)?;
         let first: Option<i64> = row.try_get(2)?;
         let end: Option<i64> = row.try_get(3)?;
+        let last_created: Option<i64> = row.try_get(4)?;
         let complete = in_db >= created && shipped == in_db;
         if shipped != last.0 {
             last = (shipped, Instant::now());
@@ -931,6 +936,10 @@ async fn await_shipped(
                     shipped as f64 / secs
                 } else {
                     0.0
+                },
+                tail_secs: match (last_created, end) {
+                    (Some(a), Some(b)) => (b - a).max(0) as f64 / 1000.0,
+                    _ => 0.0,
                 },
             });
         }
@@ -1169,14 +1178,14 @@ pub fn render(report: &BenchReport) -> String {
         );
         let _ = writeln!(
             out,
-            "| mode | ingest req/s | ÷ ceiling | p50 ms | p99 ms | e2e orders/s | ÷ ceiling \
+            "| mode | ingest req/s | ÷ ceiling | p50 ms | p99 ms | e2e orders/s | tail s | ÷ ceiling \
              | ÷ at-most-once | write tx/order | commits/order | rows/order \
              | statements/order | CPU ms/order (order / shipping / client / postgres) | RSS order MB \
              | RSS shipping MB | load |"
         );
         let _ = writeln!(
             out,
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: \
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: \
              | ---: | ---: | ---: | --- |"
         );
         for m in &b.modes {
@@ -1197,13 +1206,14 @@ pub fn render(report: &BenchReport) -> String {
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} / {} | {} | {} | {} → {} |",
+                "| {} | {} | {} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} / {} / {} / {} | {} | {} | {} → {} |",
                 m.mode,
                 ingest,
                 opt(m.ratios.ingest_to_ceiling, 2),
                 opt(m.ingest.p50_ms, 1),
                 opt(m.ingest.p99_ms, 1),
                 e2e,
+                m.e2e.tail_secs,
                 opt(m.ratios.e2e_to_ceiling, 2),
                 opt(m.ratios.e2e_to_at_most_once, 2),
                 opt(m.writes.write_commits_per_order, 2),
@@ -1225,6 +1235,7 @@ pub fn render(report: &BenchReport) -> String {
         out,
         "\ningest: POST /orders from this process, req/s and latency percentiles; \
          e2e: first order created to last shipped, from order-service's database; \
+         tail: last order created to last shipped; \
          ÷ ceiling: against the commit loop above, same backend, same run; \
          ÷ at-most-once: against the baseline mode in the same run; \
          write tx: transactions that wrote (COMMIT records in the write-ahead log), \
@@ -1329,6 +1340,7 @@ mod tests {
                 complete: true,
                 secs: 1.0,
                 orders_per_s: e2e,
+                tail_secs: 0.25,
             },
             writes: Writes::default(),
             cpu: Cpu::default(),
@@ -1397,7 +1409,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                "| effectively-once | 500 | 0.25 | 1.2 | 9.0 | 300 | 0.15 | 0.75 | n/a | n/a \
+                "| effectively-once | 500 | 0.25 | 1.2 | 9.0 | 300 | 0.25 | 0.15 | 0.75 | n/a | n/a \
                  | n/a | n/a | n/a / n/a / n/a / n/a | 20.0 | n/a | 1.50 → n/a |"
             ),
             "{text}"

@@ -68,6 +68,14 @@ pub struct Config {
     #[arg(long, env = "MAX_PENDING", default_value_t = 50_000)]
     pub max_pending: u64,
 
+    /// Group commit for `POST /orders`: how many groups of orders may be
+    /// written at once. Orders that arrive while that many are being
+    /// written wait and are then written together, in one transaction
+    /// (each still answered as if alone). 0 turns grouping off. Default:
+    /// 1 on SQLite (one writer), 4 on Postgres.
+    #[arg(long, env = "GROUP_COMMIT")]
+    pub group_commit: Option<usize>,
+
     /// Largest accepted request body, in bytes (larger: 413).
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,

@@ -22,7 +22,9 @@ use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine as _;
 use http_body_util::BodyExt;
-use resilience::batch::{router as batch_router, BatchConfig, BatchLayer, BatchServerConfig};
+use resilience::batch::{
+    router as batch_router, BatchConfig, BatchLayer, BatchServerConfig, Coalesce, CoalesceConfig,
+};
 use resilience::client::HttpClient;
 use resilience::idempotency::{IdempotencyConfig, IdempotencyLayer, Tx, IDEMPOTENT_REPLAYED};
 use resilience::signing::{Secret, Signer, Verifier, VerifierConfig, VerifySignatureLayer};
@@ -53,6 +55,10 @@ struct App {
     together: Arc<tokio::sync::Barrier>,
     /// `together` hooks that gave up waiting (hooks run one after another).
     alone: Arc<AtomicUsize>,
+    /// `POST /gate` waits here for a permit.
+    gate: Arc<tokio::sync::Semaphore>,
+    /// `POST /gate` requests that reached their handler.
+    at_gate: Arc<AtomicUsize>,
 }
 
 /// `together` widgets per test batch.
@@ -169,6 +175,8 @@ impl Env {
             hooks: Arc::new(AtomicUsize::new(0)),
             together: Arc::new(tokio::sync::Barrier::new(TOGETHER)),
             alone: Arc::new(AtomicUsize::new(0)),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            at_gate: Arc::new(AtomicUsize::new(0)),
         };
         Ok(Self { test_db, db, app })
     }
@@ -201,6 +209,26 @@ impl Env {
             .route("/widgets", route)
             .route("/slow", slow)
             .route("/open", post(|| async { StatusCode::OK }))
+            .route(
+                "/gate",
+                post(|State(app): State<App>| async move {
+                    // Holds its group (and its runner) until the test lets it go.
+                    app.at_gate.fetch_add(1, Ordering::SeqCst);
+                    match app.gate.acquire().await {
+                        Ok(_) => StatusCode::OK,
+                        Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                    }
+                }),
+            )
+            .route(
+                "/panic",
+                post(|| async {
+                    if std::hint::black_box(true) {
+                        panic!("a handler that panics");
+                    }
+                    StatusCode::OK
+                }),
+            )
             .with_state(self.app.clone());
         Ok(batch_router(
             app,
@@ -1005,6 +1033,317 @@ async fn refused_before_the_layer_holds_no_transaction(backend: Backend) -> Resu
     Ok(())
 }
 
+// ------------------------------------------------------------ group commit
+
+/// The app behind [`Coalesce`] with `/widgets`, `/gate` and `/panic`
+/// grouped, one group at a time.
+fn coalesced(env: &Env) -> Result<Coalesce> {
+    let server = BatchServerConfig::new(env.db.clone())
+        .allow(Method::POST, "/widgets")
+        .allow(Method::POST, "/gate")
+        .allow(Method::POST, "/panic")
+        .refuse_header(http::HeaderName::from_static("x-alone"));
+    let mut config = CoalesceConfig::new(server);
+    config.max_in_flight = 1;
+    Ok(Coalesce::new(env.router(false)?, config))
+}
+
+/// `POST path` with a JSON `body` (and `Content-Length`), through `svc`.
+async fn post_one(
+    svc: &Coalesce,
+    path: &str,
+    body: &Value,
+    key: Option<&str>,
+) -> Result<(StatusCode, http::HeaderMap, Value)> {
+    post_raw(svc, path, body.to_string(), key).await
+}
+
+/// [`post_one`] with a body as it is.
+async fn post_raw(
+    svc: &Coalesce,
+    path: &str,
+    bytes: String,
+    key: Option<&str>,
+) -> Result<(StatusCode, http::HeaderMap, Value)> {
+    let mut req = Request::post(path)
+        .header("content-type", "application/json")
+        .header("content-length", bytes.len());
+    if let Some(key) = key {
+        req = req.header("idempotency-key", key);
+    }
+    let res = svc.clone().oneshot(req.body(Body::from(bytes))?).await?;
+    let (parts, body) = res.into_parts();
+    let bytes = body.collect().await?.to_bytes();
+    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Ok((parts.status, parts.headers, value))
+}
+
+/// Holds the runner with a `/gate` request, queues `n` requests made by
+/// `make`, waits (with a deadline) until all `n` wait, then opens the gate:
+/// the `n` leave as one group. Their answers, in order.
+async fn queued_then_released<F, Fut>(
+    env: &Env,
+    svc: &Coalesce,
+    n: usize,
+    make: F,
+) -> Result<Vec<(StatusCode, http::HeaderMap, Value)>>
+where
+    F: Fn(usize) -> Fut,
+    Fut:
+        std::future::Future<Output = Result<(StatusCode, http::HeaderMap, Value)>> + Send + 'static,
+{
+    let gate = {
+        let svc = svc.clone();
+        tokio::spawn(async move { post_one(&svc, "/gate", &json!({}), None).await })
+    };
+    // The gate's own request runs (and holds the one runner).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while env.app.at_gate.load(Ordering::SeqCst) == 0 || gate.is_finished() {
+        ensure!(tokio::time::Instant::now() < deadline, "the gate never ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // One after another, each queued before the next is sent: the group
+    // holds them in this order.
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        tasks.push(tokio::spawn(make(i)));
+        while svc.waiting() < i + 1 {
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {n} requests queued",
+                svc.waiting()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    env.app.at_gate.store(0, Ordering::SeqCst);
+    env.app.gate.add_permits(1);
+    let (status, _, _) = gate.await??;
+    ensure!(status == StatusCode::OK, "gate: {status}");
+    let mut answers = Vec::with_capacity(n);
+    for t in tasks {
+        answers.push(t.await??);
+    }
+    Ok(answers)
+}
+
+async fn coalesced_requests_commit_once_and_answer_each(backend: Backend) -> Result<()> {
+    let env = Env::new(backend).await?;
+    let svc = coalesced(&env)?;
+    let answers = queued_then_released(&env, &svc, 12, |i| {
+        let svc = svc.clone();
+        async move {
+            let key = (i % 3 != 0).then(|| format!("k{i}"));
+            // Request 5 is refused before its handler touches the
+            // transaction (not a widget): the group goes on without it.
+            let body = match i {
+                5 => "{\"id\": ".to_owned(),
+                _ => json!({"id": format!("w{i:02}"), "name": format!("n{i}")}).to_string(),
+            };
+            post_raw(&svc, "/widgets", body, key.as_deref()).await
+        }
+    })
+    .await?;
+    for (i, (status, _, body)) in answers.iter().enumerate() {
+        if i == 5 {
+            ensure!(status.is_client_error(), "request 5: {status} {body}");
+            continue;
+        }
+        ensure!(
+            *status == StatusCode::CREATED,
+            "request {i}: {status} {body}"
+        );
+        ensure!(body["id"] == format!("w{i:02}"), "request {i} got {body}");
+    }
+    ensure!(
+        env.rows().await?.len() == 11,
+        "rows {:?}",
+        env.rows().await?
+    );
+    if let Some(n) = env.writers().await? {
+        ensure!(n == 1, "12 queued requests took {n} transactions");
+    }
+    ensure!(env.app.hooks.load(Ordering::SeqCst) == 11, "hooks");
+    // The refused key kept nothing: sent again, well formed, it runs.
+    let (status, _, _) = post_one(
+        &svc,
+        "/widgets",
+        &json!({"id": "w05", "name": "n5"}),
+        Some("k5"),
+    )
+    .await?;
+    ensure!(status == StatusCode::CREATED, "k5 again: {status}");
+    // A repeat, alone now, replays the group's answer and writes nothing.
+    let (status, headers, body) = post_one(
+        &svc,
+        "/widgets",
+        &json!({"id": "w04", "name": "n4"}),
+        Some("k4"),
+    )
+    .await?;
+    ensure!(
+        status == StatusCode::CREATED && body["id"] == "w04",
+        "{status} {body}"
+    );
+    ensure!(
+        headers
+            .get(IDEMPOTENT_REPLAYED)
+            .and_then(|v| v.to_str().ok())
+            == Some("true"),
+        "not replayed: {headers:?}"
+    );
+    ensure!(env.rows().await?.len() == 12, "rows after the replay");
+    ensure!(svc.waiting() == 0, "left waiting");
+    env.done().await;
+    Ok(())
+}
+
+async fn coalesced_refusals_answer_each_as_alone(backend: Backend) -> Result<()> {
+    let env = Env::new(backend).await?;
+    let svc = coalesced(&env)?;
+    // What each request is, and what it must be answered alone.
+    let cases: Vec<(Value, Option<&'static str>, u16)> = vec![
+        (json!({"id": "a", "name": "ok"}), Some("ka"), 201),
+        (json!({"id": "b", "name": "refuse"}), Some("kb"), 422),
+        (json!({"id": "c", "name": "ok"}), None, 201),
+        (json!({"id": "a", "name": "duplicate id"}), Some("kd"), 409),
+        // The key of the first request, another body: 422 (key reused), or
+        // 409 while the first is in flight in the same group.
+        (json!({"id": "e", "name": "other"}), Some("ka"), 422),
+        (json!({"id": "f", "name": "ok"}), Some("kf"), 201),
+    ];
+    let shared = Arc::new(cases.clone());
+    let answers = queued_then_released(&env, &svc, cases.len(), |i| {
+        let (svc, shared) = (svc.clone(), shared.clone());
+        async move {
+            let (body, key, _) = &shared[i];
+            post_one(&svc, "/widgets", body, *key).await
+        }
+    })
+    .await?;
+    let got: Vec<u16> = answers.iter().map(|(s, _, _)| s.as_u16()).collect();
+    let want: Vec<u16> = cases.iter().map(|(_, _, s)| *s).collect();
+    ensure!(
+        got == want,
+        "answers {got:?}, alone they are {want:?}: {answers:?}"
+    );
+    let ids: Vec<String> = env.rows().await?.into_iter().map(|(id, _)| id).collect();
+    ensure!(ids == ["a", "c", "f"], "rows {ids:?}");
+    if let Some(n) = env.writers().await? {
+        ensure!(n == 3, "each accepted request alone: {n} transactions");
+    }
+    ensure!(env.app.hooks.load(Ordering::SeqCst) == 3, "hooks");
+    // The refused key left nothing: fixed, it runs.
+    let (status, _, _) = post_one(
+        &svc,
+        "/widgets",
+        &json!({"id": "b", "name": "fixed"}),
+        Some("kb"),
+    )
+    .await?;
+    ensure!(status == StatusCode::CREATED, "fixed: {status}");
+    env.done().await;
+    Ok(())
+}
+
+async fn requests_outside_groups_go_straight_through(backend: Backend) -> Result<()> {
+    let env = Env::new(backend).await?;
+    let svc = coalesced(&env)?;
+    // No Content-Length (a streamed body): straight to the app.
+    let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+        Ok(Bytes::from_static(b"{\"id\": \"s\", ")),
+        Ok(Bytes::from_static(b"\"name\": \"streamed\"}")),
+    ];
+    let req = Request::post("/widgets")
+        .header("content-type", "application/json")
+        .body(Body::from_stream(futures::stream::iter(chunks)))?;
+    let res = svc.clone().oneshot(req).await?;
+    ensure!(
+        res.status() == StatusCode::CREATED,
+        "streamed: {}",
+        res.status()
+    );
+    // A refused header, a route not grouped, a body over the limit.
+    let big = "x".repeat(70 << 10);
+    for (path, body, header) in [
+        (
+            "/widgets",
+            json!({"id": "h", "name": "ok"}),
+            Some("x-alone"),
+        ),
+        ("/open", json!({}), None),
+        ("/widgets", json!({"id": "big", "name": big}), None),
+    ] {
+        let bytes = body.to_string();
+        let mut req = Request::post(path)
+            .header("content-type", "application/json")
+            .header("content-length", bytes.len());
+        if let Some(h) = header {
+            req = req.header(h, "1");
+        }
+        let res = svc.clone().oneshot(req.body(Body::from(bytes))?).await?;
+        ensure!(res.status().is_success(), "{path}: {}", res.status());
+        ensure!(svc.waiting() == 0, "queued");
+    }
+    let ids: Vec<String> = env.rows().await?.into_iter().map(|(id, _)| id).collect();
+    ensure!(ids == ["big", "h", "s"], "rows {ids:?}");
+    // A body shorter than its Content-Length: 400, nothing written.
+    let req = Request::post("/widgets")
+        .header("content-type", "application/json")
+        .header("content-length", 100)
+        .body(Body::from("{\"id\": \"short\"}"))?;
+    let res = svc.clone().oneshot(req).await?;
+    ensure!(
+        res.status() == StatusCode::BAD_REQUEST,
+        "short body: {}",
+        res.status()
+    );
+    ensure!(env.rows().await?.len() == 3, "rows after the short body");
+    env.done().await;
+    Ok(())
+}
+
+async fn a_panicking_group_leaves_the_queue_served(backend: Backend) -> Result<()> {
+    let env = Env::new(backend).await?;
+    let svc = coalesced(&env)?;
+    let answers = queued_then_released(&env, &svc, 3, |i| {
+        let svc = svc.clone();
+        async move {
+            match i {
+                1 => post_one(&svc, "/panic", &json!({}), None).await,
+                _ => {
+                    post_one(
+                        &svc,
+                        "/widgets",
+                        &json!({"id": format!("p{i}"), "name": "ok"}),
+                        None,
+                    )
+                    .await
+                }
+            }
+        }
+    })
+    .await?;
+    let got: Vec<u16> = answers.iter().map(|(s, _, _)| s.as_u16()).collect();
+    ensure!(
+        got.iter().all(|s| *s == 500),
+        "the panicking group's answers {got:?}"
+    );
+    ensure!(env.rows().await?.is_empty(), "rows {:?}", env.rows().await?);
+    // The queue has a runner again: a request is served.
+    let (status, _, _) = post_one(
+        &svc,
+        "/widgets",
+        &json!({"id": "after", "name": "ok"}),
+        None,
+    )
+    .await?;
+    ensure!(status == StatusCode::CREATED, "after the panic: {status}");
+    ensure!(env.rows().await?.len() == 1, "rows after");
+    env.done().await;
+    Ok(())
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite { $(
@@ -1031,4 +1370,8 @@ on_both_backends!(
     client_reports_a_failed_exchange_to_each_request,
     batches_are_bounded,
     refused_before_the_layer_holds_no_transaction,
+    coalesced_requests_commit_once_and_answer_each,
+    coalesced_refusals_answer_each_as_alone,
+    requests_outside_groups_go_straight_through,
+    a_panicking_group_leaves_the_queue_served,
 );

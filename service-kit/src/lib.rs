@@ -151,6 +151,36 @@ pub async fn refuse_oversized(
     next.run(req).await
 }
 
+/// `app` behind group commit ([`resilience::batch::Coalesce`]) for the
+/// `allowed` routes: requests to them that arrive while `in_flight` groups
+/// are being written (default: 1 on SQLite, 4 on Postgres) wait, and are
+/// written together in one transaction, each answered as if alone.
+/// `Some(0)` leaves `app` as it is. Requests marked for the memory-dedupe
+/// counter-example, and bodies over `max_body_bytes`, always go alone.
+pub fn with_group_commit(
+    app: axum::Router,
+    db: &resilience::store::Db,
+    allowed: &[(http::Method, &str)],
+    in_flight: Option<usize>,
+    max_body_bytes: usize,
+) -> axum::Router {
+    if in_flight == Some(0) {
+        return app;
+    }
+    let server = allowed.iter().fold(
+        resilience::batch::BatchServerConfig::new(db.clone()).refuse_header(
+            http::HeaderName::from_static(memory_dedupe::MEMORY_DEDUPE_HEADER),
+        ),
+        |config, (method, pattern)| config.allow(method.clone(), pattern),
+    );
+    let mut config = resilience::batch::CoalesceConfig::new(server);
+    config.server.max_body_bytes = max_body_bytes;
+    if let Some(n) = in_flight {
+        config.max_in_flight = n;
+    }
+    resilience::batch::Coalesce::new(app, config).into_router()
+}
+
 /// `app` with `POST /batch` ([`resilience::batch`]): the outbox relays of
 /// the other services send their messages through it, many in one exchange
 /// and one transaction. Requests marked for the memory-dedupe

@@ -131,12 +131,21 @@ pub fn router(state: AppState) -> Router {
         // Counts and times each request by route template.
         .layer(axum::middleware::from_fn(service_kit::metrics::track_http));
     // Batches run their requests through `app`, each with its own layers.
-    service_kit::with_batch(
+    let app = service_kit::with_batch(
         app,
         state.store.db(),
         &[
             (http::Method::POST, "/orders"),
             (http::Method::POST, "/orders/{id}/shipment-events"),
         ],
+    );
+    // Group commit: orders that arrive while others are being written are
+    // written together, each answered as if alone.
+    service_kit::with_group_commit(
+        app,
+        state.store.db(),
+        &[(http::Method::POST, "/orders")],
+        state.config.group_commit,
+        max_body,
     )
 }

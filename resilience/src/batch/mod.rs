@@ -89,9 +89,11 @@
 //! [`Db::commit_resolved`]: crate::store::Db::commit_resolved
 
 mod client;
+mod coalesce;
 mod server;
 
 pub use client::{BatchConfig, BatchError, BatchLayer, Batching};
+pub use coalesce::{Coalesce, CoalesceConfig};
 pub use server::{route, router, BatchScope, BatchServerConfig};
 
 use serde::{Deserialize, Serialize};

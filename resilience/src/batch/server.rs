@@ -86,7 +86,7 @@ impl BatchServerConfig {
         self
     }
 
-    fn allows(&self, method: &Method, path: &str) -> bool {
+    pub(super) fn allows(&self, method: &Method, path: &str) -> bool {
         self.allowed.is_empty()
             || self
                 .allowed
@@ -222,11 +222,14 @@ impl std::fmt::Debug for BatchScope {
 }
 
 /// One sub-request, checked and decoded.
-struct Item {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+pub(super) struct Item {
+    pub(super) method: Method,
+    pub(super) uri: Uri,
+    pub(super) headers: HeaderMap,
+    pub(super) body: Bytes,
+    /// What the request carried in (a coalesced request's connection
+    /// info and the like); empty for a sub-request of `POST /batch`.
+    pub(super) extensions: http::Extensions,
 }
 
 impl Item {
@@ -283,26 +286,36 @@ impl Item {
             uri: Uri::from(path),
             headers,
             body: Bytes::from(body),
+            extensions: http::Extensions::new(),
         })
     }
 
-    fn request(&self) -> Request {
+    pub(super) fn request(&self) -> Request {
         let mut req = Request::new(Body::from(self.body.clone()));
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.headers_mut() = self.headers.clone();
+        *req.extensions_mut() = self.extensions.clone();
         req
     }
 }
 
 /// A sub-request's answer, buffered.
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
+pub(super) struct Answer {
+    pub(super) status: StatusCode,
+    pub(super) headers: HeaderMap,
+    pub(super) body: Bytes,
 }
 
 impl Answer {
+    /// The answer as the response to a request of its own.
+    pub(super) fn into_response(self) -> Response {
+        let mut res = Response::new(Body::from(self.body));
+        *res.status_mut() = self.status;
+        *res.headers_mut() = self.headers;
+        res
+    }
+
     fn into_sub(self) -> SubResponse {
         SubResponse {
             status: self.status.as_u16(),
@@ -312,7 +325,7 @@ impl Answer {
     }
 }
 
-async fn dispatch(app: &Router, req: Request) -> Answer {
+pub(super) async fn dispatch(app: &Router, req: Request) -> Answer {
     let res = match app.clone().oneshot(req).await {
         Ok(res) => res,
         Err(never) => match never {},
@@ -398,7 +411,19 @@ async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> 
         .enumerate()
         .map(|(i, sub)| Item::parse(i, sub, config))
         .collect::<Result<Vec<_>, _>>()?;
+    run_items(&state.app, config, &items).await.map(respond)
+}
 
+/// Runs `items` through `app`: together in one transaction, or, if one of
+/// them is refused, each alone. Their answers, in order; an error is the
+/// answer of all of them (the shared run took too long, or its commit's
+/// outcome is unknown).
+pub(super) async fn run_items(
+    app: &Router,
+    config: &BatchServerConfig,
+    items: &[Item],
+) -> Result<Vec<Answer>, Problem> {
+    let n = items.len();
     #[cfg(feature = "signing")]
     let nonces = crate::signing::BatchNonces::new();
     let db = &config.db;
@@ -417,14 +442,14 @@ async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> 
     let mut answers: Vec<Answer> = Vec::with_capacity(n);
     let mut joined: Vec<bool> = Vec::with_capacity(n);
     let first_run = async {
-        for item in &items {
+        for item in items {
             let mut req = item.request();
             req.extensions_mut().insert(shared.clone());
             req.extensions_mut().insert(scope.clone());
             #[cfg(feature = "signing")]
             req.extensions_mut().insert(nonces.clone());
             let before = shared.joined();
-            answers.push(dispatch(&state.app, req).await);
+            answers.push(dispatch(app, req).await);
             joined.push(shared.joined() > before);
             if shared.failed() {
                 break;
@@ -447,7 +472,7 @@ async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> 
     }
     match shared.finish().await {
         // Nothing ran in a transaction: every answer stands.
-        Finished::NotBegun => return Ok(respond(answers)),
+        Finished::NotBegun => return Ok(answers),
         Finished::Lost => tracing::warn!(
             n,
             "a sub-request lost the batch's transaction; running the batch one by one"
@@ -477,7 +502,7 @@ async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> 
                     #[cfg(feature = "metrics")]
                     metrics::histogram!("batch_requests", "outcome" => "committed")
                         .record(n as f64);
-                    return Ok(respond(answers));
+                    return Ok(answers);
                 }
                 // Nothing was saved: run them one by one below.
                 CommitOutcome::RolledBack(e) => {
@@ -509,11 +534,11 @@ async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> 
                 let mut req = item.request();
                 #[cfg(feature = "signing")]
                 req.extensions_mut().insert(nonces.clone());
-                out.push(dispatch(&state.app, req).await);
+                out.push(dispatch(app, req).await);
             }
         }
     }
-    Ok(respond(out))
+    Ok(out)
 }
 
 fn respond(answers: Vec<Answer>) -> Response {

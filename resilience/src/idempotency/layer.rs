@@ -171,6 +171,19 @@ impl Owner {
         }
     }
 
+    /// Refused by its handler: roll back. In a batch, the whole batch rolls
+    /// back only if something ran in its transaction for this request
+    /// (`tx` was locked); a refusal that touched nothing (bad input, a
+    /// back-pressure 503) leaves it as it was, its held writes are dropped,
+    /// and the others go on: its answer is the one it would get alone.
+    async fn refuse(&self, t: Transaction<'static, Any>, tx: &Tx) {
+        if tx.touched() {
+            self.abandon(t).await;
+        } else {
+            self.release(t).await;
+        }
+    }
+
     /// Success: commit (resolving an ambiguous commit; `xid` is the
     /// transaction's id when already read, `Some(None)` for "asked: none"),
     /// then run the hooks. In a batch: hand the transaction back with the
@@ -226,7 +239,7 @@ where
     let transaction = tx.finish().await;
     if refused(res.status()) {
         if let Some(t) = transaction {
-            owner.abandon(t).await;
+            owner.refuse(t, &tx).await;
         }
         return res;
     }
@@ -386,6 +399,7 @@ where
             return Err(db_error(e));
         }
     };
+    let mut cleared = false;
     match record::classify(locked, stored, now_ms()) {
         Verdict::Replay(stored) => {
             owner.release(transaction).await;
@@ -398,6 +412,7 @@ where
                 owner.abandon(transaction).await;
                 return Err(db_error(e));
             }
+            cleared = true;
         }
         Verdict::Absent => {}
         Verdict::InFlight => {
@@ -412,6 +427,9 @@ where
         Owner::Batch(_) => Tx::batched(transaction),
         Owner::Own(_) => Tx::active(transaction),
     };
+    if cleared {
+        tx.touch();
+    }
     parts.extensions.insert(tx.clone());
     let res = call_inner(
         inner,
@@ -438,7 +456,7 @@ async fn record_and_commit(
     let db = &config.db;
     let (scope, key, fp) = (req.scope.as_str(), req.key.as_str(), req.fp.as_str());
     if refused(res.status()) {
-        owner.abandon(transaction).await;
+        owner.refuse(transaction, tx).await;
         return Ok(res);
     }
     let (res_parts, res_body) = match buffered(res).await {

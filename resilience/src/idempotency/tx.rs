@@ -74,6 +74,10 @@ struct Shared {
     /// In a batch: writes handed to [`Tx::write`] wait here, for the batch
     /// to run them with every answer's record in one statement.
     held: Option<std::sync::Mutex<Vec<Write>>>,
+    /// Whether anything ran in the transaction for this request (a `lock`,
+    /// or the layer's own write): a refused request of a batch that did
+    /// not touch it leaves the batch's transaction as it found it.
+    touched: std::sync::atomic::AtomicBool,
 }
 
 /// The request's database transaction, owned by the
@@ -103,6 +107,7 @@ impl Tx {
                 hooks: std::sync::Mutex::new(Vec::new()),
                 found: std::sync::Mutex::new(None),
                 held: hold.then(|| std::sync::Mutex::new(Vec::new())),
+                touched: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -123,6 +128,22 @@ impl Tx {
             ),
             None => Vec::new(),
         }
+    }
+
+    /// Records that something ran in the transaction for this request.
+    pub(crate) fn touch(&self) {
+        self.shared
+            .touched
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether anything ran in the transaction for this request: a
+    /// [`Tx::lock`] (held writes of a batch do not count; they are
+    /// dropped with a refused request).
+    pub(crate) fn touched(&self) -> bool {
+        self.shared
+            .touched
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A transaction begun at first use.
@@ -155,6 +176,7 @@ impl Tx {
     /// [`TxError::Answered`], and the layer answers the request (the replay,
     /// or 409) whatever the handler returns.
     pub async fn lock(&self) -> Result<TxGuard<'_>, TxError> {
+        self.touch();
         let mut slot = self.shared.slot.lock().await;
         match &mut *slot {
             Slot::Pending(db) => {
