@@ -59,6 +59,10 @@ struct App {
     gate: Arc<tokio::sync::Semaphore>,
     /// `POST /gate` requests that reached their handler.
     at_gate: Arc<AtomicUsize>,
+    /// The after-commit hooks of `hold` widgets wait here for a permit.
+    hold: Arc<tokio::sync::Semaphore>,
+    /// `hold` hooks that began waiting.
+    held: Arc<AtomicUsize>,
 }
 
 /// `together` widgets per test batch.
@@ -116,6 +120,16 @@ async fn create_widget(State(app): State<App>, tx: Tx, Json(body): Json<Value>) 
             hooks.fetch_add(1, Ordering::SeqCst);
         })
     });
+    if name == "hold" {
+        // Its answer waits for a permit, after the commit.
+        let (hold, held) = (app.hold.clone(), app.held.clone());
+        tx.after_commit(move || {
+            Box::pin(async move {
+                held.fetch_add(1, Ordering::SeqCst);
+                let _ = hold.acquire().await.map(|p| p.forget());
+            })
+        });
+    }
     if name == "together" {
         // Completes only when the hooks of all `together` requests run at
         // the same time.
@@ -177,6 +191,8 @@ impl Env {
             alone: Arc::new(AtomicUsize::new(0)),
             gate: Arc::new(tokio::sync::Semaphore::new(0)),
             at_gate: Arc::new(AtomicUsize::new(0)),
+            hold: Arc::new(tokio::sync::Semaphore::new(0)),
+            held: Arc::new(AtomicUsize::new(0)),
         };
         Ok(Self { test_db, db, app })
     }
@@ -1092,6 +1108,27 @@ where
     Fut:
         std::future::Future<Output = Result<(StatusCode, http::HeaderMap, Value)>> + Send + 'static,
 {
+    let mut answers = Vec::with_capacity(n);
+    for t in queued_then_let_go(env, svc, n, make).await? {
+        answers.push(t.await??);
+    }
+    Ok(answers)
+}
+
+type Answered = tokio::task::JoinHandle<Result<(StatusCode, http::HeaderMap, Value)>>;
+
+/// [`queued_then_released`], without waiting for the answers.
+async fn queued_then_let_go<F, Fut>(
+    env: &Env,
+    svc: &Coalesce,
+    n: usize,
+    make: F,
+) -> Result<Vec<Answered>>
+where
+    F: Fn(usize) -> Fut,
+    Fut:
+        std::future::Future<Output = Result<(StatusCode, http::HeaderMap, Value)>> + Send + 'static,
+{
     let gate = {
         let svc = svc.clone();
         tokio::spawn(async move { post_one(&svc, "/gate", &json!({}), None).await })
@@ -1120,11 +1157,80 @@ where
     env.app.gate.add_permits(1);
     let (status, _, _) = gate.await??;
     ensure!(status == StatusCode::OK, "gate: {status}");
-    let mut answers = Vec::with_capacity(n);
-    for t in tasks {
-        answers.push(t.await??);
+    Ok(tasks)
+}
+
+async fn a_slow_hook_holds_up_no_group(backend: Backend) -> Result<()> {
+    let env = Env::new(backend).await?;
+    let svc = coalesced(&env)?;
+    let limit = Duration::from_secs(10);
+    // However the test ends, the held hooks are let go (a failure must not
+    // leave tasks waiting forever).
+    struct LetGo(Arc<tokio::sync::Semaphore>);
+    impl Drop for LetGo {
+        fn drop(&mut self) {
+            self.0.add_permits(16);
+        }
     }
-    Ok(answers)
+    let _let_go = LetGo(env.app.hold.clone());
+    // Alone: its hook waits; the next request is answered meanwhile.
+    let held = {
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            post_one(
+                &svc,
+                "/widgets",
+                &json!({"id": "h1", "name": "hold"}),
+                Some("kh1"),
+            )
+            .await
+        })
+    };
+    let deadline = tokio::time::Instant::now() + limit;
+    while env.app.held.load(Ordering::SeqCst) < 1 {
+        ensure!(tokio::time::Instant::now() < deadline, "the hook never ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let x1 = json!({"id": "x1", "name": "ok"});
+    let next = post_one(&svc, "/widgets", &x1, None);
+    let (status, _, _) = tokio::time::timeout(limit, next)
+        .await
+        .context("a request waited for another's hook")??;
+    ensure!(status == StatusCode::CREATED, "x1: {status}");
+    ensure!(!held.is_finished(), "h1 answered before its hook ran");
+    // In a group: the others are answered while its hook waits.
+    let mut tasks = queued_then_let_go(&env, &svc, 3, |i| {
+        let svc = svc.clone();
+        async move {
+            let name = if i == 0 { "hold" } else { "ok" };
+            post_one(
+                &svc,
+                "/widgets",
+                &json!({"id": format!("g{i}"), "name": name}),
+                None,
+            )
+            .await
+        }
+    })
+    .await?;
+    for t in tasks.drain(1..) {
+        let (status, _, body) = tokio::time::timeout(limit, t)
+            .await
+            .context("a request of the group waited for another's hook")???;
+        ensure!(status == StatusCode::CREATED, "{status} {body}");
+    }
+    ensure!(!tasks[0].is_finished(), "g0 answered before its hook ran");
+    env.app.hold.add_permits(2);
+    let (status, _, _) = held.await??;
+    ensure!(status == StatusCode::CREATED, "h1: {status}");
+    for t in tasks {
+        let (status, _, _) = t.await??;
+        ensure!(status == StatusCode::CREATED, "g0: {status}");
+    }
+    let ids: Vec<String> = env.rows().await?.into_iter().map(|(id, _)| id).collect();
+    ensure!(ids == ["g0", "g1", "g2", "h1", "x1"], "rows {ids:?}");
+    env.done().await;
+    Ok(())
 }
 
 async fn coalesced_requests_commit_once_and_answer_each(backend: Backend) -> Result<()> {
@@ -1374,4 +1480,5 @@ on_both_backends!(
     coalesced_refusals_answer_each_as_alone,
     requests_outside_groups_go_straight_through,
     a_panicking_group_leaves_the_queue_served,
+    a_slow_hook_holds_up_no_group,
 );

@@ -19,7 +19,9 @@ use http_body_util::{BodyExt, Limited};
 use tokio::sync::oneshot;
 use tower::{Service, ServiceExt};
 
-use super::server::{dispatch, run_items, Answer, BatchServerConfig, Item};
+use super::server::{
+    dispatch_alone, problem_answer, run_items, Answer, BatchServerConfig, Item, Pending,
+};
 use crate::problem::{internal_error, Problem};
 
 /// How [`Coalesce`] groups requests.
@@ -266,22 +268,32 @@ impl Runner {
 
     async fn serve_group(&self, group: Vec<Waiting>) {
         let shared = &self.shared;
-        if let [one] = group.as_slice() {
-            // Alone: exactly as without this service.
-            let answer = dispatch(&shared.app, one.item.request()).await;
-            if let Some(w) = group.into_iter().next() {
-                let _ = w.reply.send(answer);
-            }
-            return;
-        }
-        #[cfg(feature = "metrics")]
-        metrics::histogram!("coalesced_requests").record(group.len() as f64);
         let (items, replies): (Vec<Item>, Vec<oneshot::Sender<Answer>>) =
             group.into_iter().map(|w| (w.item, w.reply)).unzip();
-        match run_items(&shared.app, &shared.config.server, &items).await {
-            Ok(answers) => {
-                for (reply, answer) in replies.into_iter().zip(answers) {
-                    let _ = reply.send(answer);
+        let pending = if let [one] = items.as_slice() {
+            // Alone: exactly as without this service. The next group starts
+            // when its transaction is over, not after its hooks.
+            Ok(vec![dispatch_alone(&shared.app, one.request()).await])
+        } else {
+            #[cfg(feature = "metrics")]
+            metrics::histogram!("coalesced_requests").record(items.len() as f64);
+            run_items(&shared.app, &shared.config.server, &items).await
+        };
+        match pending {
+            Ok(pending) => {
+                for (reply, pending) in replies.into_iter().zip(pending) {
+                    match pending {
+                        Pending::Ready(answer) => {
+                            let _ = reply.send(answer);
+                        }
+                        // Hooks (an at-most-once call to a peer) run on
+                        // their own, each request's before its answer.
+                        later => {
+                            tokio::spawn(async move {
+                                let _ = reply.send(later.resolve().await);
+                            });
+                        }
+                    }
                 }
             }
             Err(problem) => {
@@ -310,20 +322,5 @@ impl Drop for Runner {
             queue.running += 1;
             tokio::spawn(Runner::new(self.shared.clone()).run());
         }
-    }
-}
-
-/// A problem as a buffered answer.
-async fn problem_answer(problem: Problem) -> Answer {
-    let (parts, body) = problem.into_response().into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body,
     }
 }

@@ -32,6 +32,11 @@
 //!   [`Tx::write`](crate::idempotency::Tx::write) are held and run with
 //!   the records: in the same statement on Postgres, the same script on
 //!   SQLite.
+//! - **Group commit for single requests**: [`Coalesce`] puts the same
+//!   machinery in front of an app for requests that come one by one:
+//!   requests to its routes that arrive while earlier ones are being
+//!   written wait, and then run together as one batch would, each answered
+//!   as it would be alone.
 //! - **Reading for the whole batch**: each sub-request of the shared run
 //!   carries a [`BatchScope`] in its extensions: every sub-request's path
 //!   and a memo they share. A handler can read in its first sub-request
@@ -43,11 +48,15 @@
 //! # Guarantees, unchanged
 //!
 //! - **All or nothing, then one by one.** If every sub-request succeeds, one
-//!   commit makes all of them durable, each with its idempotency record. If
-//!   one is refused (4xx, 5xx) or fails, the transaction rolls back and every
-//!   sub-request that ran in it runs again on its own, in its own
-//!   transaction, exactly as if it had come alone: the others still get
-//!   their answer, and the refused one its refusal.
+//!   commit makes all of them durable, each with its idempotency record. A
+//!   sub-request refused (4xx, 5xx) before anything ran in the transaction
+//!   for it (its handler never called [`Tx::lock`](crate::idempotency::Tx::lock))
+//!   keeps its refusal, its held writes are dropped, and the others go on:
+//!   what it was answered did not depend on them. If one is refused after
+//!   that, or fails, the transaction rolls back and every sub-request that
+//!   ran in it runs again on its own, in its own transaction, exactly as if
+//!   it had come alone: the others still get their answer, and the refused
+//!   one its refusal.
 //! - **A lost batch is a lost request, N times.** A transport error, a
 //!   timeout or a 5xx on the batch itself is the answer of each of its
 //!   requests; each is retried by its owner and de-duplicated by its own

@@ -20,7 +20,7 @@ use super::{
     b64, header_pairs, hop_by_hop, BatchRequest, BatchResponse, SubRequest, SubResponse,
     DEFAULT_PATH,
 };
-use crate::idempotency::{commit_unknown, rollback, Finished, SharedTx};
+use crate::idempotency::{commit_unknown, rollback, AfterCommit, CommitSignal, Finished, SharedTx};
 use crate::problem::{internal_error, Problem};
 use crate::store::{CommitOutcome, Db};
 
@@ -411,18 +411,91 @@ async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> 
         .enumerate()
         .map(|(i, sub)| Item::parse(i, sub, config))
         .collect::<Result<Vec<_>, _>>()?;
-    run_items(&state.app, config, &items).await.map(respond)
+    let pending = run_items(&state.app, config, &items).await?;
+    // Each request's hooks in their order, the requests' side by side: one
+    // slow hook (a call to a peer) does not hold up the others.
+    let answers = futures::future::join_all(pending.into_iter().map(Pending::resolve)).await;
+    Ok(respond(answers))
+}
+
+/// A sub-request's answer, once what follows its commit has run.
+pub(super) enum Pending {
+    /// Nothing follows.
+    Ready(Answer),
+    /// Committed with the batch: its after-commit hooks, in their order,
+    /// then the answer.
+    Hooks(Answer, Vec<AfterCommit>),
+    /// Run alone: its transaction is over, and the rest (its hooks) goes on
+    /// in a task of its own.
+    Task(tokio::task::JoinHandle<Answer>),
+}
+
+impl Pending {
+    /// The answer, after the hooks.
+    pub(super) async fn resolve(self) -> Answer {
+        match self {
+            Pending::Ready(answer) => answer,
+            Pending::Hooks(answer, hooks) => {
+                for hook in hooks {
+                    hook().await;
+                }
+                answer
+            }
+            Pending::Task(task) => match task.await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    let problem = internal_error(format!("request task failed: {e}"));
+                    problem_answer(problem).await
+                }
+            },
+        }
+    }
+}
+
+/// A problem as a buffered answer.
+pub(super) async fn problem_answer(problem: Problem) -> Answer {
+    let (parts, body) = problem.into_response().into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Runs `req` alone through `app` in a task of its own, and returns once
+/// its transaction is over: committed (its after-commit hooks, which may
+/// call a peer, go on in the task) or finished without a commit.
+pub(super) async fn dispatch_alone(app: &Router, mut req: Request) -> Pending {
+    let signal = CommitSignal::default();
+    req.extensions_mut().insert(signal.clone());
+    let app = app.clone();
+    let mut task = tokio::spawn(async move { dispatch(&app, req).await });
+    tokio::select! {
+        () = signal.0.notified() => Pending::Task(task),
+        done = &mut task => match done {
+            Ok(answer) => Pending::Ready(answer),
+            Err(e) => {
+                let problem = internal_error(format!("request task failed: {e}"));
+                Pending::Ready(problem_answer(problem).await)
+            }
+        },
+    }
 }
 
 /// Runs `items` through `app`: together in one transaction, or, if one of
-/// them is refused, each alone. Their answers, in order; an error is the
-/// answer of all of them (the shared run took too long, or its commit's
-/// outcome is unknown).
+/// them is refused, each alone. Their answers, in order, each pending what
+/// follows its commit; an error is the answer of all of them (the shared
+/// run took too long, or its commit's outcome is unknown).
 pub(super) async fn run_items(
     app: &Router,
     config: &BatchServerConfig,
     items: &[Item],
-) -> Result<Vec<Answer>, Problem> {
+) -> Result<Vec<Pending>, Problem> {
     let n = items.len();
     #[cfg(feature = "signing")]
     let nonces = crate::signing::BatchNonces::new();
@@ -441,16 +514,20 @@ pub(super) async fn run_items(
     let scope = BatchScope::new(items.iter().map(|item| item.uri.to_string()).collect());
     let mut answers: Vec<Answer> = Vec::with_capacity(n);
     let mut joined: Vec<bool> = Vec::with_capacity(n);
+    // Whose each set of hooks handed back is.
+    let mut hook_owners: Vec<usize> = Vec::new();
     let first_run = async {
-        for item in items {
+        for (i, item) in items.iter().enumerate() {
             let mut req = item.request();
             req.extensions_mut().insert(shared.clone());
             req.extensions_mut().insert(scope.clone());
             #[cfg(feature = "signing")]
             req.extensions_mut().insert(nonces.clone());
             let before = shared.joined();
+            let hooks_before = shared.hook_sets();
             answers.push(dispatch(app, req).await);
             joined.push(shared.joined() > before);
+            hook_owners.extend(std::iter::repeat_n(i, shared.hook_sets() - hooks_before));
             if shared.failed() {
                 break;
             }
@@ -472,7 +549,7 @@ pub(super) async fn run_items(
     }
     match shared.finish().await {
         // Nothing ran in a transaction: every answer stands.
-        Finished::NotBegun => return Ok(answers),
+        Finished::NotBegun => return Ok(answers.into_iter().map(Pending::Ready).collect()),
         Finished::Lost => tracing::warn!(
             n,
             "a sub-request lost the batch's transaction; running the batch one by one"
@@ -490,19 +567,27 @@ pub(super) async fn run_items(
             };
             match outcome {
                 CommitOutcome::Committed => {
-                    // Each request's hooks in their order, the requests' side
-                    // by side: one slow hook (a call to a peer) does not hold up
-                    // the others.
-                    futures::future::join_all(hooks.into_iter().map(|own| async move {
-                        for hook in own {
-                            hook().await;
-                        }
-                    }))
-                    .await;
                     #[cfg(feature = "metrics")]
                     metrics::histogram!("batch_requests", "outcome" => "committed")
                         .record(n as f64);
-                    return Ok(answers);
+                    let mut own: Vec<Vec<AfterCommit>> =
+                        answers.iter().map(|_| Vec::new()).collect();
+                    for (set, i) in hooks.into_iter().zip(hook_owners) {
+                        if let Some(slot) = own.get_mut(i) {
+                            slot.extend(set);
+                        }
+                    }
+                    return Ok(answers
+                        .into_iter()
+                        .zip(own)
+                        .map(|(answer, hooks)| {
+                            if hooks.is_empty() {
+                                Pending::Ready(answer)
+                            } else {
+                                Pending::Hooks(answer, hooks)
+                            }
+                        })
+                        .collect());
                 }
                 // Nothing was saved: run them one by one below.
                 CommitOutcome::RolledBack(e) => {
@@ -528,13 +613,15 @@ pub(super) async fn run_items(
     for (i, item) in items.iter().enumerate() {
         let earlier = first.next();
         match earlier {
-            Some(answer) if !joined[i] => out.push(answer),
+            Some(answer) if !joined[i] => out.push(Pending::Ready(answer)),
             _ => {
                 #[allow(unused_mut)] // without `signing` nothing is added
                 let mut req = item.request();
                 #[cfg(feature = "signing")]
                 req.extensions_mut().insert(nonces.clone());
-                out.push(dispatch(app, req).await);
+                // The next one starts when this one's transaction is over,
+                // not after its hooks.
+                out.push(dispatch_alone(app, req).await);
             }
         }
     }

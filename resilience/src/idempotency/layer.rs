@@ -234,6 +234,7 @@ where
             Err(p) => return p.into_response(),
         },
     };
+    tx.signal_from(req.extensions());
     req.extensions_mut().insert(tx.clone());
     let res = call_inner(inner, req).await;
     let transaction = tx.finish().await;
@@ -430,6 +431,7 @@ where
     if cleared {
         tx.touch();
     }
+    tx.signal_from(&parts.extensions);
     parts.extensions.insert(tx.clone());
     let res = call_inner(
         inner,
@@ -573,6 +575,7 @@ where
     };
     let again = (inner.clone(), parts.clone());
     let tx = Tx::deferred(db.clone(), claim.clone());
+    tx.signal_from(&parts.extensions);
     parts.extensions.insert(tx.clone());
     let res = call_inner(
         inner,

@@ -149,6 +149,12 @@ impl SharedTx {
         result
     }
 
+    /// How many sub-requests have handed hooks back so far (each one's are
+    /// one entry of [`Finished::Done`]'s list, in this order).
+    pub(crate) fn hook_sets(&self) -> usize {
+        self.lock_hooks().len()
+    }
+
     /// Hands the transaction back after a sub-request, with the hooks it
     /// registered (run only after the batch commits).
     pub(crate) async fn give_back(&self, tx: Transaction<'static, Any>, hooks: Vec<AfterCommit>) {

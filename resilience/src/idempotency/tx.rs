@@ -19,6 +19,14 @@ use crate::store::{now_ms, run_writes, Backend, Db, Write};
 /// A hook run after a successful commit.
 pub type AfterCommit = Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send + 'static>;
 
+/// Put in a request's extensions, it is notified once the request's own
+/// transaction is over (committed, before the after-commit hooks run), or
+/// when nothing was left to commit. What runs requests one after another
+/// (group commit) goes on to the next then, and leaves the hooks (a call to
+/// a peer, say) to finish on their own.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CommitSignal(pub(crate) Arc<tokio::sync::Notify>);
+
 /// The key a deferred transaction claims when it is begun.
 #[derive(Debug, Clone)]
 pub(crate) struct Claim {
@@ -78,6 +86,8 @@ struct Shared {
     /// or the layer's own write): a refused request of a batch that did
     /// not touch it leaves the batch's transaction as it found it.
     touched: std::sync::atomic::AtomicBool,
+    /// Notified when the hooks are about to run (see [`CommitSignal`]).
+    signal: std::sync::Mutex<Option<CommitSignal>>,
 }
 
 /// The request's database transaction, owned by the
@@ -108,6 +118,7 @@ impl Tx {
                 found: std::sync::Mutex::new(None),
                 held: hold.then(|| std::sync::Mutex::new(Vec::new())),
                 touched: std::sync::atomic::AtomicBool::new(false),
+                signal: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -127,6 +138,18 @@ impl Tx {
                     .unwrap_or_else(std::sync::PoisonError::into_inner),
             ),
             None => Vec::new(),
+        }
+    }
+
+    /// Notifies the request's [`CommitSignal`], if it has one, when the
+    /// hooks are about to run.
+    pub(crate) fn signal_from(&self, extensions: &http::Extensions) {
+        if let Some(signal) = extensions.get::<CommitSignal>() {
+            *self
+                .shared
+                .signal
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(signal.clone());
         }
     }
 
@@ -343,8 +366,18 @@ impl Tx {
         )
     }
 
-    /// Runs and clears the after-commit hooks.
+    /// Runs and clears the after-commit hooks (first telling the
+    /// request's [`CommitSignal`] that its transaction is over).
     pub(crate) async fn run_hooks(&self) {
+        let signal = self
+            .shared
+            .signal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(signal) = signal {
+            signal.0.notify_one();
+        }
         let hooks = std::mem::take(
             &mut *self
                 .shared
