@@ -72,7 +72,7 @@ pub struct Config {
     /// written at once. Orders that arrive while that many are being
     /// written wait and are then written together, in one transaction
     /// (each still answered as if alone). 0 turns grouping off. Default:
-    /// 1 on SQLite (one writer), 4 on Postgres.
+    /// 1 on SQLite (one writer), 2 on Postgres.
     #[arg(long, env = "GROUP_COMMIT")]
     pub group_commit: Option<usize>,
 

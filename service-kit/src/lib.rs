@@ -153,7 +153,7 @@ pub async fn refuse_oversized(
 
 /// `app` behind group commit ([`resilience::batch::Coalesce`]) for the
 /// `allowed` routes: requests to them that arrive while `in_flight` groups
-/// are being written (default: 1 on SQLite, 4 on Postgres) wait, and are
+/// are being written (default: 1 on SQLite, 2 on Postgres) wait, and are
 /// written together in one transaction, each answered as if alone.
 /// `Some(0)` leaves `app` as it is. Requests marked for the memory-dedupe
 /// counter-example, and bodies over `max_body_bytes`, always go alone.

@@ -44,11 +44,11 @@ pub struct CoalesceConfig {
 
 impl CoalesceConfig {
     /// Groups of at most 64 requests of at most 64 KiB each, one group at a
-    /// time on SQLite and four on Postgres; no route allowed yet.
+    /// time on SQLite and two on Postgres; no route allowed yet.
     pub fn new(server: BatchServerConfig) -> Self {
         let max_in_flight = match server.db.backend() {
             crate::store::Backend::Sqlite => 1,
-            crate::store::Backend::Postgres => 4,
+            crate::store::Backend::Postgres => 2,
         };
         Self {
             server: BatchServerConfig {
