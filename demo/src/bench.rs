@@ -256,8 +256,8 @@ pub struct EndToEnd {
     /// `shipped / secs`.
     pub orders_per_s: f64,
     /// `max(shipped_at) - max(created_at)`, seconds: how long delivery ran
-    /// on after the last order came in. Near `secs` minus the ingest time
-    /// when delivery keeps pace with ingest and only its latency shows.
+    /// on after the last order came in (0 while nothing shipped). Near zero
+    /// when delivery keeps pace with ingest; large when it falls behind.
     pub tail_secs: f64,
 }
 

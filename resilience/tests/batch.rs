@@ -231,14 +231,22 @@ impl Env {
                     // Holds its group (and its runner) until the test lets it go.
                     app.at_gate.fetch_add(1, Ordering::SeqCst);
                     match app.gate.acquire().await {
-                        Ok(_) => StatusCode::OK,
+                        Ok(permit) => {
+                            permit.forget();
+                            StatusCode::OK
+                        }
                         Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
                     }
                 }),
             )
             .route(
                 "/panic",
-                post(|| async {
+                post(|State(app): State<App>| async move {
+                    // Waits at the gate, then panics.
+                    app.at_gate.fetch_add(1, Ordering::SeqCst);
+                    if let Ok(permit) = app.gate.acquire().await {
+                        permit.forget();
+                    }
                     if std::hint::black_box(true) {
                         panic!("a handler that panics");
                     }
@@ -1129,16 +1137,8 @@ where
     Fut:
         std::future::Future<Output = Result<(StatusCode, http::HeaderMap, Value)>> + Send + 'static,
 {
-    let gate = {
-        let svc = svc.clone();
-        tokio::spawn(async move { post_one(&svc, "/gate", &json!({}), None).await })
-    };
-    // The gate's own request runs (and holds the one runner).
+    let gate = hold_the_runner(env, svc).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while env.app.at_gate.load(Ordering::SeqCst) == 0 || gate.is_finished() {
-        ensure!(tokio::time::Instant::now() < deadline, "the gate never ran");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
     // One after another, each queued before the next is sent: the group
     // holds them in this order.
     let mut tasks = Vec::with_capacity(n);
@@ -1153,11 +1153,32 @@ where
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
+    let_go(env, gate).await?;
+    Ok(tasks)
+}
+
+/// Sends `POST /gate` and waits (with a deadline) until it runs: it holds
+/// the one runner until [`let_go`].
+async fn hold_the_runner(env: &Env, svc: &Coalesce) -> Result<Answered> {
+    let gate = {
+        let svc = svc.clone();
+        tokio::spawn(async move { post_one(&svc, "/gate", &json!({}), None).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while env.app.at_gate.load(Ordering::SeqCst) == 0 || gate.is_finished() {
+        ensure!(tokio::time::Instant::now() < deadline, "the gate never ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(gate)
+}
+
+/// Opens the gate of [`hold_the_runner`] and waits for its answer.
+async fn let_go(env: &Env, gate: Answered) -> Result<()> {
     env.app.at_gate.store(0, Ordering::SeqCst);
     env.app.gate.add_permits(1);
     let (status, _, _) = gate.await??;
     ensure!(status == StatusCode::OK, "gate: {status}");
-    Ok(tasks)
+    Ok(())
 }
 
 async fn a_slow_hook_holds_up_no_group(backend: Backend) -> Result<()> {
@@ -1313,8 +1334,7 @@ async fn coalesced_refusals_answer_each_as_alone(backend: Backend) -> Result<()>
         (json!({"id": "b", "name": "refuse"}), Some("kb"), 422),
         (json!({"id": "c", "name": "ok"}), None, 201),
         (json!({"id": "a", "name": "duplicate id"}), Some("kd"), 409),
-        // The key of the first request, another body: 422 (key reused), or
-        // 409 while the first is in flight in the same group.
+        // The key of the first request, another body: 422 (key reused).
         (json!({"id": "e", "name": "other"}), Some("ka"), 422),
         (json!({"id": "f", "name": "ok"}), Some("kf"), 201),
     ];
@@ -1355,6 +1375,9 @@ async fn coalesced_refusals_answer_each_as_alone(backend: Backend) -> Result<()>
 async fn requests_outside_groups_go_straight_through(backend: Backend) -> Result<()> {
     let env = Env::new(backend).await?;
     let svc = coalesced(&env)?;
+    // The runner is held: a request that queued would wait for it.
+    let gate = hold_the_runner(&env, &svc).await?;
+    let limit = Duration::from_secs(10);
     // No Content-Length (a streamed body): straight to the app.
     let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
         Ok(Bytes::from_static(b"{\"id\": \"s\", ")),
@@ -1363,7 +1386,9 @@ async fn requests_outside_groups_go_straight_through(backend: Backend) -> Result
     let req = Request::post("/widgets")
         .header("content-type", "application/json")
         .body(Body::from_stream(futures::stream::iter(chunks)))?;
-    let res = svc.clone().oneshot(req).await?;
+    let res = tokio::time::timeout(limit, svc.clone().oneshot(req))
+        .await
+        .context("a streamed request queued")??;
     ensure!(
         res.status() == StatusCode::CREATED,
         "streamed: {}",
@@ -1387,10 +1412,12 @@ async fn requests_outside_groups_go_straight_through(backend: Backend) -> Result
         if let Some(h) = header {
             req = req.header(h, "1");
         }
-        let res = svc.clone().oneshot(req.body(Body::from(bytes))?).await?;
+        let res = tokio::time::timeout(limit, svc.clone().oneshot(req.body(Body::from(bytes))?))
+            .await
+            .with_context(|| format!("{path} ({header:?}) queued"))??;
         ensure!(res.status().is_success(), "{path}: {}", res.status());
-        ensure!(svc.waiting() == 0, "queued");
     }
+    let_go(&env, gate).await?;
     let ids: Vec<String> = env.rows().await?.into_iter().map(|(id, _)| id).collect();
     ensure!(ids == ["big", "h", "s"], "rows {ids:?}");
     // A body shorter than its Content-Length: 400, nothing written.
@@ -1412,7 +1439,9 @@ async fn requests_outside_groups_go_straight_through(backend: Backend) -> Result
 async fn a_panicking_group_leaves_the_queue_served(backend: Backend) -> Result<()> {
     let env = Env::new(backend).await?;
     let svc = coalesced(&env)?;
-    let answers = queued_then_released(&env, &svc, 3, |i| {
+    let limit = Duration::from_secs(10);
+    // A group whose second request panics, once the test lets it.
+    let group = queued_then_let_go(&env, &svc, 3, |i| {
         let svc = svc.clone();
         async move {
             match i {
@@ -1430,21 +1459,115 @@ async fn a_panicking_group_leaves_the_queue_served(backend: Backend) -> Result<(
         }
     })
     .await?;
-    let got: Vec<u16> = answers.iter().map(|(s, _, _)| s.as_u16()).collect();
+    // The group runs and waits at /panic's gate; a request queues behind it.
+    let deadline = tokio::time::Instant::now() + limit;
+    while env.app.at_gate.load(Ordering::SeqCst) == 0 {
+        ensure!(tokio::time::Instant::now() < deadline, "/panic never ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let after = {
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            post_one(
+                &svc,
+                "/widgets",
+                &json!({"id": "after", "name": "ok"}),
+                None,
+            )
+            .await
+        })
+    };
+    while svc.waiting() == 0 {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the last request never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    env.app.gate.add_permits(1);
+    let mut got = Vec::new();
+    for t in group {
+        let (status, _, _) = tokio::time::timeout(limit, t)
+            .await
+            .context("no answer")???;
+        got.push(status.as_u16());
+    }
     ensure!(
-        got.iter().all(|s| *s == 500),
+        got == [500, 500, 500],
         "the panicking group's answers {got:?}"
     );
+    // The one runner went on: the request behind the group is served.
+    let (status, _, _) = tokio::time::timeout(limit, after)
+        .await
+        .context("the queue was left without a runner")???;
+    ensure!(status == StatusCode::CREATED, "after the panic: {status}");
+    let ids: Vec<String> = env.rows().await?.into_iter().map(|(id, _)| id).collect();
+    ensure!(ids == ["after"], "rows {ids:?}");
+    env.done().await;
+    Ok(())
+}
+
+async fn a_queue_sheds_what_waited_too_long(backend: Backend) -> Result<()> {
+    let env = Env::new(backend).await?;
+    let server = BatchServerConfig::new(env.db.clone())
+        .allow(Method::POST, "/widgets")
+        .allow(Method::POST, "/gate");
+    let mut config = CoalesceConfig::new(server);
+    config.max_in_flight = 1;
+    config.max_wait = Duration::from_millis(50);
+    let svc = Coalesce::new(env.router(false)?, config);
+    let gate = hold_the_runner(&env, &svc).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // One request whose client hangs up while it waits, one that waits.
+    let gone = {
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            post_one(&svc, "/widgets", &json!({"id": "gone", "name": "ok"}), None).await
+        })
+    };
+    while svc.waiting() < 1 {
+        ensure!(tokio::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    gone.abort();
+    let late = {
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            post_one(
+                &svc,
+                "/widgets",
+                &json!({"id": "late", "name": "ok"}),
+                Some("kl"),
+            )
+            .await
+        })
+    };
+    while svc.waiting() < 2 {
+        ensure!(tokio::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Longer than max_wait.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let_go(&env, gate).await?;
+    let (status, headers, body) = late.await??;
+    ensure!(
+        status == StatusCode::SERVICE_UNAVAILABLE,
+        "late: {status} {body}"
+    );
+    ensure!(
+        headers.contains_key("retry-after"),
+        "no Retry-After: {headers:?}"
+    );
     ensure!(env.rows().await?.is_empty(), "rows {:?}", env.rows().await?);
-    // The queue has a runner again: a request is served.
+    // Nothing of it ran: the key is free.
     let (status, _, _) = post_one(
         &svc,
         "/widgets",
-        &json!({"id": "after", "name": "ok"}),
-        None,
+        &json!({"id": "late", "name": "ok"}),
+        Some("kl"),
     )
     .await?;
-    ensure!(status == StatusCode::CREATED, "after the panic: {status}");
+    ensure!(status == StatusCode::CREATED, "late again: {status}");
     ensure!(env.rows().await?.len() == 1, "rows after");
     env.done().await;
     Ok(())
@@ -1481,4 +1604,5 @@ on_both_backends!(
     requests_outside_groups_go_straight_through,
     a_panicking_group_leaves_the_queue_served,
     a_slow_hook_holds_up_no_group,
+    a_queue_sheds_what_waited_too_long,
 );

@@ -113,7 +113,8 @@ fn builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildErro
             Matcher::Full("outbox_delivery_seconds".into()),
             DELIVERY_BUCKETS,
         )?
-        .set_buckets_for_metric(Matcher::Full("batch_requests".into()), BATCH_BUCKETS)
+        .set_buckets_for_metric(Matcher::Full("batch_requests".into()), BATCH_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full("coalesced_requests".into()), BATCH_BUCKETS)
 }
 
 /// HELP lines of the event series.
@@ -139,6 +140,10 @@ fn describe() {
         "outbox_delivery_seconds",
         Unit::Seconds,
         "Time from the commit that enqueued a message to its 2xx"
+    );
+    describe_histogram!(
+        "coalesced_requests",
+        "Requests written in one group by group commit (two or more; requests alone are not counted)"
     );
     describe_histogram!(
         "batch_requests",

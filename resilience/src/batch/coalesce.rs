@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -14,13 +15,14 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use bytes::Bytes;
+use futures::FutureExt;
 use http::header::CONTENT_LENGTH;
 use http_body_util::{BodyExt, Limited};
 use tokio::sync::oneshot;
 use tower::{Service, ServiceExt};
 
 use super::server::{
-    dispatch_alone, problem_answer, run_items, Answer, BatchServerConfig, Item, Pending,
+    dispatch_alone, problem_answer, run_items, Answer, BatchServerConfig, Item, Origin, Pending,
 };
 use crate::problem::{internal_error, Problem};
 
@@ -40,6 +42,11 @@ pub struct CoalesceConfig {
     /// the others wait for a running group to finish and leave together.
     /// One on SQLite, whose one writer runs one transaction at a time.
     pub max_in_flight: usize,
+    /// How long a request may wait in the queue (default 5 s). One that
+    /// waited longer when its group starts is answered 503 with
+    /// `Retry-After` (`server.retry_after_secs`) and never runs: under
+    /// overload the queue sheds load instead of growing.
+    pub max_wait: std::time::Duration,
 }
 
 impl CoalesceConfig {
@@ -57,6 +64,7 @@ impl CoalesceConfig {
                 ..server
             },
             max_in_flight,
+            max_wait: std::time::Duration::from_secs(5),
         }
     }
 }
@@ -100,6 +108,7 @@ struct Queue {
 struct Waiting {
     item: Item,
     reply: oneshot::Sender<Answer>,
+    since: tokio::time::Instant,
 }
 
 impl Coalesce {
@@ -208,7 +217,11 @@ impl Shared {
         let (reply, answer) = oneshot::channel();
         let start = {
             let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-            queue.waiting.push_back(Waiting { item, reply });
+            queue.waiting.push_back(Waiting {
+                item,
+                reply,
+                since: tokio::time::Instant::now(),
+            });
             let start = queue.running < self.config.max_in_flight.max(1);
             if start {
                 queue.running += 1;
@@ -226,8 +239,7 @@ impl Shared {
     }
 }
 
-/// Serves the queue, group after group, until it is empty. Dropped by a
-/// panic, it hands the queue to a new runner.
+/// Serves the queue, group after group, until it is empty.
 struct Runner {
     shared: Arc<Shared>,
     done: bool,
@@ -262,8 +274,38 @@ impl Runner {
                     .min(self.shared.config.server.max_requests.max(1));
                 queue.waiting.drain(..n).collect()
             };
-            self.serve_group(group).await;
+            let group = self.shed(group).await;
+            if group.is_empty() {
+                continue;
+            }
+            // A panic in a request fails its group (each of its requests
+            // is answered 500, their replies dropped with the group), not
+            // the queue: this runner goes on.
+            let served = AssertUnwindSafe(self.serve_group(group)).catch_unwind();
+            if served.await.is_err() {
+                tracing::error!("a group of requests panicked; its requests were answered 500");
+            }
         }
+    }
+
+    /// Leaves out the requests whose client has gone (nothing of theirs
+    /// ran yet) and answers 503 to those that waited too long.
+    async fn shed(&self, group: Vec<Waiting>) -> Vec<Waiting> {
+        let config = &self.shared.config;
+        let mut kept = Vec::with_capacity(group.len());
+        for w in group {
+            if w.reply.is_closed() {
+                continue;
+            }
+            if w.since.elapsed() > config.max_wait {
+                let busy = Problem::unavailable("too many requests waiting to be written")
+                    .retry_after(config.server.retry_after_secs);
+                let _ = w.reply.send(problem_answer(busy).await);
+                continue;
+            }
+            kept.push(w);
+        }
+        kept
     }
 
     async fn serve_group(&self, group: Vec<Waiting>) {
@@ -277,7 +319,13 @@ impl Runner {
         } else {
             #[cfg(feature = "metrics")]
             metrics::histogram!("coalesced_requests").record(items.len() as f64);
-            run_items(&shared.app, &shared.config.server, &items).await
+            run_items(
+                &shared.app,
+                &shared.config.server,
+                &items,
+                Origin::Coalesced,
+            )
+            .await
         };
         match pending {
             Ok(pending) => {
@@ -310,17 +358,18 @@ impl Drop for Runner {
         if self.done {
             return;
         }
-        // A group's run panicked (or the runtime is going away): the queue
-        // must not be left without a runner.
-        let mut queue = self
-            .shared
-            .queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        queue.running -= 1;
-        if !queue.waiting.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
-            queue.running += 1;
-            tokio::spawn(Runner::new(self.shared.clone()).run());
-        }
+        // Cancelled (the runtime is shutting down) with the queue in hand:
+        // nobody will serve it. The waiting requests are answered 500 as
+        // their replies drop; nothing of theirs ran.
+        let waiting = {
+            let mut queue = self
+                .shared
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            queue.running -= 1;
+            std::mem::take(&mut queue.waiting)
+        };
+        drop(waiting);
     }
 }

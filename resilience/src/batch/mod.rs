@@ -45,7 +45,7 @@
 //!   running a statement of its own (order-service does this for shipment
 //!   reports). A request run alone has no `BatchScope`.
 //!
-//! # Guarantees, unchanged
+//! # Guarantees
 //!
 //! - **All or nothing, then one by one.** If every sub-request succeeds, one
 //!   commit makes all of them durable, each with its idempotency record. A

@@ -411,7 +411,7 @@ async fn run(state: Arc<BatchState>, req: Request) -> Result<Response, Problem> 
         .enumerate()
         .map(|(i, sub)| Item::parse(i, sub, config))
         .collect::<Result<Vec<_>, _>>()?;
-    let pending = run_items(&state.app, config, &items).await?;
+    let pending = run_items(&state.app, config, &items, Origin::Batch).await?;
     // Each request's hooks in their order, the requests' side by side: one
     // slow hook (a call to a peer) does not hold up the others.
     let answers = futures::future::join_all(pending.into_iter().map(Pending::resolve)).await;
@@ -491,10 +491,23 @@ pub(super) async fn dispatch_alone(app: &Router, mut req: Request) -> Pending {
 /// them is refused, each alone. Their answers, in order, each pending what
 /// follows its commit; an error is the answer of all of them (the shared
 /// run took too long, or its commit's outcome is unknown).
+/// Where a batch's items come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Origin {
+    /// One `POST /batch` from one caller: its sub-requests share a
+    /// [`BatchScope`], and it is counted in `batch_requests`.
+    Batch,
+    /// Requests of several clients grouped by [`Coalesce`](super::Coalesce):
+    /// no scope (one client's paths are not another's business); counted
+    /// in `coalesced_requests` by the caller.
+    Coalesced,
+}
+
 pub(super) async fn run_items(
     app: &Router,
     config: &BatchServerConfig,
     items: &[Item],
+    origin: Origin,
 ) -> Result<Vec<Pending>, Problem> {
     let n = items.len();
     #[cfg(feature = "signing")]
@@ -520,7 +533,9 @@ pub(super) async fn run_items(
         for (i, item) in items.iter().enumerate() {
             let mut req = item.request();
             req.extensions_mut().insert(shared.clone());
-            req.extensions_mut().insert(scope.clone());
+            if origin == Origin::Batch {
+                req.extensions_mut().insert(scope.clone());
+            }
             #[cfg(feature = "signing")]
             req.extensions_mut().insert(nonces.clone());
             let before = shared.joined();
@@ -568,8 +583,11 @@ pub(super) async fn run_items(
             match outcome {
                 CommitOutcome::Committed => {
                     #[cfg(feature = "metrics")]
-                    metrics::histogram!("batch_requests", "outcome" => "committed")
-                        .record(n as f64);
+                    if origin == Origin::Batch {
+                        metrics::histogram!("batch_requests", "outcome" => "committed")
+                            .record(n as f64);
+                    }
+                    debug_assert_eq!(hooks.len(), hook_owners.len(), "hooks without an owner");
                     let mut own: Vec<Vec<AfterCommit>> =
                         answers.iter().map(|_| Vec::new()).collect();
                     for (set, i) in hooks.into_iter().zip(hook_owners) {
@@ -602,7 +620,9 @@ pub(super) async fn run_items(
         }
     }
     #[cfg(feature = "metrics")]
-    metrics::histogram!("batch_requests", "outcome" => "one_by_one").record(n as f64);
+    if origin == Origin::Batch {
+        metrics::histogram!("batch_requests", "outcome" => "one_by_one").record(n as f64);
+    }
     // Second run: what ran in the rolled-back transaction, and what never
     // ran, each alone. What ran outside it (a read, a refusal before the
     // idempotency layer) keeps its first answer and is not run twice.

@@ -6,10 +6,13 @@
 //! that finds a `SharedTx` does everything it always does (key lookup, the
 //! handler, the record of the answer) in that transaction, but does not
 //! commit it: it hands the transaction back, with its after-commit hooks,
-//! and the batch commits once for all of them. A sub-request that is refused
-//! (4xx, 5xx) or fails marks the scope *failed*: the batch then rolls back
-//! and runs each sub-request again on its own, in a transaction of its own,
-//! so that one refusal costs nobody else their answer.
+//! and the batch commits once for all of them. A sub-request refused (4xx,
+//! 5xx) before anything ran in the transaction for it (its handler never
+//! called [`Tx::lock`](super::Tx::lock)) hands the transaction back as it
+//! found it, and its held writes are dropped. One refused after that, or one
+//! that fails, marks the scope *failed*: the batch then rolls back and runs
+//! each sub-request again on its own, in a transaction of its own, so that
+//! one refusal costs nobody else their answer.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

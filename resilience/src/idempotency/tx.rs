@@ -100,6 +100,13 @@ struct Shared {
 /// rolls back on a 4xx or 5xx. Do not keep the `Tx` (or a spawned task holding
 /// it) past the handler: the layer waits for the lock to finish the
 /// transaction.
+///
+/// In a batch (or a group, see [`crate::batch::Coalesce`]), a request
+/// refused before its handler ever called [`Tx::lock`] leaves the shared
+/// transaction to the others, and only a refusal after a `lock` sends the
+/// batch through one by one. So a handler that refuses on something it read
+/// elsewhere (the pool, a [`BatchScope`](crate::batch::BatchScope) memo that
+/// may hold what earlier requests of the batch wrote) takes the `lock` first.
 #[derive(Clone)]
 pub struct Tx {
     shared: Arc<Shared>,
