@@ -337,21 +337,7 @@ pub(super) async fn dispatch(app: &Router, req: Request) -> Answer {
             headers: parts.headers,
             body: collected.to_bytes(),
         },
-        Err(e) => {
-            let (parts, body) = internal_error(format_args!("cannot buffer the answer: {e}"))
-                .into_response()
-                .into_parts();
-            let body = body
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
-            Answer {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-            }
-        }
+        Err(e) => problem_answer(internal_error(format!("cannot buffer the answer: {e}"))).await,
     }
 }
 

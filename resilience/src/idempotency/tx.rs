@@ -20,10 +20,11 @@ use crate::store::{now_ms, run_writes, Backend, Db, Write};
 pub type AfterCommit = Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send + 'static>;
 
 /// Put in a request's extensions, it is notified once the request's own
-/// transaction is over (committed, before the after-commit hooks run), or
-/// when nothing was left to commit. What runs requests one after another
-/// (group commit) goes on to the next then, and leaves the hooks (a call to
-/// a peer, say) to finish on their own.
+/// transaction has committed, just before its after-commit hooks run. What
+/// runs requests one after another (group commit) goes on to the next then,
+/// and leaves the hooks (a call to a peer, say) to finish on their own. On
+/// every other path (a refusal, a replay, a failed commit) there are no
+/// hooks, nothing notifies it, and the end of the request tells instead.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct CommitSignal(pub(crate) Arc<tokio::sync::Notify>);
 
