@@ -1144,17 +1144,29 @@ where
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
         tasks.push(tokio::spawn(make(i)));
-        while svc.waiting() < i + 1 {
-            ensure!(
-                tokio::time::Instant::now() < deadline,
-                "only {} of {n} requests queued",
-                svc.waiting()
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        until(
+            deadline,
+            &format!("request {i} of {n} never queued"),
+            || svc.waiting() > i,
+        )
+        .await?;
     }
     let_go(env, gate).await?;
     Ok(tasks)
+}
+
+/// Polls `done` every millisecond until it holds; fails with `what` past
+/// `deadline`.
+async fn until(
+    deadline: tokio::time::Instant,
+    what: &str,
+    mut done: impl FnMut() -> bool,
+) -> Result<()> {
+    while !done() {
+        ensure!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
 }
 
 /// Sends `POST /gate` and waits (with a deadline) until it runs: it holds
@@ -1165,10 +1177,10 @@ async fn hold_the_runner(env: &Env, svc: &Coalesce) -> Result<Answered> {
         tokio::spawn(async move { post_one(&svc, "/gate", &json!({}), None).await })
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while env.app.at_gate.load(Ordering::SeqCst) == 0 || gate.is_finished() {
-        ensure!(tokio::time::Instant::now() < deadline, "the gate never ran");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until(deadline, "the gate never ran", || {
+        env.app.at_gate.load(Ordering::SeqCst) > 0 && !gate.is_finished()
+    })
+    .await?;
     Ok(gate)
 }
 
@@ -1208,10 +1220,10 @@ async fn a_slow_hook_holds_up_no_group(backend: Backend) -> Result<()> {
         })
     };
     let deadline = tokio::time::Instant::now() + limit;
-    while env.app.held.load(Ordering::SeqCst) < 1 {
-        ensure!(tokio::time::Instant::now() < deadline, "the hook never ran");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until(deadline, "the hook never ran", || {
+        env.app.held.load(Ordering::SeqCst) > 0
+    })
+    .await?;
     let x1 = json!({"id": "x1", "name": "ok"});
     let next = post_one(&svc, "/widgets", &x1, None);
     let (status, _, _) = tokio::time::timeout(limit, next)
@@ -1461,10 +1473,10 @@ async fn a_panicking_group_leaves_the_queue_served(backend: Backend) -> Result<(
     .await?;
     // The group runs and waits at /panic's gate; a request queues behind it.
     let deadline = tokio::time::Instant::now() + limit;
-    while env.app.at_gate.load(Ordering::SeqCst) == 0 {
-        ensure!(tokio::time::Instant::now() < deadline, "/panic never ran");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until(deadline, "/panic never ran", || {
+        env.app.at_gate.load(Ordering::SeqCst) > 0
+    })
+    .await?;
     let after = {
         let svc = svc.clone();
         tokio::spawn(async move {
@@ -1477,13 +1489,10 @@ async fn a_panicking_group_leaves_the_queue_served(backend: Backend) -> Result<(
             .await
         })
     };
-    while svc.waiting() == 0 {
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the last request never queued"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    until(deadline, "the last request never queued", || {
+        svc.waiting() > 0
+    })
+    .await?;
     env.app.gate.add_permits(1);
     let mut got = Vec::new();
     for t in group {
@@ -1525,10 +1534,7 @@ async fn a_queue_sheds_what_waited_too_long(backend: Backend) -> Result<()> {
             post_one(&svc, "/widgets", &json!({"id": "gone", "name": "ok"}), None).await
         })
     };
-    while svc.waiting() < 1 {
-        ensure!(tokio::time::Instant::now() < deadline, "never queued");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    until(deadline, "never queued", || svc.waiting() >= 1).await?;
     gone.abort();
     let late = {
         let svc = svc.clone();
@@ -1542,10 +1548,7 @@ async fn a_queue_sheds_what_waited_too_long(backend: Backend) -> Result<()> {
             .await
         })
     };
-    while svc.waiting() < 2 {
-        ensure!(tokio::time::Instant::now() < deadline, "never queued");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    until(deadline, "never queued", || svc.waiting() >= 2).await?;
     // Longer than max_wait.
     tokio::time::sleep(Duration::from_millis(150)).await;
     let_go(&env, gate).await?;

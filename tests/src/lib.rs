@@ -610,16 +610,20 @@ impl ProcessStack {
     }
 }
 
+/// The answer's `Content-Type` (empty if none or not text).
+pub fn content_type(res: &reqwest::Response) -> String {
+    res.headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// Asserts a problem answer: the status, `application/problem+json`, and a
 /// body whose `status` matches and that has a `title`. Returns the body.
 pub async fn expect_problem(res: reqwest::Response, status: u16) -> anyhow::Result<Value> {
     let got = res.status();
-    let ct = res
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    let ct = content_type(&res);
     let text = res.text().await?;
     anyhow::ensure!(got == status, "expected {status}, got {got}: {text}");
     anyhow::ensure!(

@@ -12,7 +12,7 @@ use anyhow::{ensure, Context};
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use tests::{both_backends, sample_order, Stack, StackOptions, TestBackend};
+use tests::{both_backends, content_type, sample_order, Stack, StackOptions, TestBackend};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -118,12 +118,7 @@ async fn send(stack: &Stack, case: &Case) -> anyhow::Result<Answer> {
     }
     let res = req.send().await?;
     let status = res.status().as_u16();
-    let ctype = res
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let ctype = content_type(&res);
     let body: Value = serde_json::from_slice(&res.bytes().await?).unwrap_or(Value::Null);
     Ok((status, body, ctype))
 }

@@ -386,13 +386,7 @@ impl Tx {
         if let Some(signal) = signal {
             signal.0.notify_one();
         }
-        let hooks = std::mem::take(
-            &mut *self
-                .shared
-                .hooks
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let hooks = self.take_hooks();
         for hook in hooks {
             hook().await;
         }
