@@ -279,6 +279,24 @@ pub struct Writes {
     pub statements_per_order: Option<f64>,
     /// `pg_stat_statements` calls of `COMMIT` (explicit transactions).
     pub commit_statements_per_order: Option<f64>,
+    /// Rows written per delivered order, table by table
+    /// (`pg_stat_user_tables`), both services' schemas.
+    pub tables: Vec<TableWrites>,
+}
+
+/// One table's row writes per delivered order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TableWrites {
+    /// `schema.table`.
+    pub table: String,
+    /// `n_tup_ins`.
+    pub inserted: f64,
+    /// `n_tup_upd`, HOT updates included.
+    pub updated: f64,
+    /// `n_tup_hot_upd`: updates that wrote no index entry (heap-only tuples).
+    pub hot_updated: f64,
+    /// `n_tup_del`.
+    pub deleted: f64,
 }
 
 /// CPU time (user + system) of each service process from its start to the
@@ -958,6 +976,8 @@ struct PgStats {
     wal_commits: Option<i64>,
     statements: Option<i64>,
     commit_statements: Option<i64>,
+    /// `schema.table` → (inserted, updated, HOT-updated, deleted).
+    tables: Vec<(String, [i64; 4])>,
 }
 
 /// Creates `pg_walinspect` (Postgres 15 and later, shipped with the server's
@@ -1003,6 +1023,25 @@ const PG_STATS: &str = "/* bench-probe */ SELECT CAST(xact_commit AS BIGINT), \
      CAST(tup_inserted + tup_updated + tup_deleted AS BIGINT), \
      CAST(pg_current_wal_lsn() AS TEXT) \
      FROM pg_stat_database WHERE datname = current_database()";
+
+const PG_TABLES: &str = "/* bench-probe */ SELECT schemaname || '.' || relname, \
+     CAST(n_tup_ins AS BIGINT), CAST(n_tup_upd AS BIGINT), CAST(n_tup_hot_upd AS BIGINT), \
+     CAST(n_tup_del AS BIGINT) FROM pg_stat_user_tables ORDER BY 1";
+
+/// Every table's row counters: the database is new for each mode, so they
+/// count from its creation (the migrations' own rows go to tables that the
+/// services never write, and are left out by having none per order).
+async fn pg_tables(conn: &mut sqlx::PgConnection) -> anyhow::Result<Vec<(String, [i64; 4])>> {
+    let rows = sqlx::query(PG_TABLES).fetch_all(conn).await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get(0)?,
+                [r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?],
+            ))
+        })
+        .collect()
+}
 
 const PG_STATEMENTS: &str = "/* bench-probe */ SELECT CAST(COALESCE(SUM(s.calls), 0) AS BIGINT), \
      CAST(COALESCE(SUM(s.calls) FILTER (WHERE upper(btrim(s.query)) = 'COMMIT'), 0) AS BIGINT) \
@@ -1065,6 +1104,7 @@ async fn pg_stats_after(
         stats.statements = Some(row.try_get(0)?);
         stats.commit_statements = Some(row.try_get(1)?);
     }
+    stats.tables = pg_tables(&mut conn).await?;
     if let Some(since) = since_lsn {
         stats.wal_commits = Some(
             sqlx::query_scalar(WAL_COMMITS)
@@ -1096,6 +1136,18 @@ fn writes_per_order(before: &PgStats, after: &PgStats, own: u64, delivered: usiz
             .commit_statements
             .zip(before.commit_statements)
             .map(|(a, b)| per(a - b)),
+        tables: after
+            .tables
+            .iter()
+            .filter(|(name, n)| !name.ends_with("._sqlx_migrations") && n.iter().any(|v| *v > 0))
+            .map(|(name, [ins, upd, hot, del])| TableWrites {
+                table: name.clone(),
+                inserted: per(*ins),
+                updated: per(*upd),
+                hot_updated: per(*hot),
+                deleted: per(*del),
+            })
+            .collect(),
     }
 }
 
@@ -1230,6 +1282,24 @@ pub fn render(report: &BenchReport) -> String {
                 load(m.load_end),
             );
         }
+        let by_table: Vec<String> = b
+            .modes
+            .iter()
+            .filter(|m| !m.writes.tables.is_empty())
+            .map(|m| {
+                let t: Vec<String> = m.writes.tables.iter().map(table_writes).collect();
+                format!("- {}: {}", m.mode, t.join("; "))
+            })
+            .collect();
+        if !by_table.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nrows per delivered order by table (inserted + updated (of which HOT) + deleted):"
+            );
+            for line in by_table {
+                let _ = writeln!(out, "{line}");
+            }
+        }
     }
     let _ = writeln!(
         out,
@@ -1249,6 +1319,20 @@ pub fn render(report: &BenchReport) -> String {
         let _ = writeln!(out, "- {n}");
     }
     out
+}
+
+fn table_writes(t: &TableWrites) -> String {
+    let mut parts = Vec::new();
+    if t.inserted > 0.0 {
+        parts.push(format!("ins {:.2}", t.inserted));
+    }
+    if t.updated > 0.0 {
+        parts.push(format!("upd {:.2} (HOT {:.2})", t.updated, t.hot_updated));
+    }
+    if t.deleted > 0.0 {
+        parts.push(format!("del {:.2}", t.deleted));
+    }
+    format!("{} {}", t.table, parts.join(", "))
 }
 
 /// Fails unless the report's counts add up: every order sent was created,
@@ -1463,6 +1547,7 @@ mod tests {
             wal_commits: None,
             statements: Some(10),
             commit_statements: Some(1),
+            tables: Vec::new(),
         };
         let after = PgStats {
             commits: 1110,
@@ -1471,6 +1556,12 @@ mod tests {
             wal_commits: Some(300),
             statements: Some(2010),
             commit_statements: Some(301),
+            tables: vec![
+                ("app._sqlx_migrations".into(), [7, 0, 0, 0]),
+                ("app.idle".into(), [0, 0, 0, 0]),
+                ("app.outbox".into(), [100, 200, 50, 0]),
+                ("app.keys".into(), [0, 0, 0, 30]),
+            ],
         };
         let w = writes_per_order(&before, &after, 10, 100);
         assert_eq!(w.commits_per_order, Some(10.0));
@@ -1478,6 +1569,30 @@ mod tests {
         assert_eq!(w.rows_written_per_order, Some(5.0));
         assert_eq!(w.statements_per_order, Some(20.0));
         assert_eq!(w.commit_statements_per_order, Some(3.0));
+        // Per table, without the migrations' history and untouched tables.
+        assert_eq!(
+            w.tables,
+            vec![
+                TableWrites {
+                    table: "app.outbox".into(),
+                    inserted: 1.0,
+                    updated: 2.0,
+                    hot_updated: 0.5,
+                    deleted: 0.0,
+                },
+                TableWrites {
+                    table: "app.keys".into(),
+                    inserted: 0.0,
+                    updated: 0.0,
+                    hot_updated: 0.0,
+                    deleted: 0.3,
+                },
+            ]
+        );
+        assert_eq!(
+            table_writes(&w.tables[0]),
+            "app.outbox ins 1.00, upd 2.00 (HOT 0.50)"
+        );
         assert_eq!(
             writes_per_order(&before, &after, 0, 0).commits_per_order,
             None

@@ -163,6 +163,11 @@ struct BenchArgs {
     #[arg(long, conflicts_with = "database")]
     sqlite_only: bool,
 
+    /// Postgres only (the server of --database, or TEST_POSTGRES_URL's);
+    /// fails when none answers.
+    #[arg(long, conflicts_with = "sqlite_only")]
+    postgres_only: bool,
+
     /// Longest wait, per mode, for every order to ship.
     #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
     deadline: Duration,
@@ -248,6 +253,16 @@ async fn bench(args: BenchArgs) -> anyhow::Result<bool> {
         }
         Some(other) => anyhow::bail!("--database must be a postgres:// URL, not {other:?}"),
         None if args.sqlite_only => Some("Postgres not run (--sqlite-only)".to_string()),
+        None if args.postgres_only => {
+            let url = service_kit::testing::postgres_admin_url();
+            anyhow::ensure!(
+                demo::bench::postgres_answers(&url).await,
+                "--postgres-only: nothing answered at {}",
+                resilience::store::redact(&url)
+            );
+            cfg.backends.push(BenchBackend::Postgres(url));
+            None
+        }
         None => {
             let url = service_kit::testing::postgres_admin_url();
             if demo::bench::postgres_answers(&url).await {
@@ -263,6 +278,10 @@ async fn bench(args: BenchArgs) -> anyhow::Result<bool> {
             }
         }
     };
+    if args.postgres_only {
+        cfg.backends
+            .retain(|b| matches!(b, BenchBackend::Postgres(_)));
+    }
     let mut report = demo::bench::run(&cfg).await?;
     report.notes.extend(skipped);
     if args.json {

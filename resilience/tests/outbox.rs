@@ -566,6 +566,69 @@ async fn wakes_up_on_commit(backend: Backend) -> Result<()> {
     Ok(())
 }
 
+/// A steady stream goes out in batches: after a claim that found a partial
+/// batch the relay claims again only once `linger` has passed, whatever
+/// wakes it meanwhile, and then takes everything that came in. The first
+/// message after a quiet spell goes at once, and a full batch is followed by
+/// the next claim at once.
+async fn lingers_after_a_partial_claim(backend: Backend) -> Result<()> {
+    let e = env(backend).await?;
+    let (url, peer, _p) = start_peer().await?;
+    let outbox = Outbox::new(e.db.clone());
+    let stop = CancellationToken::new();
+    let linger = Duration::from_secs(3);
+    let cfg = RelayConfig {
+        poll_interval: Duration::from_secs(60),
+        batch_size: 2,
+        linger,
+        ..relay_config("relay")
+    };
+    let relay = start_relay(&outbox, cfg, &stop)?;
+    tokio::time::sleep(Duration::from_millis(200)).await; // let it go idle
+                                                          // Full batches, one after another: five messages, claims of 2, 2 and 1,
+                                                          // none of them waiting for the linger.
+    let started = tokio::time::Instant::now();
+    enqueue(&outbox, &url, 5, "burst").await?;
+    wait_for("the burst", || peer.distinct() == 5).await?;
+    ensure!(
+        started.elapsed() < linger,
+        "full batches waited for the linger: {:?}",
+        started.elapsed()
+    );
+    // The claim of 1 lingers: what comes now waits for it to run out.
+    enqueue(&outbox, &url, 1, "behind").await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    enqueue(&outbox, &url, 1, "behind too").await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(
+        peer.distinct() == 5,
+        "claimed during the linger: {} delivered",
+        peer.distinct()
+    );
+    wait_for("the two behind", || peer.distinct() == 7).await?;
+    ensure!(
+        started.elapsed() >= linger,
+        "claimed before the linger ran out: {:?}",
+        started.elapsed()
+    );
+    // A quiet spell (the last claim, of 2, was full, and the next found
+    // nothing): the next message goes at once.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let quiet = tokio::time::Instant::now();
+    enqueue(&outbox, &url, 1, "after a quiet spell").await?;
+    wait_for("the message after a quiet spell", || peer.distinct() == 8).await?;
+    ensure!(
+        quiet.elapsed() < linger,
+        "after a quiet spell, waited {:?}",
+        quiet.elapsed()
+    );
+    ensure!(peer.total() == 8, "{} sends for 8 messages", peer.total());
+    stop.cancel();
+    relay.await?;
+    e.tdb.cleanup().await;
+    Ok(())
+}
+
 /// Shutdown lets sends in flight finish and releases every lease it holds.
 async fn graceful_shutdown_with_sends_in_flight(backend: Backend) -> Result<()> {
     let e = env(backend).await?;
@@ -869,6 +932,7 @@ on_both_backends!(
     open_breaker_defers_without_spending_attempts,
     open_breaker_leaves_its_rows_alone,
     wakes_up_on_commit,
+    lingers_after_a_partial_claim,
     graceful_shutdown_with_sends_in_flight,
     purge_and_stats,
     outcomes_commit_in_batches,

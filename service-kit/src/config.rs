@@ -46,6 +46,13 @@ pub struct DeliveryArgs {
     #[arg(long, env = "RELAY_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub relay_poll: Duration,
 
+    /// After a claim that found a partial batch, how long the relay waits
+    /// before claiming again, so a steady stream goes out in larger batches
+    /// (0s: claim on every wake-up). Work after a quiet spell is claimed at
+    /// once.
+    #[arg(long, env = "RELAY_LINGER", default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub relay_linger: Duration,
+
     /// First retry delay ceiling (full jitter, doubling per attempt).
     #[arg(long, env = "RETRY_BASE", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub retry_base: Duration,
@@ -281,6 +288,7 @@ impl DeliveryArgs {
             concurrency: self.relay_concurrency.max(1),
             lease: self.relay_lease,
             poll_interval: self.relay_poll,
+            linger: self.relay_linger,
             backoff: Backoff::new(self.retry_base, 2.0, self.retry_cap),
             max_attempts: (self.max_attempts > 0).then_some(self.max_attempts),
             max_age: (!self.max_age.is_zero()).then_some(self.max_age),

@@ -114,7 +114,11 @@ fn builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildErro
             DELIVERY_BUCKETS,
         )?
         .set_buckets_for_metric(Matcher::Full("batch_requests".into()), BATCH_BUCKETS)?
-        .set_buckets_for_metric(Matcher::Full("coalesced_requests".into()), BATCH_BUCKETS)
+        .set_buckets_for_metric(Matcher::Full("coalesced_requests".into()), BATCH_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full("group_commit_wait_seconds".into()),
+            HTTP_BUCKETS,
+        )
 }
 
 /// HELP lines of the event series.
@@ -144,6 +148,14 @@ fn describe() {
     describe_histogram!(
         "coalesced_requests",
         "Requests written in one group by group commit (two or more; requests alone are not counted)"
+    );
+    describe_histogram!(
+        "group_commit_wait_seconds",
+        "Time a POST /orders waited in the group-commit queue before its group started (not part of http_request_duration_seconds)"
+    );
+    describe_counter!(
+        "group_commit_shed_total",
+        "Requests dropped from the group-commit queue before they ran: client_gone (nothing answered), waited_too_long (answered 503)"
     );
     describe_histogram!(
         "batch_requests",

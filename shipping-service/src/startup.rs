@@ -99,7 +99,8 @@ impl Application {
             feed.clone(),
             delivery.plain,
             &config.order_url,
-        );
+        )
+        .with_linger(config.delivery.relay_linger);
         let state = AppState {
             warehouse,
             feed,

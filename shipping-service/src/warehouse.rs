@@ -47,6 +47,10 @@ pub struct Warehouse {
     plain: SendService,
     order_url: Arc<str>,
     wake: Arc<Notify>,
+    /// After a round that shipped a partial batch, the next round waits this
+    /// long after it, so a steady stream ships (and reports) in fewer, larger
+    /// batches; a shipment after a quiet spell ships when due.
+    linger: Duration,
     /// Test hook: how long to sit inside each shipping transaction before
     /// committing (`SHIPPING_TEST_HOLD_TX`, e.g. `500ms`), so that a test
     /// can freeze the process while it holds row locks. Unset in production.
@@ -70,10 +74,17 @@ impl Warehouse {
             plain,
             order_url: Arc::from(order_url),
             wake: Arc::new(Notify::new()),
+            linger: Duration::ZERO,
             hold: std::env::var("SHIPPING_TEST_HOLD_TX")
                 .ok()
                 .and_then(|v| humantime::parse_duration(&v).ok()),
         }
+    }
+
+    /// Sets the wait after a partial round (see the field).
+    pub fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
     }
 
     /// Wakes the warehouse (a shipment was just created).
@@ -94,6 +105,15 @@ impl Warehouse {
             };
             if shipped as i64 >= BATCH {
                 continue; // a full batch: more is likely due
+            }
+            if shipped > 0 && !self.linger.is_zero() {
+                // A steady stream: the next round takes what came due
+                // meanwhile, together.
+                tokio::select! {
+                    () = &mut stop => break,
+                    () = tokio::time::sleep(self.linger) => {}
+                }
+                continue;
             }
             let idle = match self.store.next_due_at().await {
                 // Due already yet nothing shipped: another warehouse holds

@@ -108,6 +108,11 @@ async fn lost_responses_duplicate_at_least_once(backend: TestBackend) -> anyhow:
                 c.delivery.fault_drop_response = 0.4;
                 c.delivery.fault_seed = 7;
             },
+            // Lost responses are what this test is about: a batch exchange
+            // slowed past the usual 2 s by a loaded machine would time out
+            // instead, roll back at the receiver, and be resent without a
+            // duplicate, which says nothing about lost responses.
+            request_timeout: Duration::from_secs(10),
             ..Default::default()
         },
     )

@@ -271,6 +271,13 @@ async fn metrics_end_to_end(backend: TestBackend) -> anyhow::Result<()> {
         order.contains(r#"batch_requests_bucket{outcome="committed",le="2"}"#),
         "no batch_requests in:\n{order}"
     );
+    // Every POST /orders passed through the group-commit queue, and its
+    // time there is measured (the route's own duration leaves it out).
+    let queued = value_of(&order, "group_commit_wait_seconds_count");
+    ensure!(
+        queued.is_some_and(|n| n >= 8.0),
+        "group_commit_wait_seconds_count = {queued:?}"
+    );
     // The batch exchange itself is counted like any route.
     ensure!(
         order.lines().any(|l| l.starts_with("http_requests_total")

@@ -294,15 +294,26 @@ impl Runner {
         let config = &self.shared.config;
         let mut kept = Vec::with_capacity(group.len());
         for w in group {
+            let waited = w.since.elapsed();
             if w.reply.is_closed() {
+                #[cfg(feature = "metrics")]
+                metrics::counter!("group_commit_shed_total", "reason" => "client_gone")
+                    .increment(1);
                 continue;
             }
-            if w.since.elapsed() > config.max_wait {
+            if waited > config.max_wait {
+                #[cfg(feature = "metrics")]
+                metrics::counter!("group_commit_shed_total", "reason" => "waited_too_long")
+                    .increment(1);
                 let busy = Problem::unavailable("too many requests waiting to be written")
                     .retry_after(config.server.retry_after_secs);
                 let _ = w.reply.send(problem_answer(busy).await);
                 continue;
             }
+            // The time in the queue, which the route's own duration
+            // (measured inside this service) leaves out.
+            #[cfg(feature = "metrics")]
+            metrics::histogram!("group_commit_wait_seconds").record(waited.as_secs_f64());
             kept.push(w);
         }
         kept

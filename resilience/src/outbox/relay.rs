@@ -33,6 +33,14 @@ pub struct RelayConfig {
     pub lease: Duration,
     /// Longest idle wait between two claims (the safety net behind wake-ups).
     pub poll_interval: Duration,
+    /// After a claim that found work but not a whole batch, the next claim
+    /// waits this long after it (wake-ups meanwhile are folded into it), so
+    /// a steady stream is claimed, sent and settled in fewer, larger
+    /// batches. A claim that found nothing sets no wait: the first message
+    /// after a quiet spell is claimed the moment it is committed, and a
+    /// full batch is followed by the next claim at once. Zero: claim on
+    /// every wake-up.
+    pub linger: Duration,
     /// Delay before the next attempt after a retryable failure.
     pub backoff: Backoff,
     /// Dead-letter after this many attempts (`None`: keep trying).
@@ -51,6 +59,7 @@ impl Default for RelayConfig {
             concurrency: 64,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
+            linger: Duration::from_millis(50),
             backoff: Backoff::new(Duration::from_millis(100), 2.0, Duration::from_secs(10)),
             max_attempts: None,
             max_age: None,
@@ -391,14 +400,24 @@ impl Relay {
         let refill = (concurrency / 4).max(1);
         let mut in_flight = futures::stream::FuturesUnordered::new();
         tracing::info!(owner = %self.config.owner, "relay started");
+        // No claim before this instant: set after a claim that found a
+        // partial batch (see `RelayConfig::linger`).
+        let mut lingering: Option<tokio::time::Instant> = None;
         while !stop.is_cancelled() {
             let free = concurrency.saturating_sub(in_flight.len());
             let mut full = false;
-            if free >= refill || in_flight.is_empty() {
+            let now = tokio::time::Instant::now();
+            if lingering.is_some_and(|until| until <= now) {
+                lingering = None;
+            }
+            if lingering.is_none() && (free >= refill || in_flight.is_empty()) {
                 let limit = self.config.batch_size.min(free as i64).max(1);
                 match drive(&mut in_flight, self.claim_up_to(limit)).await {
                     Ok(batch) => {
                         full = batch.len() as i64 >= limit;
+                        if !full && !batch.is_empty() && !self.config.linger.is_zero() {
+                            lingering = Some(now + self.config.linger);
+                        }
                         for c in batch {
                             in_flight.push(self.deliver_bounded(c, Some(settler.clone())));
                         }
@@ -412,6 +431,15 @@ impl Relay {
             }
             if full && in_flight.len() + refill <= concurrency {
                 continue; // more work is likely waiting, and there is room
+            }
+            if let Some(until) = lingering {
+                // Wake-ups are folded into the claim at `until`.
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                    () = tokio::time::sleep_until(until) => {}
+                }
+                continue;
             }
             let idle = if in_flight.is_empty() {
                 self.idle_time().await
