@@ -8,7 +8,7 @@ use resilience::feed::{ApplyError as FeedApplyError, FeedEvent, FeedHandler};
 use serde::Deserialize;
 use sqlx::{Any, Transaction};
 
-use crate::domain::{OrderId, OrderStatus, ShipmentEvent};
+use crate::domain::{OrderId, OrderStatus, ShipmentEvent, Transition};
 use crate::store::{ApplyError, OrderStore};
 
 /// The producer's resource name: feeds `orders.pull-at-least-once` and
@@ -41,38 +41,52 @@ impl ShipmentFeedHandler {
     }
 }
 
-#[async_trait]
-impl FeedHandler for ShipmentFeedHandler {
-    async fn apply(
-        &self,
-        tx: &mut Transaction<'static, Any>,
-        event: &FeedEvent,
-    ) -> Result<(), FeedApplyError> {
-        let status = match event.event_type.as_str() {
-            "shipment-created" => OrderStatus::Accepted,
-            "shipment-shipped" => OrderStatus::Shipped,
-            other => {
-                return Err(FeedApplyError::Refused(format!(
-                    "unknown event type {other:?}"
-                )))
-            }
-        };
-        let data: ShipmentData = serde_json::from_value(event.data.clone())
-            .map_err(|e| FeedApplyError::Refused(format!("unreadable event data: {e}")))?;
-        let id: OrderId = data
-            .order_id
-            .parse()
-            .map_err(|e| FeedApplyError::Refused(format!("bad order_id: {e}")))?;
-        let report = ShipmentEvent {
+/// Reads one of shipping's events: the order it is about, and the report it
+/// makes. Anything unreadable is refused (kept as a dead event).
+fn report_of(event: &FeedEvent) -> Result<(OrderId, ShipmentEvent), FeedApplyError> {
+    let status = match event.event_type.as_str() {
+        "shipment-created" => OrderStatus::Accepted,
+        "shipment-shipped" => OrderStatus::Shipped,
+        other => {
+            return Err(FeedApplyError::Refused(format!(
+                "unknown event type {other:?}"
+            )))
+        }
+    };
+    let data: ShipmentData = serde_json::from_value(event.data.clone())
+        .map_err(|e| FeedApplyError::Refused(format!("unreadable event data: {e}")))?;
+    let id: OrderId = data
+        .order_id
+        .parse()
+        .map_err(|e| FeedApplyError::Refused(format!("bad order_id: {e}")))?;
+    Ok((
+        id,
+        ShipmentEvent {
             shipment_id: data.shipment_id,
             status,
-        };
-        match self.store.apply_event(tx, id, &report).await {
+        },
+    ))
+}
+
+/// Logs an applied event once its transaction has committed.
+fn applied(id: OrderId, status: OrderStatus, transition: Transition, position: i64) {
+    resilience::feed::after_commit(move || {
+        tracing::info!(order_id = %id, %status, ?transition, position, "shipment feed event applied");
+    });
+}
+
+impl ShipmentFeedHandler {
+    /// One report through the status machine, with the order as it is now.
+    async fn apply_report(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        id: OrderId,
+        report: &ShipmentEvent,
+        position: i64,
+    ) -> Result<(), FeedApplyError> {
+        match self.store.apply_event(tx, id, report).await {
             Ok((order, transition)) => {
-                let (status, position) = (order.status, event.position);
-                resilience::feed::after_commit(move || {
-                    tracing::info!(order_id = %id, %status, ?transition, position, "shipment feed event applied");
-                });
+                applied(id, order.status, transition, position);
                 Ok(())
             }
             // A log is read in order; an event that would move the order
@@ -91,5 +105,71 @@ impl FeedHandler for ShipmentFeedHandler {
             Err(ApplyError::NotFound) => Err(FeedApplyError::Refused(format!("no order {id}"))),
             Err(ApplyError::Db(e)) => Err(FeedApplyError::Db(e)),
         }
+    }
+}
+
+#[async_trait]
+impl FeedHandler for ShipmentFeedHandler {
+    async fn apply(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        event: &FeedEvent,
+    ) -> Result<(), FeedApplyError> {
+        let (id, report) = report_of(event)?;
+        self.apply_report(tx, id, &report, event.position).await
+    }
+
+    fn applies_pages(&self) -> bool {
+        true
+    }
+
+    /// A page in rounds: each round takes, in position order, the next
+    /// event of every order the page names, so no order appears twice in a
+    /// round and each order's events keep their order. A round's usual
+    /// reports (each moving its order forward) are written in one
+    /// statement; the rest go through [`Self::apply_report`] one by one,
+    /// as `apply` would take them. Orders of one round are distinct, so
+    /// the order of writes within a round changes nothing.
+    async fn apply_page(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        events: &[FeedEvent],
+    ) -> Result<(), FeedApplyError> {
+        let mut reports = Vec::with_capacity(events.len());
+        for event in events {
+            let (id, report) = report_of(event)?;
+            reports.push((id, report, event.position));
+        }
+        let mut rounds: Vec<Vec<usize>> = Vec::new();
+        let mut seen: std::collections::HashMap<OrderId, usize> = std::collections::HashMap::new();
+        for (i, (id, _, _)) in reports.iter().enumerate() {
+            let round = seen.entry(*id).or_insert(0);
+            if rounds.len() <= *round {
+                rounds.push(Vec::new());
+            }
+            rounds[*round].push(i);
+            *round += 1;
+        }
+        for round in rounds {
+            let usual: Vec<(OrderId, &ShipmentEvent)> = round
+                .iter()
+                .map(|&i| (reports[i].0, &reports[i].1))
+                .collect();
+            let moved: std::collections::HashSet<String> = self
+                .store
+                .apply_events_usual(tx, &usual)
+                .await?
+                .into_iter()
+                .collect();
+            for &i in &round {
+                let (id, report, position) = &reports[i];
+                if moved.contains(&id.to_string()) {
+                    applied(*id, report.status, Transition::Changed, *position);
+                } else {
+                    self.apply_report(tx, *id, report, *position).await?;
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -424,6 +424,42 @@ impl OrderStore {
         rows.iter().map(order_from_row).collect()
     }
 
+    /// The usual case of [`OrderStore::apply_event`] for several reports
+    /// at once, each about a different order, in one statement: every
+    /// report that moves its order forward from a status below it, and
+    /// names the order's own shipment (or the order has none yet), is
+    /// applied as `apply_event` would apply it. Returns the ids of the
+    /// orders it moved; the other reports (a repeat, a forgery, a missing
+    /// order) are left for `apply_event` to judge one by one.
+    pub async fn apply_events_usual(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        reports: &[(OrderId, &ShipmentEvent)],
+    ) -> Result<Vec<String>, sqlx::Error> {
+        if reports.is_empty() {
+            return Ok(Vec::new());
+        }
+        let statuses: Vec<OrderStatus> = reports.iter().fold(Vec::new(), |mut v, (_, e)| {
+            if !v.contains(&e.status) {
+                v.push(e.status);
+            }
+            v
+        });
+        let now = now_ms();
+        let sql = shipment_events_sql(reports.len(), &statuses);
+        let mut q = sqlx::query(&sql).bind(now);
+        for (id, event) in reports {
+            let shipped_at = (event.status == OrderStatus::Shipped).then_some(now);
+            q = q
+                .bind(id.to_string())
+                .bind(event.status.as_str())
+                .bind(event.shipment_id.clone())
+                .bind(shipped_at);
+        }
+        let rows = q.fetch_all(&mut **tx).await?;
+        rows.iter().map(|r| r.try_get::<String, _>("id")).collect()
+    }
+
     /// Applies a report from shipping through the status machine, inside the
     /// caller's transaction (which also records the report's idempotency key).
     ///
@@ -700,6 +736,69 @@ pub fn accepted_all_sql(n: usize) -> String {
          AND (orders.status = 'pending') IS TRUE",
         rows.join(", "),
         ids.join(", ")
+    )
+}
+
+/// The statement of [`OrderStore::apply_events_usual`] for `n` reports
+/// whose statuses are among `statuses`: `$1` the time, then `(id, status,
+/// shipment_id, shipped_at)` per report. A report moves its order only from
+/// a status the status machine moves forward from (the statuses are the
+/// enum's own constants, never input), and only if the order has no
+/// shipment or the reported one. Rows are found through the primary key (the
+/// ids listed again as `id IN (...)`), as in [`accepted_all_sql`].
+#[doc(hidden)]
+pub fn shipment_events_sql(n: usize, statuses: &[OrderStatus]) -> String {
+    let rows: Vec<String> = (0..n)
+        .map(|i| {
+            let b = 2 + 4 * i;
+            format!(
+                "(${}, ${}, ${}, CAST(${} AS BIGINT))",
+                b,
+                b + 1,
+                b + 2,
+                b + 3
+            )
+        })
+        .collect();
+    let ids: Vec<String> = (0..n).map(|i| format!("${}", 2 + 4 * i)).collect();
+    let moves: Vec<String> = statuses
+        .iter()
+        .map(|to| {
+            let below: Vec<String> = [
+                OrderStatus::Pending,
+                OrderStatus::Accepted,
+                OrderStatus::Shipped,
+            ]
+            .into_iter()
+            .filter(|s| s.transition(*to) == Ok(Transition::Changed))
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+            if below.is_empty() {
+                "FALSE".to_string()
+            } else {
+                format!(
+                    "(v.column2 = '{}' AND (orders.status IN ({})) IS TRUE)",
+                    to.as_str(),
+                    below.join(", ")
+                )
+            }
+        })
+        .collect();
+    format!(
+        "UPDATE orders SET status = v.column2, updated_at = $1, last_error = NULL, \
+         accepted_at = COALESCE(orders.accepted_at, $1), \
+         shipped_at = COALESCE(orders.shipped_at, v.column4), \
+         shipment_id = COALESCE(orders.shipment_id, v.column3) \
+         FROM (VALUES {}) AS v WHERE orders.id = v.column1 AND orders.id IN ({}) \
+         AND ({}) AND (orders.shipment_id IS NULL OR orders.shipment_id = v.column3) \
+         RETURNING id",
+        rows.join(", "),
+        ids.join(", "),
+        if moves.is_empty() {
+            "FALSE".to_string()
+        } else {
+            moves.join(" OR ")
+        }
     )
 }
 

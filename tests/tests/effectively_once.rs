@@ -66,13 +66,20 @@ async fn effectively_once_under_seeded_faults(backend: TestBackend) -> anyhow::R
         }
         anyhow::bail!("seed {seed}: {e}\n{inv:?}\norder outbox: {order_outbox}\nshipping outbox: {shipping_outbox:?}\n{shipping_dead:?}\nstuck: {stuck:#?}");
     }
-    // The shipped reports go through shipping's outbox; wait until it is empty.
+    // The shipped reports go through shipping's outbox, and an order ships
+    // on the first send that reached shipping while the sends whose
+    // responses were lost are retried later: wait until both outboxes are
+    // empty, so a late duplicate would be counted.
     let shipping_db = stack.dbs.shipping_db().await?;
-    eventually(SETTLE, "shipping's outbox drained", || async {
-        let stats = resilience::outbox::Outbox::new(shipping_db.clone())
+    let order_db = stack.dbs.order_db().await?;
+    eventually(SETTLE, "both outboxes drained", || async {
+        let shipping = resilience::outbox::Outbox::new(shipping_db.clone())
             .stats()
             .await?;
-        Ok((stats.pending == 0).then_some(()))
+        let order = resilience::outbox::Outbox::new(order_db.clone())
+            .stats()
+            .await?;
+        Ok((shipping.pending == 0 && order.pending == 0).then_some(()))
     })
     .await?;
     let inv = stack.audit(Some("effectively-once")).await?;

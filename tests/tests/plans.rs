@@ -137,6 +137,33 @@ async fn run(conn: &mut PgConnection) -> Result<()> {
         rows_read(conn, "orders", q).await?,
     )?;
 
+    // order-service: a page of shipping's feed events, the usual case.
+    let sql = order_service::store::shipment_events_sql(
+        BATCH,
+        &[
+            order_service::domain::OrderStatus::Accepted,
+            order_service::domain::OrderStatus::Shipped,
+        ],
+    );
+    let mut q = sqlx::query(&sql).bind(2_i64);
+    for (i, o) in orders.iter().enumerate() {
+        let (status, shipped_at) = if i % 2 == 0 {
+            ("accepted", None)
+        } else {
+            ("shipped", Some(2_i64))
+        };
+        q = q
+            .bind(o)
+            .bind(status)
+            .bind(format!("shp-{o}"))
+            .bind(shipped_at);
+    }
+    check(
+        "orders moved by feed events",
+        "orders",
+        rows_read(conn, "orders", q).await?,
+    )?;
+
     let sql = order_service::store::late_attempts_sql(BATCH);
     let mut q = sqlx::query(&sql).bind(1_i64);
     for o in &orders {

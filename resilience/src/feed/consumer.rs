@@ -140,6 +140,34 @@ async fn apply_one(
     (result, hooks)
 }
 
+/// Runs `handler.apply_page` for a whole page, collecting what it
+/// registers with [`after_commit`].
+async fn apply_all(
+    handler: &dyn FeedHandler,
+    tx: &mut Transaction<'static, Any>,
+    feed: &str,
+    events: &[FeedEvent],
+) -> (Result<(), ApplyError>, Vec<Hook>) {
+    let hooks = Hooks::default();
+    let span = tracing::info_span!(
+        "feed_page",
+        feed = %feed,
+        first = events.first().map(|e| e.position),
+        last = events.last().map(|e| e.position),
+    );
+    let result = AFTER_COMMIT
+        .scope(
+            hooks.clone(),
+            handler.apply_page(tx, events).instrument(span),
+        )
+        .await;
+    let hooks = match hooks.lock() {
+        Ok(mut hooks) => std::mem::take(&mut *hooks),
+        Err(_) => Vec::new(),
+    };
+    (result, hooks)
+}
+
 /// What a committed page applied, and the hooks its handler left.
 #[derive(Default)]
 struct PageRun {
@@ -162,6 +190,31 @@ pub trait FeedHandler: Send + Sync + 'static {
         tx: &mut Transaction<'static, Any>,
         event: &FeedEvent,
     ) -> Result<(), ApplyError>;
+
+    /// Whether [`FeedHandler::apply_page`] is worth calling: a handler that
+    /// joins a page's writes into fewer statements says `true`. Otherwise a
+    /// page is applied event by event through [`FeedHandler::apply`].
+    fn applies_pages(&self) -> bool {
+        false
+    }
+
+    /// Applies a whole page in `tx`, in position order, leaving exactly what
+    /// [`FeedHandler::apply`] one event after the other would leave. A
+    /// refusal of any event returns [`ApplyError::Refused`]: the page's
+    /// transaction rolls back and the page runs again event by event through
+    /// `apply`, each event in a savepoint, so the refused event is recorded
+    /// as dead just as when `apply` refuses it. [`after_commit`] works here
+    /// as in `apply`. The default calls `apply` for each event.
+    async fn apply_page(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        events: &[FeedEvent],
+    ) -> Result<(), ApplyError> {
+        for event in events {
+            self.apply(tx, event).await?;
+        }
+        Ok(())
+    }
 }
 
 /// What a consumer knows about its feed right now.
@@ -745,7 +798,31 @@ impl FeedConsumer {
             }
         }
         let mut run = PageRun::default();
-        for event in &page.events {
+        if !isolate && self.handler.applies_pages() && !page.events.is_empty() {
+            // The whole page in one call (the handler joins its writes).
+            let (result, hooks) =
+                apply_all(&*self.handler, &mut tx, &self.config.feed, &page.events).await;
+            match result {
+                Ok(()) => {
+                    run.applied = page.events.len() as u64;
+                    run.hooks = hooks;
+                }
+                Err(ApplyError::Refused(_)) => {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+                Err(e) => {
+                    tx.rollback().await?;
+                    let (first, last) = (
+                        page.events.first().map_or(0, |e| e.position),
+                        page.events.last().map_or(0, |e| e.position),
+                    );
+                    return Err(RoundError::Apply(format!("page {first}..={last}: {e}")));
+                }
+            }
+        }
+        let one_by_one = isolate || !self.handler.applies_pages();
+        for event in page.events.iter().filter(|_| one_by_one) {
             if isolate {
                 exec(&mut tx, "SAVEPOINT feed_event").await?;
             }

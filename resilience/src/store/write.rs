@@ -102,6 +102,39 @@ impl Write {
         })
     }
 
+    /// Single-row inserts of one statement text as one multi-row insert:
+    /// `INSERT INTO t (...) VALUES (<row 1>), (<row 2>), ...`, each row's
+    /// placeholders numbered after the previous rows', the binders chained
+    /// in the same order. One statement on both backends, with one plan
+    /// however many rows. `None` for an empty list, or when the writes do
+    /// not all share one text ending in a `VALUES` tuple.
+    pub fn rows(writes: Vec<Write>) -> Option<Write> {
+        let first = writes.first()?;
+        let sql = first.sql.clone();
+        let at = sql.rfind(" VALUES (")?;
+        let (head, tuple) = (&sql[..at], &sql[at + " VALUES ".len()..]);
+        if !tuple.trim_end().ends_with(')') || writes.iter().any(|w| w.sql != sql) {
+            return None;
+        }
+        let mut out = format!("{head} VALUES ");
+        let mut params = 0;
+        let mut binds: Vec<BindWrite> = Vec::with_capacity(writes.len());
+        for (i, w) in writes.into_iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            out.push_str(&shift_placeholders(tuple, params));
+            params += w.params;
+            binds.push(w.bind);
+        }
+        Some(Write::new(out, params, move |mut q| {
+            for bind in binds {
+                q = bind(q);
+            }
+            q
+        }))
+    }
+
     /// `writes` as one call to `backend`: [`Write::fold`] on Postgres,
     /// [`Write::script`] on SQLite.
     pub fn joined_for(backend: Backend, writes: Vec<Write>) -> Option<Write> {
@@ -214,6 +247,33 @@ mod tests {
 
     fn w(sql: &'static str, params: usize) -> Write {
         Write::new(sql, params, |q| q)
+    }
+
+    #[test]
+    fn rows_join_one_insert_into_many_rows() {
+        let rows = Write::rows(vec![
+            w("INSERT INTO a (x, y, z) VALUES ($1, 'k', $2, $1)", 2),
+            w("INSERT INTO a (x, y, z) VALUES ($1, 'k', $2, $1)", 2),
+            w("INSERT INTO a (x, y, z) VALUES ($1, 'k', $2, $1)", 2),
+        ])
+        .map(|w| (w.sql, w.params));
+        assert_eq!(
+            rows,
+            Some((
+                "INSERT INTO a (x, y, z) VALUES ($1, 'k', $2, $1), ($3, 'k', $4, $3), \
+                 ($5, 'k', $6, $5)"
+                    .into(),
+                6
+            ))
+        );
+        // Different statements, or no VALUES tuple: not joined.
+        assert!(Write::rows(vec![
+            w("INSERT INTO a (x) VALUES ($1)", 1),
+            w("INSERT INTO b (x) VALUES ($1)", 1),
+        ])
+        .is_none());
+        assert!(Write::rows(vec![w("UPDATE a SET x = $1", 1)]).is_none());
+        assert!(Write::rows(Vec::new()).is_none());
     }
 
     #[test]
