@@ -107,6 +107,39 @@ pub fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
     Ok(ports)
 }
 
+/// Another process answered on a port chosen for a service: it was taken
+/// after it was chosen.
+#[derive(Debug, thiserror::Error)]
+#[error("port {0} was taken by another process before the service could bind it")]
+pub struct PortTaken(pub u16);
+
+/// Whether process `pid` holds the listening socket of 127.0.0.1:`port`
+/// (Linux, through /proc). `None` where /proc cannot tell, so the caller
+/// trusts the health answer as before.
+fn listens_on(pid: u32, port: u16) -> Option<bool> {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let local = format!("0100007F:{port:04X}");
+    // Fields: sl, local_address, rem_address, st (0A = LISTEN), ..., inode.
+    let sockets: Vec<String> = tcp
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.get(1) == Some(&local.as_str()) && f.get(3) == Some(&"0A"))
+                .then(|| f.get(9).map(|inode| format!("socket:[{inode}]")))
+                .flatten()
+        })
+        .collect();
+    if sockets.is_empty() {
+        return None;
+    }
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| sockets.iter().any(|s| target.as_os_str() == s.as_str()))
+    }))
+}
+
 /// One service process: started, killed, restarted on the same port.
 #[derive(Debug)]
 pub struct Process {
@@ -232,13 +265,22 @@ impl Process {
     ) -> anyhow::Result<()> {
         let url = format!("{}/healthz", self.url());
         let start = tokio::time::Instant::now();
+        // Another process answered on this port: the port was taken between
+        // choosing it and this start (another test's service, say).
+        let mut foreign = false;
         loop {
             if let Ok(r) = http.get(&url).send().await {
                 if r.status().is_success() {
-                    return Ok(());
+                    match self.pid().and_then(|pid| listens_on(pid, self.port)) {
+                        Some(false) => foreign = true,
+                        _ => return Ok(()),
+                    }
                 }
             }
             if !self.is_running() {
+                if foreign {
+                    return Err(PortTaken(self.port).into());
+                }
                 bail!(
                     "{} exited during start-up; the end of {}:\n{}",
                     self.kind.name(),
@@ -247,6 +289,9 @@ impl Process {
                 );
             }
             if start.elapsed() > deadline {
+                if foreign {
+                    return Err(PortTaken(self.port).into());
+                }
                 bail!(
                     "{} not healthy after {deadline:?}; see {}",
                     self.kind.name(),
@@ -346,6 +391,21 @@ impl std::fmt::Debug for Cluster {
 impl Cluster {
     /// Starts shipping-service, then order-service.
     pub async fn start(cfg: ClusterConfig) -> anyhow::Result<Self> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once(cfg.clone()).await {
+                // Free ports chosen, then taken by someone else before the
+                // service bound them: choose again.
+                Err(e) if cfg.ports.is_none() && attempt < 3 && e.is::<PortTaken>() => {
+                    tracing::warn!(error = %e, "choosing other ports");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(cfg: ClusterConfig) -> anyhow::Result<Self> {
         let (op, sp) = match cfg.ports {
             Some(p) => p,
             None => {
@@ -430,6 +490,27 @@ impl Cluster {
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         self.order.terminate(Duration::from_secs(15)).await?;
         self.shipping.terminate(Duration::from_secs(15)).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listens_on_tells_the_owner_of_a_port() -> anyhow::Result<()> {
+        if !Path::new("/proc/net/tcp").exists() {
+            return Ok(()); // not Linux: the check answers None everywhere
+        }
+        let held = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = held.local_addr()?.port();
+        assert_eq!(listens_on(std::process::id(), port), Some(true));
+        // Another process (init, or whatever pid 1 is here) does not hold it.
+        assert_ne!(listens_on(1, port), Some(true));
+        drop(held);
+        // Nobody listens: no answer either way.
+        assert_eq!(listens_on(std::process::id(), port), None);
         Ok(())
     }
 }

@@ -68,9 +68,11 @@ fn report_of(event: &FeedEvent) -> Result<(OrderId, ShipmentEvent), FeedApplyErr
     ))
 }
 
-/// Logs an applied event once its transaction has committed.
-fn applied(id: OrderId, status: OrderStatus, transition: Transition, position: i64) {
-    resilience::feed::after_commit(move || {
+/// Logs an applied event once its transaction has committed, in the
+/// event's own span (its trace).
+fn applied(id: OrderId, status: OrderStatus, transition: Transition, event: &FeedEvent) {
+    let position = event.position;
+    resilience::feed::after_commit_of(event, move || {
         tracing::info!(order_id = %id, %status, ?transition, position, "shipment feed event applied");
     });
 }
@@ -82,11 +84,11 @@ impl ShipmentFeedHandler {
         tx: &mut Transaction<'static, Any>,
         id: OrderId,
         report: &ShipmentEvent,
-        position: i64,
+        event: &FeedEvent,
     ) -> Result<(), FeedApplyError> {
         match self.store.apply_event(tx, id, report).await {
             Ok((order, transition)) => {
-                applied(id, order.status, transition, position);
+                applied(id, order.status, transition, event);
                 Ok(())
             }
             // A log is read in order; an event that would move the order
@@ -116,7 +118,7 @@ impl FeedHandler for ShipmentFeedHandler {
         event: &FeedEvent,
     ) -> Result<(), FeedApplyError> {
         let (id, report) = report_of(event)?;
-        self.apply_report(tx, id, &report, event.position).await
+        self.apply_report(tx, id, &report, event).await
     }
 
     fn applies_pages(&self) -> bool {
@@ -138,7 +140,7 @@ impl FeedHandler for ShipmentFeedHandler {
         let mut reports = Vec::with_capacity(events.len());
         for event in events {
             let (id, report) = report_of(event)?;
-            reports.push((id, report, event.position));
+            reports.push((id, report, event));
         }
         let mut rounds: Vec<Vec<usize>> = Vec::new();
         let mut seen: std::collections::HashMap<OrderId, usize> = std::collections::HashMap::new();
@@ -162,11 +164,11 @@ impl FeedHandler for ShipmentFeedHandler {
                 .into_iter()
                 .collect();
             for &i in &round {
-                let (id, report, position) = &reports[i];
+                let (id, report, event) = &reports[i];
                 if moved.contains(&id.to_string()) {
-                    applied(*id, report.status, Transition::Changed, *position);
+                    applied(*id, report.status, Transition::Changed, event);
                 } else {
-                    self.apply_report(tx, *id, report, *position).await?;
+                    self.apply_report(tx, *id, report, event).await?;
                 }
             }
         }

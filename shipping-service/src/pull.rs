@@ -138,10 +138,11 @@ impl OrderFeedHandler {
     }
 }
 
-/// Logs a shipment taken on once its transaction has committed.
-fn created(shipment: &Shipment, position: i64) {
-    let (id, order_id) = (shipment.id, shipment.order_id);
-    resilience::feed::after_commit(move || {
+/// Logs a shipment taken on once its transaction has committed, in the
+/// event's own span (its trace).
+fn created(shipment: &Shipment, event: &FeedEvent) {
+    let (id, order_id, position) = (shipment.id, shipment.order_id, event.position);
+    resilience::feed::after_commit_of(event, move || {
         tracing::info!(shipment_id = %id, %order_id, position, "shipment created from the orders feed");
     });
 }
@@ -158,7 +159,7 @@ impl FeedHandler for OrderFeedHandler {
         append(&self.feed, tx, &shipment, SHIPMENT_CREATED)
             .await
             .map_err(|e| ApplyError::Retry(e.to_string()))?;
-        created(&shipment, event.position);
+        created(&shipment, event);
         Ok(())
     }
 
@@ -185,15 +186,15 @@ impl FeedHandler for OrderFeedHandler {
                     .map_err(|e| ApplyError::Retry(e.to_string()))?,
             );
             inserts.push(insert);
-            shipments.push((shipment, event.position));
+            shipments.push((shipment, event));
         }
         for rows in [inserts, appends] {
             if let Some(w) = resilience::outbox::Write::rows(rows) {
                 (w.bind)(sqlx::query(&w.sql)).execute(&mut **tx).await?;
             }
         }
-        for (shipment, position) in &shipments {
-            created(shipment, *position);
+        for (shipment, event) in &shipments {
+            created(shipment, event);
         }
         Ok(())
     }

@@ -100,6 +100,9 @@ type Hooks = Arc<Mutex<Vec<Hook>>>;
 
 tokio::task_local! {
     static AFTER_COMMIT: Hooks;
+    /// The feed whose events the handler is applying (for
+    /// [`after_commit_of`]'s spans).
+    static APPLYING: Arc<str>;
 }
 
 /// Called from a [`FeedHandler::apply`]: runs `f` (inside the caller's
@@ -118,6 +121,25 @@ pub fn after_commit(f: impl FnOnce() + Send + 'static) -> bool {
         .is_ok()
 }
 
+/// [`after_commit`] for one event of a page, from
+/// [`FeedHandler::apply_page`]: `f` runs inside that event's own span (its
+/// feed, position and trace id), as it would from [`FeedHandler::apply`],
+/// once the page's transaction has committed. Returns `false`, and drops
+/// `f`, outside a consumer's `apply` or `apply_page`.
+pub fn after_commit_of(event: &FeedEvent, f: impl FnOnce() + Send + 'static) -> bool {
+    let Ok(feed) = APPLYING.try_with(Arc::clone) else {
+        return false;
+    };
+    let span = event_span(&feed, event);
+    AFTER_COMMIT
+        .try_with(|hooks| {
+            if let Ok(mut hooks) = hooks.lock() {
+                hooks.push(Box::new(move || span.in_scope(f)));
+            }
+        })
+        .is_ok()
+}
+
 /// Runs `handler.apply` for one event, collecting what it registers with
 /// [`after_commit`].
 async fn apply_one(
@@ -127,10 +149,13 @@ async fn apply_one(
     event: &FeedEvent,
 ) -> (Result<(), ApplyError>, Vec<Hook>) {
     let hooks = Hooks::default();
-    let result = AFTER_COMMIT
+    let result = APPLYING
         .scope(
-            hooks.clone(),
-            handler.apply(tx, event).instrument(event_span(feed, event)),
+            Arc::from(feed),
+            AFTER_COMMIT.scope(
+                hooks.clone(),
+                handler.apply(tx, event).instrument(event_span(feed, event)),
+            ),
         )
         .await;
     let hooks = match hooks.lock() {
@@ -155,10 +180,13 @@ async fn apply_all(
         first = events.first().map(|e| e.position),
         last = events.last().map(|e| e.position),
     );
-    let result = AFTER_COMMIT
+    let result = APPLYING
         .scope(
-            hooks.clone(),
-            handler.apply_page(tx, events).instrument(span),
+            Arc::from(feed),
+            AFTER_COMMIT.scope(
+                hooks.clone(),
+                handler.apply_page(tx, events).instrument(span),
+            ),
         )
         .await;
     let hooks = match hooks.lock() {
@@ -203,8 +231,10 @@ pub trait FeedHandler: Send + Sync + 'static {
     /// refusal of any event returns [`ApplyError::Refused`]: the page's
     /// transaction rolls back and the page runs again event by event through
     /// `apply`, each event in a savepoint, so the refused event is recorded
-    /// as dead just as when `apply` refuses it. [`after_commit`] works here
-    /// as in `apply`. The default calls `apply` for each event.
+    /// as dead just as when `apply` refuses it. [`after_commit_of`] registers
+    /// work to run after the commit in an event's own span, as
+    /// [`after_commit`] does from `apply`. The default calls `apply` for
+    /// each event.
     async fn apply_page(
         &self,
         tx: &mut Transaction<'static, Any>,

@@ -88,8 +88,8 @@ mod log;
 pub mod wire;
 
 pub use consumer::{
-    after_commit, ApplyError, Commit, ConsumerConfig, ConsumerHandle, ConsumerStatus, DeadEvent,
-    FeedConsumer, FeedHandler, OffsetRow,
+    after_commit, after_commit_of, ApplyError, Commit, ConsumerConfig, ConsumerHandle,
+    ConsumerStatus, DeadEvent, FeedConsumer, FeedHandler, OffsetRow,
 };
 pub use log::FeedLog;
 pub use wire::{FeedEvent, FeedQuery, Page};
