@@ -153,10 +153,12 @@ impl FeedHandler for ShipmentFeedHandler {
             *round += 1;
         }
         for round in rounds {
-            let usual: Vec<(OrderId, &ShipmentEvent)> = round
+            // In id order, the order the push path locks orders in.
+            let mut usual: Vec<(OrderId, &ShipmentEvent)> = round
                 .iter()
                 .map(|&i| (reports[i].0, &reports[i].1))
                 .collect();
+            usual.sort_by_key(|(id, _)| id.to_string());
             let moved: std::collections::HashSet<String> = self
                 .store
                 .apply_events_usual(tx, &usual)

@@ -851,8 +851,14 @@ impl FeedConsumer {
                 }
             }
         }
-        let one_by_one = isolate || !self.handler.applies_pages();
-        for event in page.events.iter().filter(|_| one_by_one) {
+        // Event by event: isolated in savepoints, or for a handler that
+        // applies no pages (a page applied whole has no events left here).
+        let one_by_one: &[FeedEvent] = if isolate || !self.handler.applies_pages() {
+            &page.events
+        } else {
+            &[]
+        };
+        for event in one_by_one {
             if isolate {
                 exec(&mut tx, "SAVEPOINT feed_event").await?;
             }

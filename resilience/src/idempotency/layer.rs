@@ -620,6 +620,14 @@ where
         Err(e) => return Err(begin_failed(e, config.retry_after_secs())),
     };
     let sent = record::insert_with_writes(&mut conn, writes, new.clone(), claim.lock_id).await;
+    if sent.is_err() {
+        // Postgres sends a statement's error before it aborts the
+        // statement's transaction, and so before the key's lock is gone: a
+        // run the usual way, on another connection, could find the key
+        // still locked and answer 409 "in flight" to its own request. The
+        // server answers the next statement only once the abort is over.
+        let _ = sqlx::query("SELECT 1").execute(&mut *conn).await;
+    }
     drop(conn);
     let err = match sent {
         Ok(()) => {
