@@ -92,7 +92,7 @@ async fn rows(db: &Db) -> anyhow::Result<Vec<String>> {
 /// Event by event, each in a savepoint; the refused ones are undone and
 /// counted, as the consumer records them dead.
 async fn one_by_one(
-    handler: &ShipmentFeedHandler,
+    handler: &dyn FeedHandler,
     db: &Db,
     events: &[FeedEvent],
 ) -> anyhow::Result<usize> {
@@ -116,6 +116,41 @@ async fn one_by_one(
     }
     tx.commit().await?;
     Ok(refused)
+}
+
+/// Applies `events` to `paged` as the consumer does (the page in one call;
+/// on a refusal, rolled back and event by event) and to `single` one by
+/// one. Checks that the page is refused whole exactly when one of its
+/// events is refused alone, with as many refusals either way; answers
+/// whether the page was refused.
+async fn both_ways(
+    (by_page, paged): (&dyn FeedHandler, &Db),
+    (by_event, single): (&dyn FeedHandler, &Db),
+    events: &[FeedEvent],
+) -> anyhow::Result<bool> {
+    let expected_refusals = one_by_one(by_event, single, events).await?;
+    let mut tx = paged.begin().await?;
+    match by_page.apply_page(&mut tx, events).await {
+        Ok(()) => {
+            tx.commit().await?;
+            ensure!(
+                expected_refusals == 0,
+                "applied whole, but {expected_refusals} of its events are refused one by one"
+            );
+            Ok(false)
+        }
+        Err(ApplyError::Refused(_)) => {
+            tx.rollback().await?;
+            ensure!(
+                expected_refusals > 0,
+                "refused whole, but no event of it is refused one by one"
+            );
+            let refused = one_by_one(by_page, paged, events).await?;
+            ensure!(refused == expected_refusals);
+            Ok(true)
+        }
+        Err(e) => Err(anyhow::anyhow!("{e}")),
+    }
 }
 
 fn event(position: i64, kind: &str, order: &str, shipment: &str) -> FeedEvent {
@@ -176,30 +211,10 @@ async fn run(backend: TestBackend, seed: u64) -> anyhow::Result<()> {
                 event(p as i64 + 1, kind, &order, &shipment(i, other))
             })
             .collect();
-        let expected_refusals = one_by_one(&by_event, &single, &events).await?;
-        // As the consumer does: the page in one call; on a refusal, roll
-        // back and go event by event.
-        let mut tx = paged.begin().await?;
-        match by_page.apply_page(&mut tx, &events).await {
-            Ok(()) => {
-                tx.commit().await?;
-                ensure!(
-                    expected_refusals == 0,
-                    "page {page}: applied whole, but {expected_refusals} of its events are refused one by one"
-                );
-            }
-            Err(ApplyError::Refused(_)) => {
-                tx.rollback().await?;
-                pages_refused += 1;
-                ensure!(
-                    expected_refusals > 0,
-                    "page {page}: refused whole, but no event of it is refused one by one"
-                );
-                let refused = one_by_one(&by_page, &paged, &events).await?;
-                ensure!(refused == expected_refusals);
-            }
-            Err(e) => return Err(anyhow::anyhow!("page {page}: {e}")),
-        }
+        let refused = both_ways((&by_page, &paged), (&by_event, &single), &events)
+            .await
+            .with_context(|| format!("page {page}"))?;
+        pages_refused += usize::from(refused);
         let (a, b) = (rows(&paged).await?, rows(&single).await?);
         ensure!(
             a == b,
@@ -305,33 +320,6 @@ async fn shipping_rows(db: &Db) -> anyhow::Result<Vec<String>> {
     Ok(out)
 }
 
-async fn shipping_one_by_one(
-    handler: &OrderFeedHandler,
-    db: &Db,
-    events: &[FeedEvent],
-) -> anyhow::Result<usize> {
-    let mut tx = db.begin().await?;
-    let mut refused = 0;
-    for e in events {
-        sqlx::query("SAVEPOINT ev").execute(&mut *tx).await?;
-        match handler.apply(&mut tx, e).await {
-            Ok(()) => {}
-            Err(ApplyError::Refused(_)) => {
-                sqlx::query("ROLLBACK TO SAVEPOINT ev")
-                    .execute(&mut *tx)
-                    .await?;
-                refused += 1;
-            }
-            Err(e) => return Err(anyhow::anyhow!("apply: {e}")),
-        }
-        sqlx::query("RELEASE SAVEPOINT ev")
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
-    Ok(refused)
-}
-
 /// shipping-service's pages: every shipment and every `shipment-created`
 /// event as one by one, in the same order, or the page refused whole when
 /// one of its events is refused one by one.
@@ -400,28 +388,10 @@ async fn shipping_run(backend: TestBackend, seed: u64) -> anyhow::Result<()> {
                 }
             })
             .collect();
-        let expected_refusals = shipping_one_by_one(&by_event, &single, &events).await?;
-        let mut tx = paged.begin().await?;
-        match by_page.apply_page(&mut tx, &events).await {
-            Ok(()) => {
-                tx.commit().await?;
-                ensure!(
-                    expected_refusals == 0,
-                    "page {page}: applied whole, but {expected_refusals} of its events are refused one by one"
-                );
-            }
-            Err(ApplyError::Refused(_)) => {
-                tx.rollback().await?;
-                refused_pages += 1;
-                ensure!(
-                    expected_refusals > 0,
-                    "page {page}: refused whole, but no event of it is refused one by one"
-                );
-                let refused = shipping_one_by_one(&by_page, &paged, &events).await?;
-                ensure!(refused == expected_refusals);
-            }
-            Err(e) => return Err(anyhow::anyhow!("page {page}: {e}")),
-        }
+        let refused = both_ways((&by_page, &paged), (&by_event, &single), &events)
+            .await
+            .with_context(|| format!("page {page}"))?;
+        refused_pages += usize::from(refused);
         let (a, b) = (shipping_rows(&paged).await?, shipping_rows(&single).await?);
         ensure!(
             a == b,
