@@ -790,7 +790,13 @@ async fn run_mode_on(
     };
     let wal = postgres && enable_walinspect(&probe).await;
     let before = if postgres {
-        Some(pg_stats(&probe, pss == Some(true), &own).await?)
+        let mut stats = pg_stats(&probe, pss == Some(true), &own).await?;
+        // The tables' counters so far (the services' start-up), on a plain
+        // connection of its own.
+        let mut conn = sqlx::PgConnection::connect(&database.url("order")).await?;
+        stats.tables = pg_tables(&mut conn).await?;
+        conn.close().await?;
+        Some(stats)
     } else {
         None
     };
@@ -1028,9 +1034,9 @@ const PG_TABLES: &str = "/* bench-probe */ SELECT schemaname || '.' || relname, 
      CAST(n_tup_ins AS BIGINT), CAST(n_tup_upd AS BIGINT), CAST(n_tup_hot_upd AS BIGINT), \
      CAST(n_tup_del AS BIGINT) FROM pg_stat_user_tables ORDER BY 1";
 
-/// Every table's row counters: the database is new for each mode, so they
-/// count from its creation (the migrations' own rows go to tables that the
-/// services never write, and are left out by having none per order).
+/// Every table's row counters (`schema.table` → inserted, updated,
+/// HOT-updated, deleted). Taken before the orders and after them; the
+/// per-order figures are the difference.
 async fn pg_tables(conn: &mut sqlx::PgConnection) -> anyhow::Result<Vec<(String, [i64; 4])>> {
     let rows = sqlx::query(PG_TABLES).fetch_all(conn).await?;
     rows.iter()
@@ -1139,13 +1145,21 @@ fn writes_per_order(before: &PgStats, after: &PgStats, own: u64, delivered: usiz
         tables: after
             .tables
             .iter()
+            .map(|(name, n)| {
+                let was = before
+                    .tables
+                    .iter()
+                    .find(|(b, _)| b == name)
+                    .map_or([0; 4], |(_, b)| *b);
+                (name, [0, 1, 2, 3].map(|i| n[i] - was[i]))
+            })
             .filter(|(name, n)| !name.ends_with("._sqlx_migrations") && n.iter().any(|v| *v > 0))
             .map(|(name, [ins, upd, hot, del])| TableWrites {
                 table: name.clone(),
-                inserted: per(*ins),
-                updated: per(*upd),
-                hot_updated: per(*hot),
-                deleted: per(*del),
+                inserted: per(ins),
+                updated: per(upd),
+                hot_updated: per(hot),
+                deleted: per(del),
             })
             .collect(),
     }
@@ -1547,7 +1561,8 @@ mod tests {
             wal_commits: None,
             statements: Some(10),
             commit_statements: Some(1),
-            tables: Vec::new(),
+            // Start-up writes, before the orders: left out.
+            tables: vec![("app.outbox".into(), [0, 10, 10, 0])],
         };
         let after = PgStats {
             commits: 1110,
@@ -1559,7 +1574,7 @@ mod tests {
             tables: vec![
                 ("app._sqlx_migrations".into(), [7, 0, 0, 0]),
                 ("app.idle".into(), [0, 0, 0, 0]),
-                ("app.outbox".into(), [100, 200, 50, 0]),
+                ("app.outbox".into(), [100, 210, 60, 0]),
                 ("app.keys".into(), [0, 0, 0, 30]),
             ],
         };

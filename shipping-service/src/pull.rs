@@ -189,7 +189,13 @@ impl FeedHandler for OrderFeedHandler {
             shipments.push((shipment, event));
         }
         for rows in [inserts, appends] {
-            if let Some(w) = resilience::outbox::Write::rows(rows) {
+            // One multi-row insert; writes that cannot be joined run one by
+            // one, never silently not at all.
+            let one_by_one = match resilience::outbox::Write::rows(rows) {
+                Ok(w) => vec![w],
+                Err(writes) => writes,
+            };
+            for w in one_by_one {
                 (w.bind)(sqlx::query(&w.sql)).execute(&mut **tx).await?;
             }
         }

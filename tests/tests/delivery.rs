@@ -128,7 +128,6 @@ async fn lost_responses_duplicate_at_least_once(backend: TestBackend) -> anyhow:
     .await?;
     order_db.close().await;
     let inv = stack.audit(Some("at-least-once")).await?;
-    eprintln!("DEBUG {inv:?}");
     ensure!(
         inv.orders == 25 && inv.lost == 0 && inv.unacknowledged == 0,
         "seed {seed}: {inv:?}"

@@ -626,7 +626,12 @@ where
         // run the usual way, on another connection, could find the key
         // still locked and answer 409 "in flight" to its own request. The
         // server answers the next statement only once the abort is over.
-        let _ = sqlx::query("SELECT 1").execute(&mut *conn).await;
+        // Bounded: a connection that went silent must not hold the request.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            sqlx::query("SELECT 1").execute(&mut *conn),
+        )
+        .await;
     }
     drop(conn);
     let err = match sent {

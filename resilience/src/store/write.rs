@@ -106,17 +106,26 @@ impl Write {
     /// `INSERT INTO t (...) VALUES (<row 1>), (<row 2>), ...`, each row's
     /// placeholders numbered after the previous rows', the binders chained
     /// in the same order. One statement on both backends, with one plan
-    /// however many rows. `None` for an empty list, or when the writes do
-    /// not all share one text ending in a `VALUES` tuple.
-    pub fn rows(writes: Vec<Write>) -> Option<Write> {
-        let first = writes.first()?;
+    /// however many rows. The writes come back unchanged (`Err`), to be run
+    /// one by one, when they do not all share one text that ends with its
+    /// `VALUES` tuple (nothing after it: no `ON CONFLICT`, no `RETURNING`),
+    /// or when there are none.
+    pub fn rows(writes: Vec<Write>) -> Result<Write, Vec<Write>> {
+        let Some(first) = writes.first() else {
+            return Err(writes);
+        };
         let sql = first.sql.clone();
-        let at = sql.rfind(" VALUES (")?;
-        let (head, tuple) = (&sql[..at], &sql[at + " VALUES ".len()..]);
-        if !tuple.trim_end().ends_with(')') || writes.iter().any(|w| w.sql != sql) {
-            return None;
+        let Some(tuple) = sql
+            .rfind(" VALUES (")
+            .map(|at| &sql[at + " VALUES ".len()..])
+        else {
+            return Err(writes);
+        };
+        if !is_one_tuple(tuple) || writes.iter().any(|w| w.sql != sql) {
+            return Err(writes);
         }
-        let mut out = format!("{head} VALUES ");
+        let head = &sql[..sql.len() - tuple.len()];
+        let mut out = String::from(head);
         let mut params = 0;
         let mut binds: Vec<BindWrite> = Vec::with_capacity(writes.len());
         for (i, w) in writes.into_iter().enumerate() {
@@ -127,7 +136,7 @@ impl Write {
             params += w.params;
             binds.push(w.bind);
         }
-        Some(Write::new(out, params, move |mut q| {
+        Ok(Write::new(out, params, move |mut q| {
             for bind in binds {
                 q = bind(q);
             }
@@ -173,6 +182,27 @@ impl Write {
             q
         }))
     }
+}
+
+/// Whether `text` is one parenthesised group and nothing after it (text
+/// in single quotes is skipped).
+fn is_one_tuple(text: &str) -> bool {
+    let mut depth = 0usize;
+    let mut quoted = false;
+    for (i, c) in text.char_indices() {
+        match c {
+            '\'' => quoted = !quoted,
+            '(' if !quoted => depth += 1,
+            ')' if !quoted => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return text[i + 1..].trim().is_empty();
+                }
+            }
+            _ => {}
+        }
+    }
+    false
 }
 
 /// `sql` with every placeholder `$n` written `$(n + offset)`. Text in single
@@ -256,7 +286,8 @@ mod tests {
             w("INSERT INTO a (x, y, z) VALUES ($1, 'k', $2, $1)", 2),
             w("INSERT INTO a (x, y, z) VALUES ($1, 'k', $2, $1)", 2),
         ])
-        .map(|w| (w.sql, w.params));
+        .map(|w| (w.sql, w.params))
+        .ok();
         assert_eq!(
             rows,
             Some((
@@ -266,14 +297,31 @@ mod tests {
                 6
             ))
         );
-        // Different statements, or no VALUES tuple: not joined.
-        assert!(Write::rows(vec![
-            w("INSERT INTO a (x) VALUES ($1)", 1),
-            w("INSERT INTO b (x) VALUES ($1)", 1),
-        ])
-        .is_none());
-        assert!(Write::rows(vec![w("UPDATE a SET x = $1", 1)]).is_none());
-        assert!(Write::rows(Vec::new()).is_none());
+        // Different statements, no VALUES tuple, or text after it: given
+        // back, all of them, to run one by one.
+        let back = |writes: Vec<Write>| Write::rows(writes).err().map(|w| w.len());
+        assert_eq!(
+            back(vec![
+                w("INSERT INTO a (x) VALUES ($1)", 1),
+                w("INSERT INTO b (x) VALUES ($1)", 1),
+            ]),
+            Some(2)
+        );
+        assert_eq!(back(vec![w("UPDATE a SET x = $1", 1)]), Some(1));
+        assert_eq!(
+            back(vec![w(
+                "INSERT INTO a (x) VALUES ($1) ON CONFLICT (x) DO UPDATE SET x = (1)",
+                1
+            )]),
+            Some(1)
+        );
+        assert_eq!(
+            back(vec![w("INSERT INTO a (x) VALUES ($1) RETURNING x", 1)]),
+            Some(1)
+        );
+        assert_eq!(back(Vec::new()), Some(0));
+        // A closing parenthesis inside quotes does not end the tuple.
+        assert!(Write::rows(vec![w("INSERT INTO a (x, y) VALUES ($1, ')')", 1)]).is_ok());
     }
 
     #[test]
