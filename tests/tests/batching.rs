@@ -78,7 +78,19 @@ async fn a_burst_is_delivered_once_in_few_commits(backend: TestBackend) -> anyho
         .await;
         order_db.close().await;
         counted?;
+        // Likewise shipping's relay records a report's delivery once
+        // order-service has answered it, after the order is shipped: wait
+        // for every shipment's, with a deadline.
         let shipping_db = stack.dbs.shipping_db().await?;
+        let reported = tests::eventually(SETTLE, "every shipment's report recorded", || async {
+            let unreported: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM shipments WHERE reported_at IS NULL OR report_attempts < 1",
+            )
+            .fetch_one(shipping_db.pool())
+            .await?;
+            Ok((unreported == 0).then_some(()))
+        })
+        .await;
         let bad_shipments: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM shipments WHERE reported_at IS NULL OR report_attempts < 1 \
              OR report_error IS NOT NULL",
@@ -86,6 +98,7 @@ async fn a_burst_is_delivered_once_in_few_commits(backend: TestBackend) -> anyho
         .fetch_one(shipping_db.pool())
         .await?;
         shipping_db.close().await;
+        reported?;
         ensure!(
             bad_orders == 0 && bad_shipments == 0,
             "{bad_orders} orders and {bad_shipments} shipments without their acknowledgement"
