@@ -81,20 +81,19 @@ impl OrderStore {
         let items =
             serde_json::to_string(&order.items).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         let (customer_id, mode) = (order.customer_id.clone(), order.mode.as_str());
-        let write = Write {
-            sql: "INSERT INTO orders (id, customer_id, items, delivery_mode, status, \
-                  send_attempts, created_at, updated_at) \
-                  VALUES ($1, $2, $3, $4, 'pending', 0, $5, $5)"
-                .into(),
-            params: 5,
-            bind: Box::new(move |q| {
+        let write = Write::new(
+            "INSERT INTO orders (id, customer_id, items, delivery_mode, status, \
+             send_attempts, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, 'pending', 0, $5, $5)",
+            5,
+            move |q| {
                 q.bind(id.to_string())
                     .bind(customer_id)
                     .bind(items)
                     .bind(mode)
                     .bind(now)
-            }),
-        };
+            },
+        );
         let order = Order {
             id,
             customer_id: order.customer_id.clone(),
@@ -376,11 +375,13 @@ impl OrderStore {
             .shipment_id
             .or_else(|| Some(event.shipment_id.clone()));
         let (status, shipment) = (event.status.as_str(), event.shipment_id.clone());
-        let write = Write::new(
-            "UPDATE orders SET status = $1, updated_at = $2, last_error = NULL, \
-             accepted_at = COALESCE(accepted_at, $2), shipped_at = COALESCE(shipped_at, $3), \
-             shipment_id = COALESCE(shipment_id, $4) \
-             WHERE id = $5 AND status = $6 AND (shipment_id IS NULL OR shipment_id = $4)",
+        // One row of an `UPDATE ... FROM (VALUES ...)`: a batch's reports
+        // merge into one statement with a row each (`Write::merged`), the
+        // ids listed again in `id IN (...)` so the rows are found through
+        // the primary key (see `shipment_events_sql`).
+        let write = Write::repeating(
+            REPORT_ROW_SQL,
+            resilience::store::sections(REPORT_ROW_SQL, &[REPORT_ROW, REPORT_ROW_ID]),
             6,
             move |q| {
                 q.bind(status)
@@ -583,6 +584,43 @@ impl OrderStore {
             "order status kept changing under a concurrent writer".into(),
         )))
     }
+}
+
+/// A batch's report, as one row of a statement that merges with the
+/// batch's other reports (see [`OrderStore::plan_event`]): the compare-and-set
+/// of [`OrderStore::apply_event`]'s second path, on the status as read.
+const REPORT_ROW_SQL: &str = "UPDATE orders SET status = v.column1, updated_at = v.column2, \
+     last_error = NULL, accepted_at = COALESCE(orders.accepted_at, v.column2), \
+     shipped_at = COALESCE(orders.shipped_at, v.column3), \
+     shipment_id = COALESCE(orders.shipment_id, v.column4) \
+     FROM (VALUES ($1, CAST($2 AS BIGINT), CAST($3 AS BIGINT), $4, $5, $6)) AS v \
+     WHERE orders.id = v.column5 AND orders.id IN ($5) AND orders.status = v.column6 \
+     AND (orders.shipment_id IS NULL OR orders.shipment_id = v.column4)";
+/// The parts of [`REPORT_ROW_SQL`] that repeat per report: its row, and
+/// its id in `id IN (...)` (the first `$5` after the row).
+const REPORT_ROW: &str = "($1, CAST($2 AS BIGINT), CAST($3 AS BIGINT), $4, $5, $6)";
+const REPORT_ROW_ID: &str = "$5";
+
+/// The statement `n` of a batch's reports merge into (for the plan test):
+/// per report its status, time, shipped time, shipment id, order id and the
+/// status it moves from.
+#[doc(hidden)]
+pub fn report_rows_sql(n: usize) -> String {
+    let rows: Vec<Write> = (0..n)
+        .map(|_| {
+            Write::repeating(
+                REPORT_ROW_SQL,
+                resilience::store::sections(REPORT_ROW_SQL, &[REPORT_ROW, REPORT_ROW_ID]),
+                6,
+                |q| q,
+            )
+        })
+        .collect();
+    Write::merged(rows)
+        .into_iter()
+        .map(|w| w.sql.into_owned())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// A report judged on the order as read: a report about another shipment

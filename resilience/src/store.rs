@@ -23,7 +23,7 @@ use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyPool, ConnectOptions, Connection, Executor, Transaction};
 
 mod write;
-pub use write::{run_writes, shift_placeholders, BindWrite, Write};
+pub use write::{run_writes, sections, shift_placeholders, BindWrite, Write};
 
 /// Which database engine sits behind a [`Db`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

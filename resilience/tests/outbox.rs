@@ -857,10 +857,10 @@ async fn enqueue_after_writes_both_or_neither(backend: Backend) -> Result<()> {
         .execute(e.db.pool())
         .await?;
     let outbox = Outbox::new(e.db.clone());
-    let thing = |id: &'static str, n: i64| Write {
-        sql: "INSERT INTO things (id, n) VALUES ($1, $2)".into(),
-        params: 2,
-        bind: Box::new(move |q| q.bind(id).bind(n)),
+    let thing = |id: &'static str, n: i64| {
+        Write::new("INSERT INTO things (id, n) VALUES ($1, $2)", 2, move |q| {
+            q.bind(id).bind(n)
+        })
     };
     let msg = |n: i64| {
         OutgoingRequest::post_json(

@@ -20,8 +20,9 @@ pub struct DeliveryArgs {
     #[arg(long, env = "RELAY_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub relay_enabled: bool,
 
-    /// Messages the relay claims per round.
-    #[arg(long, env = "RELAY_BATCH", default_value_t = 64)]
+    /// Messages the relay claims per round (at most the free sends of
+    /// RELAY_CONCURRENCY).
+    #[arg(long, env = "RELAY_BATCH", default_value_t = 512)]
     pub relay_batch: i64,
 
     /// Messages sent to one peer in one exchange at most (`POST /batch`,
@@ -34,8 +35,9 @@ pub struct DeliveryArgs {
     #[arg(long, env = "RELAY_PEER_EXCHANGES", default_value_t = 2)]
     pub relay_peer_exchanges: usize,
 
-    /// Sends the relay keeps in flight at once.
-    #[arg(long, env = "RELAY_CONCURRENCY", default_value_t = 64)]
+    /// Sends the relay keeps in flight at once (queued in the peer's
+    /// exchanges: RELAY_SEND_BATCH × RELAY_PEER_EXCHANGES leave at a time).
+    #[arg(long, env = "RELAY_CONCURRENCY", default_value_t = 1024)]
     pub relay_concurrency: usize,
 
     /// How long a relay's claim on a message is exclusive.
@@ -52,6 +54,12 @@ pub struct DeliveryArgs {
     /// once.
     #[arg(long, env = "RELAY_LINGER", default_value = "50ms", value_parser = humantime::parse_duration)]
     pub relay_linger: Duration,
+
+    /// Under a heavy stream the wait after a partial claim grows: one
+    /// RELAY_LINGER per 32 messages the claim found, up to this (equal to
+    /// RELAY_LINGER: no growth). A light stream keeps RELAY_LINGER.
+    #[arg(long, env = "RELAY_MAX_LINGER", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub relay_max_linger: Duration,
 
     /// First retry delay ceiling (full jitter, doubling per attempt).
     #[arg(long, env = "RETRY_BASE", default_value = "100ms", value_parser = humantime::parse_duration)]
@@ -289,6 +297,7 @@ impl DeliveryArgs {
             lease: self.relay_lease,
             poll_interval: self.relay_poll,
             linger: self.relay_linger,
+            max_linger: self.relay_max_linger,
             backoff: Backoff::new(self.retry_base, 2.0, self.retry_cap),
             max_attempts: (self.max_attempts > 0).then_some(self.max_attempts),
             max_age: (!self.max_age.is_zero()).then_some(self.max_age),

@@ -164,6 +164,28 @@ async fn run(conn: &mut PgConnection) -> Result<()> {
         rows_read(conn, "orders", q).await?,
     )?;
 
+    // order-service: a batch of pushed reports, merged into one statement.
+    let sql = order_service::store::report_rows_sql(BATCH);
+    ensure!(
+        sql.matches("UPDATE").count() == 1,
+        "a batch's reports should merge into one UPDATE: {sql}"
+    );
+    let mut q = sqlx::query(&sql);
+    for o in &orders {
+        q = q
+            .bind("shipped")
+            .bind(3_i64)
+            .bind(Some(3_i64))
+            .bind(format!("shp-{o}"))
+            .bind(o)
+            .bind("pending");
+    }
+    check(
+        "orders moved by pushed reports",
+        "orders",
+        rows_read(conn, "orders", q).await?,
+    )?;
+
     let sql = order_service::store::late_attempts_sql(BATCH);
     let mut q = sqlx::query(&sql).bind(1_i64);
     for o in &orders {

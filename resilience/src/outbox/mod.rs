@@ -85,7 +85,9 @@ use crate::store::{now_ms, run_writes, Backend, Db};
 
 #[doc(hidden)]
 pub use relay::{claim_sql, delivered_batch_sql};
-pub use relay::{DeliveryHandler, DeliveryOutcome, NoopHandler, Relay, RelayConfig, SentMessage};
+pub use relay::{
+    DeliveryHandler, DeliveryOutcome, NoopHandler, Relay, RelayConfig, SentMessage, LINGER_STEP,
+};
 
 /// Errors of the outbox.
 #[derive(Debug, thiserror::Error)]

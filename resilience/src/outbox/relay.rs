@@ -41,6 +41,12 @@ pub struct RelayConfig {
     /// full batch is followed by the next claim at once. Zero: claim on
     /// every wake-up.
     pub linger: Duration,
+    /// The longest wait after a partial claim. A claim that found many
+    /// messages means a heavy stream, where larger batches save more than
+    /// the wait costs: the wait is one `linger` per [`LINGER_STEP`]
+    /// messages the claim found, up to this. A light stream keeps the
+    /// plain `linger`. Equal to `linger` (or shorter): no growth.
+    pub max_linger: Duration,
     /// Delay before the next attempt after a retryable failure.
     pub backoff: Backoff,
     /// Dead-letter after this many attempts (`None`: keep trying).
@@ -55,16 +61,35 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             owner: format!("relay-{}", uuid::Uuid::new_v4().simple()),
-            batch_size: 64,
-            concurrency: 64,
+            batch_size: 512,
+            concurrency: 1024,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             linger: Duration::from_millis(50),
+            max_linger: Duration::from_millis(200),
             backoff: Backoff::new(Duration::from_millis(100), 2.0, Duration::from_secs(10)),
             max_attempts: None,
             max_age: None,
             retention: Duration::from_secs(24 * 3600),
         }
+    }
+}
+
+/// Messages a partial claim must find for each further `linger` of wait
+/// (see [`RelayConfig::max_linger`]). At 50 ms, a relay that keeps finding
+/// 32 or more messages per claim (about 640 a second) waits longer and
+/// claims more at a time; below that its wait stays one `linger`.
+pub const LINGER_STEP: usize = 32;
+
+impl RelayConfig {
+    /// The wait after a partial claim that found `found` messages: one
+    /// `linger` per [`LINGER_STEP`] messages (at least one), at most
+    /// `max_linger` (or `linger`, if that is longer).
+    pub fn linger_after(&self, found: usize) -> Duration {
+        let steps = u32::try_from((found / LINGER_STEP).max(1)).unwrap_or(u32::MAX);
+        self.linger
+            .saturating_mul(steps)
+            .min(self.max_linger.max(self.linger))
     }
 }
 
@@ -416,7 +441,7 @@ impl Relay {
                     Ok(batch) => {
                         full = batch.len() as i64 >= limit;
                         if !full && !batch.is_empty() && !self.config.linger.is_zero() {
-                            lingering = Some(now + self.config.linger);
+                            lingering = Some(now + self.config.linger_after(batch.len()));
                         }
                         for c in batch {
                             in_flight.push(self.deliver_bounded(c, Some(settler.clone())));
@@ -1125,6 +1150,28 @@ pub fn delivered_batch_sql(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_wait_grows_with_what_a_claim_found() {
+        let ms = Duration::from_millis;
+        let cfg = RelayConfig {
+            linger: ms(50),
+            max_linger: ms(200),
+            ..RelayConfig::default()
+        };
+        assert_eq!(cfg.linger_after(1), ms(50));
+        assert_eq!(cfg.linger_after(LINGER_STEP - 1), ms(50));
+        assert_eq!(cfg.linger_after(2 * LINGER_STEP), ms(100));
+        assert_eq!(cfg.linger_after(3 * LINGER_STEP + 5), ms(150));
+        assert_eq!(cfg.linger_after(100 * LINGER_STEP), ms(200));
+        // No growth when the longest wait is the plain one (or shorter).
+        let flat = RelayConfig {
+            max_linger: ms(10),
+            ..cfg.clone()
+        };
+        assert_eq!(flat.linger_after(100 * LINGER_STEP), ms(50));
+        assert_eq!(flat.linger_after(usize::MAX), ms(50));
+    }
 
     fn res(status: u16, retry_after: Option<&str>) -> Result<Response<Bytes>, BoxError> {
         let mut b = Response::builder().status(status);

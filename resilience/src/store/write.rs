@@ -15,6 +15,7 @@
 //! of that thread and one back.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use sqlx::any::AnyArguments;
 use sqlx::query::Query;
@@ -38,6 +39,10 @@ pub struct Write {
     pub params: usize,
     /// Binds them, in order.
     pub bind: BindWrite,
+    /// Byte ranges of `sql` that hold every placeholder and repeat once per
+    /// write when writes of this text merge into one statement (see
+    /// [`Write::merged`]). Empty: the write never merges.
+    repeat: Vec<Range<usize>>,
 }
 
 impl std::fmt::Debug for Write {
@@ -58,11 +63,141 @@ impl Write {
             + Send
             + 'static,
     ) -> Self {
+        let sql = sql.into();
+        // A single-row `INSERT ... VALUES (...)` with every placeholder in
+        // its tuple merges with its twins into a multi-row insert.
+        let tuple = values_tuple(&sql).into_iter().collect();
+        Self::repeating(sql, tuple, params, bind)
+    }
+
+    /// A write whose `sections` (byte ranges of `sql`, in order, apart)
+    /// repeat once per write, `, `-separated, when writes of the same text
+    /// merge: for example the row of an `UPDATE ... FROM (VALUES (<row>))`
+    /// and the id in its `id IN (<id>)`. Every placeholder must lie in a
+    /// section; otherwise (or with a range out of bounds) the write is
+    /// kept, but never merges.
+    pub fn repeating(
+        sql: impl Into<Cow<'static, str>>,
+        sections: Vec<Range<usize>>,
+        params: usize,
+        bind: impl for<'q> FnOnce(Query<'q, Any, AnyArguments<'q>>) -> Query<'q, Any, AnyArguments<'q>>
+            + Send
+            + 'static,
+    ) -> Self {
+        let sql = sql.into();
+        let ordered = sections.windows(2).all(|w| w[0].end <= w[1].start);
+        let inside = sections
+            .iter()
+            .all(|r| r.start < r.end && sql.get(r.clone()).is_some());
+        let repeat =
+            if !sections.is_empty() && ordered && inside && placeholders_only_in(&sql, &sections) {
+                sections
+            } else {
+                Vec::new()
+            };
         Self {
-            sql: sql.into(),
+            sql,
             params,
             bind: Box::new(bind),
+            repeat,
         }
+    }
+
+    /// Whether this write merges with writes of the same text.
+    pub fn merges(&self) -> bool {
+        !self.repeat.is_empty()
+    }
+
+    /// `writes` with those of one mergeable text merged into one statement
+    /// each ([`Write::repeating`]; single-row inserts become one multi-row
+    /// insert), in the place of the first of them, or last if the last
+    /// write is one of them. One statement per text instead of one per
+    /// write: one parse and one plan however many rows, where a `WITH` part
+    /// per row cost Postgres a plan and an executor node per row. Writes
+    /// handed to [`Write::fold`] or [`Write::script`] do not read each
+    /// other's rows, so their order among one another does not matter.
+    pub fn merged(writes: Vec<Write>) -> Vec<Write> {
+        if writes.len() < 2 || writes.iter().filter(|w| w.merges()).count() < 2 {
+            return writes;
+        }
+        let last = writes.len() - 1;
+        // Group index per write, groups in order of their first member.
+        let mut groups: Vec<(usize, Vec<Write>)> = Vec::new();
+        let mut holds_last: Option<usize> = None;
+        for (i, w) in writes.into_iter().enumerate() {
+            let at = if w.merges() {
+                groups.iter().position(|(_, g)| {
+                    g[0].merges() && g[0].sql == w.sql && g[0].repeat == w.repeat
+                })
+            } else {
+                None
+            };
+            let at = match at {
+                Some(at) => {
+                    groups[at].1.push(w);
+                    at
+                }
+                None => {
+                    groups.push((i, vec![w]));
+                    groups.len() - 1
+                }
+            };
+            if i == last {
+                holds_last = Some(at);
+            }
+        }
+        if let Some(at) = holds_last {
+            let g = groups.remove(at);
+            groups.push(g);
+        }
+        groups
+            .into_iter()
+            .map(|(_, g)| Self::merge_group(g))
+            .collect()
+    }
+
+    /// Writes of one mergeable text as one: each repeating section holds
+    /// every write's copy in turn, its placeholders numbered after the
+    /// previous writes', the binders chained in the same order.
+    fn merge_group(mut writes: Vec<Write>) -> Write {
+        if writes.len() == 1 {
+            if let Some(w) = writes.pop() {
+                return w;
+            }
+        }
+        let sql = writes[0].sql.clone();
+        let sections = writes[0].repeat.clone();
+        let offsets: Vec<usize> = writes
+            .iter()
+            .scan(0, |acc, w| {
+                let at = *acc;
+                *acc += w.params;
+                Some(at)
+            })
+            .collect();
+        let mut out = String::with_capacity(sql.len() * writes.len());
+        let mut from = 0;
+        for r in &sections {
+            out.push_str(&sql[from..r.start]);
+            for (i, offset) in offsets.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                out.push_str(&shift_placeholders(&sql[r.clone()], *offset));
+            }
+            from = r.end;
+        }
+        out.push_str(&sql[from..]);
+        let params = writes.iter().map(|w| w.params).sum();
+        let binds: Vec<BindWrite> = writes.into_iter().map(|w| w.bind).collect();
+        let mut merged = Write::new(out, params, move |mut q| {
+            for bind in binds {
+                q = bind(q);
+            }
+            q
+        });
+        merged.repeat.clear();
+        merged
     }
 
     /// Postgres: `writes` as one statement. Every write but the last becomes
@@ -72,7 +207,7 @@ impl Write {
     /// another's rows; all run to completion, or the statement fails and
     /// none is kept. `None` for an empty list.
     pub fn fold(writes: Vec<Write>) -> Option<Write> {
-        Self::joined(writes, |sql, i, n, part| {
+        Self::joined(Self::merged(writes), |sql, i, n, part| {
             if i + 1 < n {
                 sql.push_str(if i == 0 { "WITH " } else { ", " });
                 sql.push_str(&format!("w{i} AS ({part})"));
@@ -94,7 +229,7 @@ impl Write {
     /// Run it inside a transaction to keep all or none. `None` for an empty
     /// list.
     pub fn script(writes: Vec<Write>) -> Option<Write> {
-        Self::joined(writes, |sql, i, _, part| {
+        Self::joined(Self::merged(writes), |sql, i, _, part| {
             if i > 0 {
                 sql.push_str(";\n");
             }
@@ -114,34 +249,14 @@ impl Write {
         let Some(first) = writes.first() else {
             return Err(writes);
         };
-        let sql = first.sql.clone();
-        let Some(tuple) = sql
-            .rfind(" VALUES (")
-            .map(|at| &sql[at + " VALUES ".len()..])
-        else {
-            return Err(writes);
-        };
-        if !is_one_tuple(tuple) || writes.iter().any(|w| w.sql != sql) {
+        if !first.merges()
+            || writes
+                .iter()
+                .any(|w| w.sql != first.sql || w.repeat != first.repeat)
+        {
             return Err(writes);
         }
-        let head = &sql[..sql.len() - tuple.len()];
-        let mut out = String::from(head);
-        let mut params = 0;
-        let mut binds: Vec<BindWrite> = Vec::with_capacity(writes.len());
-        for (i, w) in writes.into_iter().enumerate() {
-            if i > 0 {
-                out.push_str(", ");
-            }
-            out.push_str(&shift_placeholders(tuple, params));
-            params += w.params;
-            binds.push(w.bind);
-        }
-        Ok(Write::new(out, params, move |mut q| {
-            for bind in binds {
-                q = bind(q);
-            }
-            q
-        }))
+        Ok(Self::merge_group(writes))
     }
 
     /// `writes` as one call to `backend`: [`Write::fold`] on Postgres,
@@ -173,6 +288,7 @@ impl Write {
                 sql: sql.into(),
                 params,
                 bind,
+                repeat: Vec::new(),
             });
         }
         Some(Write::new(sql, params, move |mut q| {
@@ -182,6 +298,55 @@ impl Write {
             q
         }))
     }
+}
+
+/// The byte ranges of `parts` in `sql`, each the first occurrence after
+/// the previous one, for [`Write::repeating`]. Empty if a part is missing
+/// (the write then never merges).
+pub fn sections(sql: &str, parts: &[&str]) -> Vec<Range<usize>> {
+    let mut out = Vec::with_capacity(parts.len());
+    let mut from = 0;
+    for part in parts {
+        let Some(at) = sql.get(from..).and_then(|rest| rest.find(part)) else {
+            return Vec::new();
+        };
+        out.push(from + at..from + at + part.len());
+        from = from + at + part.len();
+    }
+    out
+}
+
+/// The byte range of the tuple of `INSERT ... VALUES (<tuple>)` when the
+/// statement ends with it (nothing after: no `ON CONFLICT`, no
+/// `RETURNING`).
+fn values_tuple(sql: &str) -> Option<Range<usize>> {
+    let at = sql.rfind(" VALUES (")? + " VALUES ".len();
+    if !sql.trim_start().starts_with("INSERT ") || !is_one_tuple(&sql[at..]) {
+        return None;
+    }
+    Some(at..sql.trim_end().len())
+}
+
+/// Whether every placeholder `$n` of `sql` (outside quotes) lies in one of
+/// `ranges`.
+fn placeholders_only_in(sql: &str, ranges: &[Range<usize>]) -> bool {
+    let bytes = sql.as_bytes();
+    let mut quote: Option<u8> = None;
+    for (i, &b) in bytes.iter().enumerate() {
+        match quote {
+            Some(q) if b == q => quote = None,
+            Some(_) => {}
+            None if b == b'\'' || b == b'"' => quote = Some(b),
+            None if b == b'$'
+                && bytes.get(i + 1).is_some_and(u8::is_ascii_digit)
+                && !ranges.iter().any(|r| r.contains(&i)) =>
+            {
+                return false;
+            }
+            None => {}
+        }
+    }
+    true
 }
 
 /// Whether `text` is one parenthesised group and nothing after it (text
@@ -322,6 +487,110 @@ mod tests {
         assert_eq!(back(Vec::new()), Some(0));
         // A closing parenthesis inside quotes does not end the tuple.
         assert!(Write::rows(vec![w("INSERT INTO a (x, y) VALUES ($1, ')')", 1)]).is_ok());
+    }
+
+    #[test]
+    fn writes_of_one_text_merge_in_the_place_of_the_first() {
+        let ins = || w("INSERT INTO a (x, y) VALUES ($1, $2)", 2);
+        let upd = || w("UPDATE b SET x = $1", 1);
+        let del = || w("DELETE FROM c WHERE x = $1", 1);
+        let merged: Vec<(String, usize)> = Write::merged(vec![ins(), upd(), ins(), ins(), del()])
+            .into_iter()
+            .map(|w| (w.sql.into_owned(), w.params))
+            .collect();
+        assert_eq!(
+            merged,
+            vec![
+                (
+                    "INSERT INTO a (x, y) VALUES ($1, $2), ($3, $4), ($5, $6)".to_owned(),
+                    6
+                ),
+                ("UPDATE b SET x = $1".to_owned(), 1),
+                ("DELETE FROM c WHERE x = $1".to_owned(), 1),
+            ]
+        );
+        // The group that holds the last write goes last (a statement's
+        // result is its last part's).
+        let order: Vec<String> = Write::merged(vec![ins(), upd(), ins()])
+            .into_iter()
+            .map(|w| w.sql.into_owned())
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                "UPDATE b SET x = $1".to_owned(),
+                "INSERT INTO a (x, y) VALUES ($1, $2), ($3, $4)".to_owned()
+            ]
+        );
+        // Nothing to merge: the same writes, in the same order.
+        let same: Vec<String> = Write::merged(vec![upd(), ins(), upd()])
+            .into_iter()
+            .map(|w| w.sql.into_owned())
+            .collect();
+        assert_eq!(
+            same,
+            vec![
+                "UPDATE b SET x = $1",
+                "INSERT INTO a (x, y) VALUES ($1, $2)",
+                "UPDATE b SET x = $1"
+            ]
+        );
+        // Folded: one part per text.
+        let folded = Write::fold(vec![ins(), upd(), ins()]).map(|w| w.sql);
+        assert_eq!(
+            folded.as_deref(),
+            Some("WITH w0 AS (UPDATE b SET x = $1) INSERT INTO a (x, y) VALUES ($2, $3), ($4, $5)")
+        );
+    }
+
+    #[test]
+    fn repeating_sections_hold_every_row() {
+        const SQL: &str = "UPDATE t SET x = v.column2 FROM (VALUES ($1, CAST($2 AS BIGINT))) AS v \
+                           WHERE t.id = v.column1 AND t.id IN ($1) AND t.k = 'a$1'";
+        let row = || {
+            Write::repeating(
+                SQL,
+                sections(SQL, &["($1, CAST($2 AS BIGINT))", "$1"]),
+                2,
+                |q| q,
+            )
+        };
+        assert!(row().merges());
+        let merged = Write::fold(vec![row(), row(), row()]).map(|w| (w.sql, w.params));
+        assert_eq!(
+            merged,
+            Some((
+                "UPDATE t SET x = v.column2 FROM (VALUES ($1, CAST($2 AS BIGINT)), \
+                 ($3, CAST($4 AS BIGINT)), ($5, CAST($6 AS BIGINT))) AS v \
+                 WHERE t.id = v.column1 AND t.id IN ($1, $3, $5) AND t.k = 'a$1'"
+                    .into(),
+                6
+            ))
+        );
+        // A placeholder outside the sections, a missing part, or sections
+        // out of order: kept, never merged.
+        let outside = Write::repeating(
+            "UPDATE t SET x = $2 WHERE id IN ($1)",
+            sections("UPDATE t SET x = $2 WHERE id IN ($1)", &["$1"]),
+            2,
+            |q| q,
+        );
+        assert!(!outside.merges());
+        assert!(sections(SQL, &["($9)"]).is_empty());
+        assert!(!Write::repeating(SQL, vec![40..50, 10..20], 2, |q| q).merges());
+        let two = Write::fold(vec![
+            Write::repeating("UPDATE t SET x = $2 WHERE id IN ($1)", Vec::new(), 2, |q| q),
+            Write::repeating("UPDATE t SET x = $2 WHERE id IN ($1)", Vec::new(), 2, |q| q),
+        ])
+        .map(|w| w.sql);
+        assert_eq!(
+            two.as_deref(),
+            Some("WITH w0 AS (UPDATE t SET x = $2 WHERE id IN ($1)) UPDATE t SET x = $4 WHERE id IN ($3)")
+        );
+        // Inserts merge only when every placeholder is in the tuple.
+        assert!(!w("INSERT INTO a (x) SELECT $1 WHERE $2 VALUES ($3)", 3).merges());
+        assert!(w("INSERT INTO a (x) VALUES ($1)", 1).merges());
+        assert!(!w("INSERT INTO a (x) VALUES ($1) RETURNING x", 1).merges());
     }
 
     #[test]
