@@ -20,10 +20,12 @@ pub struct DeliveryArgs {
     #[arg(long, env = "RELAY_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub relay_enabled: bool,
 
-    /// Messages the relay claims per round (at most the free sends of
-    /// RELAY_CONCURRENCY).
-    #[arg(long, env = "RELAY_BATCH", default_value_t = 512)]
-    pub relay_batch: i64,
+    /// Messages the relay claims per round at most (and at most the free
+    /// sends of RELAY_CONCURRENCY). Default: 512 on Postgres; 128 on
+    /// SQLite, whose one writer a larger claim or settlement would hold
+    /// long enough to show in POST /orders' latency.
+    #[arg(long, env = "RELAY_BATCH")]
+    pub relay_batch: Option<i64>,
 
     /// Messages sent to one peer in one exchange at most (`POST /batch`,
     /// one transaction at the receiver); 1 sends each message alone.
@@ -289,10 +291,15 @@ impl DeliveryArgs {
         })
     }
 
-    /// The relay configuration these settings describe.
-    pub fn relay(&self) -> RelayConfig {
+    /// The relay configuration these settings describe, for a relay over
+    /// a database of `backend`.
+    pub fn relay(&self, backend: resilience::store::Backend) -> RelayConfig {
+        let batch = self.relay_batch.unwrap_or(match backend {
+            resilience::store::Backend::Postgres => 512,
+            resilience::store::Backend::Sqlite => 128,
+        });
         RelayConfig {
-            batch_size: self.relay_batch.max(1),
+            batch_size: batch.max(1),
             concurrency: self.relay_concurrency.max(1),
             lease: self.relay_lease,
             poll_interval: self.relay_poll,

@@ -197,7 +197,7 @@ impl Delivery {
             outbox.clone(),
             durable_batched(&cfg, breakers.clone(), args.send_batch())?,
             handler,
-            args.relay(),
+            args.relay(db.backend()),
         );
         // The consumers long-poll: their requests may take the long-poll
         // wait plus the usual timeout. Same breakers, same faults, and
