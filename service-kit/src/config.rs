@@ -21,8 +21,8 @@ pub struct DeliveryArgs {
     pub relay_enabled: bool,
 
     /// Messages the relay claims per round at most (and at most the free
-    /// sends of RELAY_CONCURRENCY). Default: 512 on Postgres; 128 on
-    /// SQLite, whose one writer a larger claim or settlement would hold
+    /// sends of RELAY_CONCURRENCY). Default: 512 on Postgres; 64 on
+    /// SQLite, whose one writer larger claims and settlements would hold
     /// long enough to show in POST /orders' latency.
     #[arg(long, env = "RELAY_BATCH")]
     pub relay_batch: Option<i64>,
@@ -39,8 +39,9 @@ pub struct DeliveryArgs {
 
     /// Sends the relay keeps in flight at once (queued in the peer's
     /// exchanges: RELAY_SEND_BATCH × RELAY_PEER_EXCHANGES leave at a time).
-    #[arg(long, env = "RELAY_CONCURRENCY", default_value_t = 1024)]
-    pub relay_concurrency: usize,
+    /// Default: 1024 on Postgres, 64 on SQLite (see RELAY_BATCH).
+    #[arg(long, env = "RELAY_CONCURRENCY")]
+    pub relay_concurrency: Option<usize>,
 
     /// How long a relay's claim on a message is exclusive.
     #[arg(long, env = "RELAY_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -294,13 +295,13 @@ impl DeliveryArgs {
     /// The relay configuration these settings describe, for a relay over
     /// a database of `backend`.
     pub fn relay(&self, backend: resilience::store::Backend) -> RelayConfig {
-        let batch = self.relay_batch.unwrap_or(match backend {
-            resilience::store::Backend::Postgres => 512,
-            resilience::store::Backend::Sqlite => 128,
-        });
+        let (batch, concurrency) = match backend {
+            resilience::store::Backend::Postgres => (512, 1024),
+            resilience::store::Backend::Sqlite => (64, 64),
+        };
         RelayConfig {
-            batch_size: batch.max(1),
-            concurrency: self.relay_concurrency.max(1),
+            batch_size: self.relay_batch.unwrap_or(batch).max(1),
+            concurrency: self.relay_concurrency.unwrap_or(concurrency).max(1),
             lease: self.relay_lease,
             poll_interval: self.relay_poll,
             linger: self.relay_linger,
