@@ -379,19 +379,14 @@ impl OrderStore {
         // merge into one statement with a row each (`Write::merged`), the
         // ids listed again in `id IN (...)` so the rows are found through
         // the primary key (see `shipment_events_sql`).
-        let write = Write::repeating(
-            REPORT_ROW_SQL,
-            resilience::store::sections(REPORT_ROW_SQL, &[REPORT_ROW, REPORT_ROW_ID]),
-            6,
-            move |q| {
-                q.bind(status)
-                    .bind(now)
-                    .bind(shipped_at)
-                    .bind(shipment)
-                    .bind(id.to_string())
-                    .bind(from.as_str())
-            },
-        );
+        let write = report_row(move |q| {
+            q.bind(status)
+                .bind(now)
+                .bind(shipped_at)
+                .bind(shipment)
+                .bind(id.to_string())
+                .bind(from.as_str())
+        });
         memo.set(id, moved.clone());
         Ok(Planned::Ready(
             Box::new(moved),
@@ -601,21 +596,29 @@ const REPORT_ROW_SQL: &str = "UPDATE orders SET status = v.column1, updated_at =
 const REPORT_ROW: &str = "($1, CAST($2 AS BIGINT), CAST($3 AS BIGINT), $4, $5, $6)";
 const REPORT_ROW_ID: &str = "$5";
 
+/// One report's row of [`REPORT_ROW_SQL`], bound by `bind` (status, time,
+/// shipped time, shipment id, order id, the status it moves from).
+fn report_row(
+    bind: impl for<'q> FnOnce(
+            sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+        ) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>
+        + Send
+        + 'static,
+) -> Write {
+    Write::repeating(
+        REPORT_ROW_SQL,
+        resilience::store::sections(REPORT_ROW_SQL, &[REPORT_ROW, REPORT_ROW_ID]),
+        6,
+        bind,
+    )
+}
+
 /// The statement `n` of a batch's reports merge into (for the plan test):
 /// per report its status, time, shipped time, shipment id, order id and the
 /// status it moves from.
 #[doc(hidden)]
 pub fn report_rows_sql(n: usize) -> String {
-    let rows: Vec<Write> = (0..n)
-        .map(|_| {
-            Write::repeating(
-                REPORT_ROW_SQL,
-                resilience::store::sections(REPORT_ROW_SQL, &[REPORT_ROW, REPORT_ROW_ID]),
-                6,
-                |q| q,
-            )
-        })
-        .collect();
+    let rows: Vec<Write> = (0..n).map(|_| report_row(|q| q)).collect();
     Write::merged(rows)
         .into_iter()
         .map(|w| w.sql.into_owned())

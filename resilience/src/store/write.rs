@@ -190,14 +190,18 @@ impl Write {
         out.push_str(&sql[from..]);
         let params = writes.iter().map(|w| w.params).sum();
         let binds: Vec<BindWrite> = writes.into_iter().map(|w| w.bind).collect();
-        let mut merged = Write::new(out, params, move |mut q| {
-            for bind in binds {
-                q = bind(q);
-            }
-            q
-        });
-        merged.repeat.clear();
-        merged
+        // Merged once: no sections to repeat again.
+        Write {
+            sql: out.into(),
+            params,
+            bind: Box::new(move |mut q| {
+                for bind in binds {
+                    q = bind(q);
+                }
+                q
+            }),
+            repeat: Vec::new(),
+        }
     }
 
     /// Postgres: `writes` as one statement. Every write but the last becomes
