@@ -379,14 +379,15 @@ impl OrderStore {
         // merge into one statement with a row each (`Write::merged`), the
         // ids listed again in `id IN (...)` so the rows are found through
         // the primary key (see `shipment_events_sql`).
-        let write = report_row(move |q| {
+        let write = Write::new(REPORT_ROW_SQL, 6, move |q| {
             q.bind(status)
                 .bind(now)
                 .bind(shipped_at)
                 .bind(shipment)
                 .bind(id.to_string())
                 .bind(from.as_str())
-        });
+        })
+        .repeating(report_sections());
         memo.set(id, moved.clone());
         Ok(Planned::Ready(
             Box::new(moved),
@@ -596,21 +597,10 @@ const REPORT_ROW_SQL: &str = "UPDATE orders SET status = v.column1, updated_at =
 const REPORT_ROW: &str = "($1, CAST($2 AS BIGINT), CAST($3 AS BIGINT), $4, $5, $6)";
 const REPORT_ROW_ID: &str = "$5";
 
-/// One report's row of [`REPORT_ROW_SQL`], bound by `bind` (status, time,
-/// shipped time, shipment id, order id, the status it moves from).
-fn report_row(
-    bind: impl for<'q> FnOnce(
-            sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
-        ) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>
-        + Send
-        + 'static,
-) -> Write {
-    Write::repeating(
-        REPORT_ROW_SQL,
-        resilience::store::sections(REPORT_ROW_SQL, &[REPORT_ROW, REPORT_ROW_ID]),
-        6,
-        bind,
-    )
+/// Where [`REPORT_ROW`] and [`REPORT_ROW_ID`] lie in [`REPORT_ROW_SQL`],
+/// for `Write::repeating`.
+fn report_sections() -> Vec<std::ops::Range<usize>> {
+    resilience::store::sections(REPORT_ROW_SQL, &[REPORT_ROW, REPORT_ROW_ID])
 }
 
 /// The statement `n` of a batch's reports merge into (for the plan test):
@@ -618,7 +608,9 @@ fn report_row(
 /// status it moves from.
 #[doc(hidden)]
 pub fn report_rows_sql(n: usize) -> String {
-    let rows: Vec<Write> = (0..n).map(|_| report_row(|q| q)).collect();
+    let rows: Vec<Write> = (0..n)
+        .map(|_| Write::new(REPORT_ROW_SQL, 6, |q| q).repeating(report_sections()))
+        .collect();
     Write::merged(rows)
         .into_iter()
         .map(|w| w.sql.into_owned())

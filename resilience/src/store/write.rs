@@ -67,40 +67,36 @@ impl Write {
         // A single-row `INSERT ... VALUES (...)` with every placeholder in
         // its tuple merges with its twins into a multi-row insert.
         let tuple = values_tuple(&sql).into_iter().collect();
-        Self::repeating(sql, tuple, params, bind)
-    }
-
-    /// A write whose `sections` (byte ranges of `sql`, in order, apart)
-    /// repeat once per write, `, `-separated, when writes of the same text
-    /// merge: for example the row of an `UPDATE ... FROM (VALUES (<row>))`
-    /// and the id in its `id IN (<id>)`. Every placeholder must lie in a
-    /// section; otherwise (or with a range out of bounds) the write is
-    /// kept, but never merges.
-    pub fn repeating(
-        sql: impl Into<Cow<'static, str>>,
-        sections: Vec<Range<usize>>,
-        params: usize,
-        bind: impl for<'q> FnOnce(Query<'q, Any, AnyArguments<'q>>) -> Query<'q, Any, AnyArguments<'q>>
-            + Send
-            + 'static,
-    ) -> Self {
-        let sql = sql.into();
-        let ordered = sections.windows(2).all(|w| w[0].end <= w[1].start);
-        let inside = sections
-            .iter()
-            .all(|r| r.start < r.end && sql.get(r.clone()).is_some());
-        let repeat =
-            if !sections.is_empty() && ordered && inside && placeholders_only_in(&sql, &sections) {
-                sections
-            } else {
-                Vec::new()
-            };
         Self {
             sql,
             params,
             bind: Box::new(bind),
-            repeat,
+            repeat: Vec::new(),
         }
+        .repeating(tuple)
+    }
+
+    /// This write with `sections` (byte ranges of its text, in order,
+    /// apart) that repeat once per write, `, `-separated, when writes of
+    /// the same text merge: for example the row of an
+    /// `UPDATE ... FROM (VALUES (<row>))` and the id in its `id IN (<id>)`.
+    /// Every placeholder must lie in a section; otherwise (or with a range
+    /// out of bounds, or none) the write never merges.
+    pub fn repeating(mut self, sections: Vec<Range<usize>>) -> Self {
+        let ordered = sections.windows(2).all(|w| w[0].end <= w[1].start);
+        let inside = sections
+            .iter()
+            .all(|r| r.start < r.end && self.sql.get(r.clone()).is_some());
+        self.repeat = if !sections.is_empty()
+            && ordered
+            && inside
+            && placeholders_only_in(&self.sql, &sections)
+        {
+            sections
+        } else {
+            Vec::new()
+        };
+        self
     }
 
     /// Whether this write merges with writes of the same text.
@@ -286,21 +282,23 @@ impl Write {
         if n == 0 {
             return None;
         }
-        if n == 1 {
-            let bind = binds.pop()?;
-            return Some(Write {
-                sql: sql.into(),
-                params,
-                bind,
-                repeat: Vec::new(),
-            });
-        }
-        Some(Write::new(sql, params, move |mut q| {
-            for bind in binds {
-                q = bind(q);
-            }
-            q
-        }))
+        let bind: BindWrite = if n == 1 {
+            binds.pop()?
+        } else {
+            Box::new(move |mut q| {
+                for bind in binds {
+                    q = bind(q);
+                }
+                q
+            })
+        };
+        // Joined once: the result does not merge again.
+        Some(Write {
+            sql: sql.into(),
+            params,
+            bind,
+            repeat: Vec::new(),
+        })
     }
 }
 
@@ -552,12 +550,7 @@ mod tests {
         const SQL: &str = "UPDATE t SET x = v.column2 FROM (VALUES ($1, CAST($2 AS BIGINT))) AS v \
                            WHERE t.id = v.column1 AND t.id IN ($1) AND t.k = 'a$1'";
         let row = || {
-            Write::repeating(
-                SQL,
-                sections(SQL, &["($1, CAST($2 AS BIGINT))", "$1"]),
-                2,
-                |q| q,
-            )
+            Write::new(SQL, 2, |q| q).repeating(sections(SQL, &["($1, CAST($2 AS BIGINT))", "$1"]))
         };
         assert!(row().merges());
         let merged = Write::fold(vec![row(), row(), row()]).map(|w| (w.sql, w.params));
@@ -573,18 +566,16 @@ mod tests {
         );
         // A placeholder outside the sections, a missing part, or sections
         // out of order: kept, never merged.
-        let outside = Write::repeating(
-            "UPDATE t SET x = $2 WHERE id IN ($1)",
-            sections("UPDATE t SET x = $2 WHERE id IN ($1)", &["$1"]),
-            2,
-            |q| q,
-        );
+        const OUT: &str = "UPDATE t SET x = $2 WHERE id IN ($1)";
+        let outside = Write::new(OUT, 2, |q| q).repeating(sections(OUT, &["$1"]));
         assert!(!outside.merges());
         assert!(sections(SQL, &["($9)"]).is_empty());
-        assert!(!Write::repeating(SQL, vec![40..50, 10..20], 2, |q| q).merges());
+        assert!(!Write::new(SQL, 2, |q| q)
+            .repeating(vec![40..50, 10..20])
+            .merges());
         let two = Write::fold(vec![
-            Write::repeating("UPDATE t SET x = $2 WHERE id IN ($1)", Vec::new(), 2, |q| q),
-            Write::repeating("UPDATE t SET x = $2 WHERE id IN ($1)", Vec::new(), 2, |q| q),
+            Write::new("UPDATE t SET x = $2 WHERE id IN ($1)", 2, |q| q).repeating(Vec::new()),
+            Write::new("UPDATE t SET x = $2 WHERE id IN ($1)", 2, |q| q).repeating(Vec::new()),
         ])
         .map(|w| w.sql);
         assert_eq!(
