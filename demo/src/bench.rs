@@ -105,19 +105,19 @@ pub struct BenchConfig {
 }
 
 impl BenchConfig {
-    /// The defaults of `demo bench`: 5,000 orders, 32 connections, four
+    /// The defaults of `demo bench`: 10,000 orders, 32 connections, four
     /// modes, SQLite.
     pub fn new(exe: PathBuf) -> Self {
         Self {
             exe,
-            orders: 5000,
+            orders: 10_000,
             connections: 32,
             modes: DEFAULT_MODES.to_vec(),
             backends: vec![BenchBackend::Sqlite],
             warehouse_delay: Duration::from_millis(10),
             deadline: Duration::from_secs(300),
             stall: Duration::from_secs(15),
-            ceiling_tx: 2000,
+            ceiling_tx: 5000,
             client_keys: true,
             progress: true,
         }
@@ -217,8 +217,24 @@ pub struct ModeReport {
     pub rss: Rss,
     /// CPU time each service spent per delivered order.
     pub cpu: Cpu,
+    /// The commit loop at the ceiling's best concurrency, run right before
+    /// and right after this mode: its mean is this mode's ratios'
+    /// denominator, so a machine whose speed drifts during the run is
+    /// compared with itself within a minute.
+    pub ceiling: ModeCeiling,
     /// The figures against the ceiling and against at-most-once.
     pub ratios: Ratios,
+}
+
+/// The ceiling runs that bracket one mode.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ModeCeiling {
+    /// Concurrent tasks (the best level of the runs before the modes).
+    pub connections: usize,
+    /// The run right before the mode and the one right after, tx/s.
+    pub runs_tx_per_s: Vec<f64>,
+    /// Their mean: the denominator of this mode's `÷ ceiling` ratios.
+    pub tx_per_s: f64,
 }
 
 /// The client's side of `POST /orders`.
@@ -327,9 +343,9 @@ pub struct Rss {
 /// The figures as ratios.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Ratios {
-    /// Ingest req/s ÷ ceiling tx/s.
+    /// Ingest req/s ÷ the mode's ceiling tx/s (its bracketing runs).
     pub ingest_to_ceiling: Option<f64>,
-    /// End-to-end orders/s ÷ ceiling tx/s.
+    /// End-to-end orders/s ÷ the mode's ceiling tx/s.
     pub e2e_to_ceiling: Option<f64>,
     /// End-to-end orders/s ÷ at-most-once's on the same backend in this run.
     pub e2e_to_at_most_once: Option<f64>,
@@ -370,15 +386,21 @@ pub fn ratio(a: f64, b: f64) -> Option<f64> {
     (a.is_finite() && b.is_finite() && b > 0.0).then(|| a / b)
 }
 
-/// Fills every mode's ratios from the backend's ceiling and its at-most-once row.
+/// Fills every mode's ratios from its own ceiling (the backend's where the
+/// mode has none) and the backend's at-most-once row.
 pub fn fill_ratios(backend: &mut BackendReport) {
-    let ceiling = backend.ceiling.tx_per_s;
+    let whole_run = backend.ceiling.tx_per_s;
     let baseline = backend
         .modes
         .iter()
         .find(|m| m.mode == DeliveryMode::AtMostOnce.as_str())
         .map(|m| m.e2e.orders_per_s);
     for m in &mut backend.modes {
+        let ceiling = if m.ceiling.tx_per_s > 0.0 {
+            m.ceiling.tx_per_s
+        } else {
+            whole_run
+        };
         m.ratios = Ratios {
             ingest_to_ceiling: ratio(m.ingest.req_per_s, ceiling),
             e2e_to_ceiling: ratio(m.e2e.orders_per_s, ceiling),
@@ -490,8 +512,9 @@ pub async fn run(cfg: &BenchConfig) -> anyhow::Result<BenchReport> {
         format!(
             "ceiling: N tasks, each committing {CEILING_SHAPE} in a loop through the services' \
              Db::connect (SQLite: WAL, synchronous NORMAL, BEGIN IMMEDIATE, busy timeout) into \
-             the services' tables, at N = {:?}, each run before and after the modes; the best \
-             level's mean is the ratios' denominator",
+             the services' tables, at N = {:?}, each run before and after the modes; each \
+             mode is also bracketed by a run at the best N right before and right after it, and \
+             the mean of those two is that mode's ratios' denominator",
             ceiling_levels(cfg.connections)
         ),
         "the client runs on the same machine as the services and competes for its CPUs".into(),
@@ -549,14 +572,37 @@ async fn run_backend(cfg: &BenchConfig, backend: &BenchBackend) -> anyhow::Resul
         }
     };
     levels = measure(&mut levels).await?;
+    // Each mode is bracketed by runs at the best level so far: the one
+    // before it is the previous mode's after (or the first full round's),
+    // the one after the last mode is the closing full round's.
+    let (bracket_at, mut before) = levels
+        .iter()
+        .filter_map(|l| Some((l.connections, *l.runs_tx_per_s.first()?)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or((SERVICE_POOL, 0.0));
     let mut modes = Vec::new();
     let mut statements = None;
-    for mode in &cfg.modes {
+    for (i, mode) in cfg.modes.iter().enumerate() {
         say(format!("{mode}: {} orders", cfg.orders));
-        let (report, pss) = run_mode(cfg, backend, *mode)
+        let (mut report, pss) = run_mode(cfg, backend, *mode)
             .await
             .with_context(|| format!("mode {mode}"))?;
         statements = statements.or(pss);
+        report.ceiling = ModeCeiling {
+            connections: bracket_at,
+            runs_tx_per_s: vec![before],
+            tx_per_s: 0.0,
+        };
+        if i + 1 < cfg.modes.len() {
+            let after = ceiling(cfg, backend, bracket_at)
+                .await
+                .with_context(|| format!("ceiling at {bracket_at} connections after {mode}"))?;
+            say(format!(
+                "ceiling at {bracket_at} connections: {after:.0} tx/s"
+            ));
+            report.ceiling.runs_tx_per_s.push(after);
+            before = after;
+        }
         say(format!(
             "{mode}: ingest {:.0} req/s (p99 {:.1} ms), end to end {:.0} orders/s{}",
             report.ingest.req_per_s,
@@ -574,6 +620,17 @@ async fn run_backend(cfg: &BenchConfig, backend: &BenchBackend) -> anyhow::Resul
         modes.push(report);
     }
     levels = measure(&mut levels).await?;
+    let closing = levels
+        .iter()
+        .find(|l| l.connections == bracket_at)
+        .and_then(|l| l.runs_tx_per_s.last().copied());
+    if let (Some(last), Some(r)) = (modes.last_mut(), closing) {
+        last.ceiling.runs_tx_per_s.push(r);
+    }
+    for m in &mut modes {
+        let runs = &m.ceiling.runs_tx_per_s;
+        m.ceiling.tx_per_s = runs.iter().sum::<f64>() / runs.len().max(1) as f64;
+    }
     for l in &mut levels {
         l.tx_per_s = l.runs_tx_per_s.iter().sum::<f64>() / l.runs_tx_per_s.len().max(1) as f64;
     }
@@ -842,6 +899,7 @@ async fn run_mode_on(
         writes,
         rss,
         cpu,
+        ceiling: ModeCeiling::default(),
         ratios: Ratios::default(),
     };
     Ok((report, pss))
@@ -1244,14 +1302,14 @@ pub fn render(report: &BenchReport) -> String {
         );
         let _ = writeln!(
             out,
-            "| mode | ingest req/s | ÷ ceiling | p50 ms | p99 ms | e2e orders/s | tail s | ÷ ceiling \
+            "| mode | ceiling tx/s | ingest req/s | ÷ ceiling | p50 ms | p99 ms | e2e orders/s | tail s | ÷ ceiling \
              | ÷ at-most-once | write tx/order | commits/order | rows/order \
              | statements/order | CPU ms/order (order / shipping / client / postgres) | RSS order MB \
              | RSS shipping MB | load |"
         );
         let _ = writeln!(
             out,
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: \
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: \
              | ---: | ---: | ---: | --- |"
         );
         for m in &b.modes {
@@ -1272,8 +1330,9 @@ pub fn render(report: &BenchReport) -> String {
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} / {} / {} / {} | {} | {} | {} → {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} / {} / {} / {} | {} | {} | {} → {} |",
                 m.mode,
+                mode_ceiling(&m.ceiling),
                 ingest,
                 opt(m.ratios.ingest_to_ceiling, 2),
                 opt(m.ingest.p50_ms, 1),
@@ -1320,7 +1379,8 @@ pub fn render(report: &BenchReport) -> String {
         "\ningest: POST /orders from this process, req/s and latency percentiles; \
          e2e: first order created to last shipped, from order-service's database; \
          tail: last order created to last shipped; \
-         ÷ ceiling: against the commit loop above, same backend, same run; \
+         ceiling: the commit loop at the best concurrency right before and right after the \
+         mode (their mean, then each run); ÷ ceiling: against that mean; \
          ÷ at-most-once: against the baseline mode in the same run; \
          write tx: transactions that wrote (COMMIT records in the write-ahead log), \
          commits: all commits, read-only ones included; \
@@ -1333,6 +1393,15 @@ pub fn render(report: &BenchReport) -> String {
         let _ = writeln!(out, "- {n}");
     }
     out
+}
+
+/// A mode's ceiling: the mean, then the bracketing runs.
+fn mode_ceiling(c: &ModeCeiling) -> String {
+    if c.runs_tx_per_s.is_empty() {
+        return "n/a".into();
+    }
+    let runs: Vec<String> = c.runs_tx_per_s.iter().map(|r| num(*r)).collect();
+    format!("{} ({})", num(c.tx_per_s), runs.join(" / "))
 }
 
 fn table_writes(t: &TableWrites) -> String {
@@ -1446,6 +1515,7 @@ mod tests {
                 order_kb: Some(20480),
                 shipping_kb: None,
             },
+            ceiling: ModeCeiling::default(),
             ratios: Ratios::default(),
         }
     }
@@ -1478,10 +1548,18 @@ mod tests {
             ],
             writes_source: "n/a".into(),
         };
+        // The second mode has its own bracketing runs; the first has none
+        // and falls back to the whole run's ceiling.
+        backend.modes[1].ceiling = ModeCeiling {
+            connections: 1,
+            runs_tx_per_s: vec![2400.0, 2600.0],
+            tx_per_s: 2500.0,
+        };
         fill_ratios(&mut backend);
         let eo = &backend.modes[1].ratios;
-        assert_eq!(eo.ingest_to_ceiling, Some(0.25));
-        assert_eq!(eo.e2e_to_ceiling, Some(0.15));
+        assert_eq!(eo.ingest_to_ceiling, Some(0.2));
+        assert_eq!(eo.e2e_to_ceiling, Some(0.12));
+        assert_eq!(backend.modes[0].ratios.ingest_to_ceiling, Some(0.5));
         assert_eq!(eo.e2e_to_at_most_once, Some(0.75));
         assert_eq!(backend.modes[0].ratios.e2e_to_at_most_once, Some(1.0));
 
@@ -1507,7 +1585,8 @@ mod tests {
         );
         assert!(
             text.contains(
-                "| effectively-once | 500 | 0.25 | 1.2 | 9.0 | 300 | 0.25 | 0.15 | 0.75 | n/a | n/a \
+                "| effectively-once | 2 500 (2 400 / 2 600) | 500 | 0.20 | 1.2 | 9.0 | 300 | 0.25 \
+                 | 0.12 | 0.75 | n/a | n/a \
                  | n/a | n/a | n/a / n/a / n/a / n/a | 20.0 | n/a | 1.50 → n/a |"
             ),
             "{text}"

@@ -133,7 +133,7 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct BenchArgs {
     /// Orders per mode.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 10000)]
     orders: usize,
 
     /// Concurrent connections posting orders; also the ceiling loop's tasks
@@ -177,7 +177,7 @@ struct BenchArgs {
     stall: Duration,
 
     /// Transactions per ceiling run.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 5000)]
     ceiling_tx: usize,
 
     /// Send orders without an Idempotency-Key (by default each carries its own).

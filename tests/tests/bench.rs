@@ -54,6 +54,9 @@ const PER_MODE: &[&str] = &[
     "/writes/commit_statements_per_order",
     "/rss/order_kb",
     "/rss/shipping_kb",
+    "/ceiling/connections",
+    "/ceiling/tx_per_s",
+    "/ceiling/runs_tx_per_s",
     "/ratios/ingest_to_ceiling",
     "/ratios/e2e_to_ceiling",
     "/ratios/e2e_to_at_most_once",
@@ -117,5 +120,28 @@ async fn bench_reports_every_figure_and_counts_match_the_orders_sent() -> anyhow
         assert!(m["writes"]["commits_per_order"].is_null());
     }
     assert_eq!(modes[0]["ratios"]["e2e_to_at_most_once"], 1.0);
+    // Each mode is bracketed by two ceiling runs (the first mode's "after"
+    // is the second's "before"), and its ratios are against their mean.
+    let brackets: Vec<Vec<f64>> = modes
+        .iter()
+        .map(|m| {
+            m["ceiling"]["runs_tx_per_s"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert!(brackets.iter().all(|b| b.len() == 2), "{brackets:?}");
+    assert_eq!(brackets[0][1], brackets[1][0], "{brackets:?}");
+    for m in modes {
+        let c = m["ceiling"]["tx_per_s"].as_f64().unwrap_or(0.0);
+        let runs = m["ceiling"]["runs_tx_per_s"].as_array().map_or(0.0, |a| {
+            a.iter().filter_map(|v| v.as_f64()).sum::<f64>() / a.len() as f64
+        });
+        assert!(c > 0.0 && (c - runs).abs() < 1e-6, "{m:#}");
+        let ingest = m["ingest"]["req_per_s"].as_f64().unwrap_or(0.0);
+        let r = m["ratios"]["ingest_to_ceiling"].as_f64().unwrap_or(0.0);
+        assert!((r - ingest / c).abs() < 1e-9, "{m:#}");
+    }
     Ok(())
 }

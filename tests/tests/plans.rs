@@ -38,6 +38,7 @@ async fn database() -> Result<(TestDatabase, PgConnection)> {
         include_str!("../../resilience/migrations/postgres/10003_outbox_correlation.sql"),
         include_str!("../../resilience/migrations/postgres/10004_feed.sql"),
         include_str!("../../resilience/migrations/postgres/10005_outbox_claimable.sql"),
+        include_str!("../../resilience/migrations/postgres/10006_outbox_fewer_indexes.sql"),
         include_str!("../../order-service/migrations/0001_create_orders.sql"),
         include_str!("../../shipping-service/migrations/0001_create_shipments.sql"),
         include_str!("../../shipping-service/migrations/0002_shipment_trace_context.sql"),

@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Value};
@@ -27,7 +29,7 @@ pub(super) async fn healthz() -> Json<Value> {
         (status = 503, response = service_kit::openapi::Unavailable),
     )
 )]
-pub(super) async fn readyz(State(app): State<AppState>) -> Result<Json<Value>, Problem> {
+pub(super) async fn readyz(State(app): State<Arc<AppState>>) -> Result<Json<Value>, Problem> {
     match app.store.db().ping().await {
         Ok(()) => Ok(Json(json!({ "status": "ready" }))),
         Err(e) => {

@@ -111,7 +111,9 @@ pub fn router(state: AppState) -> Router {
     doc.merge(service_kit::openapi::BatchDoc::openapi());
     let app = api
         .route("/openapi.json", service_kit::openapi::serve(&doc))
-        .with_state(state.clone())
+        // One `Arc`: axum clones the state for every request (and every
+        // request of a `POST /batch`).
+        .with_state(Arc::new(state.clone()))
         .merge(admin::router(state.admin))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

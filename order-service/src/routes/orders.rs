@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::{Extension, Json};
@@ -53,7 +55,7 @@ fn parse_id(raw: &str) -> Result<OrderId, Problem> {
     )
 )]
 pub(super) async fn create(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     CurrentTrace(trace): CurrentTrace,
     tx: Tx,
     ApiJson(req): ApiJson<CreateOrderRequest>,
@@ -138,7 +140,7 @@ fn outbox_error(err: OutboxError) -> Problem {
 
 /// At-most-once: one call after the commit, no retry. Whatever happens, the
 /// order is already committed; a failure is recorded on it and logged.
-async fn deliver_at_most_once(app: AppState, order: Order, trace: TraceContext) {
+async fn deliver_at_most_once(app: Arc<AppState>, order: Order, trace: TraceContext) {
     let id = order.id;
     let outcome = send_once(&app.plain, &app.config.shipping_url, &order, &trace).await;
     let recorded = match &outcome {
@@ -194,7 +196,7 @@ async fn deliver_at_most_once(app: AppState, order: Order, trace: TraceContext) 
     )
 )]
 pub(super) async fn feed(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     ApiPath(mode): ApiPath<String>,
     ApiQuery(q): ApiQuery<FeedQuery>,
 ) -> Result<Json<Page>, Problem> {
@@ -222,7 +224,7 @@ pub(super) async fn feed(
     )
 )]
 pub(super) async fn get_one(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Order>, Problem> {
     let id = parse_id(&id)?;
@@ -268,7 +270,7 @@ pub(super) struct OrderPage {
     )
 )]
 pub(super) async fn list(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<OrderPage>, Problem> {
     let status = q
@@ -328,7 +330,7 @@ pub(super) async fn list(
     )
 )]
 pub(super) async fn shipment_event(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     tx: Tx,
     batch: Option<Extension<BatchScope>>,
     ApiPath(id): ApiPath<String>,

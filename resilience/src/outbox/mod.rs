@@ -416,12 +416,15 @@ impl Outbox {
         crate::store::notify_on_poke(&self.db, &self.channel, &self.poke, stop.cancelled()).await;
     }
 
-    /// How many messages wait to be delivered (an index-only count over
-    /// `(status, next_attempt_at)`): what a service bounds its intake by.
+    /// How many messages wait to be delivered (a count over the partial
+    /// index `outbox_claimable`, whose predicate it spells the same way):
+    /// what a service bounds its intake by.
     pub async fn pending_count(&self) -> Result<i64, OutboxError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE status = 'pending'")
-            .fetch_one(self.db.pool())
-            .await?;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM outbox WHERE status <> 'delivered' AND status <> 'dead'",
+        )
+        .fetch_one(self.db.pool())
+        .await?;
         Ok(n)
     }
 

@@ -973,7 +973,8 @@ impl Relay {
         };
         let sql = format!(
             "SELECT MIN(CASE WHEN lease_until IS NOT NULL AND lease_until > next_attempt_at \
-             THEN lease_until ELSE next_attempt_at END) FROM outbox WHERE status = 'pending'{skip}"
+             THEN lease_until ELSE next_attempt_at END) FROM outbox \
+             WHERE status <> 'delivered' AND status <> 'dead'{skip}"
         );
         let mut query = sqlx::query_scalar(&sql);
         for d in &blocked {

@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::Json;
@@ -48,7 +50,7 @@ const MAX_PAGE: u32 = 100;
     )
 )]
 pub(super) async fn create(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     CurrentTrace(trace): CurrentTrace,
     tx: Tx,
     ApiJson(req): ApiJson<CreateShipmentRequest>,
@@ -104,7 +106,7 @@ pub(super) async fn create(
     )
 )]
 pub(super) async fn feed(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     ApiPath(mode): ApiPath<String>,
     ApiQuery(q): ApiQuery<FeedQuery>,
 ) -> Result<Json<Page>, Problem> {
@@ -132,7 +134,7 @@ pub(super) async fn feed(
     )
 )]
 pub(super) async fn get_one(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Shipment>, Problem> {
     let id = parse_uuid(&id, "shipment id").map_err(Problem::bad_request)?;
@@ -178,7 +180,7 @@ pub(super) struct ShipmentPage {
     )
 )]
 pub(super) async fn list(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<ShipmentPage>, Problem> {
     let order_id = q
