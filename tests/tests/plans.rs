@@ -341,5 +341,23 @@ async fn grow(tdb: &TestDatabase) -> Result<()> {
         .await?
         - before;
     tx.rollback().await?;
-    check("claim after growth", "outbox", (read, claimed as u64))
+    check("claim after growth", "outbox", (read, claimed as u64))?;
+
+    // The backlog count behind `POST /orders`' 503 reads the claimable
+    // rows, not the delivered history.
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let before: i64 = sqlx::query_scalar(count).fetch_one(&mut *tx).await?;
+    let pending: i64 = sqlx::query_scalar(resilience::outbox::PENDING_COUNT_SQL)
+        .fetch_one(&mut *tx)
+        .await?;
+    let read = sqlx::query_scalar::<_, i64>(count)
+        .fetch_one(&mut *tx)
+        .await?
+        - before;
+    tx.rollback().await?;
+    check(
+        "pending count after growth",
+        "outbox",
+        (read, pending as u64),
+    )
 }

@@ -5,8 +5,8 @@
 -- message; these three make it nine.
 --
 -- `outbox_due (status, next_attempt_at)` served the pending count and the
--- relay's next-due query; both now spell `status` the way `outbox_claimable`
--- does and read that index instead. The two history indexes are partial, so
+-- relay's next-due query; both now read `outbox_claimable`, written so that
+-- it serves them even without statistics (`claimable!` in outbox/mod.rs). The two history indexes are partial, so
 -- a pending message has no entry in them: `outbox_delivered_at` for the
 -- retention purge, `outbox_dead` for the dead-letter listing.
 DROP INDEX IF EXISTS outbox_due;

@@ -972,9 +972,13 @@ impl Relay {
             format!(" AND destination NOT IN ({})", marks.join(", "))
         };
         let sql = format!(
-            "SELECT MIN(CASE WHEN lease_until IS NOT NULL AND lease_until > next_attempt_at \
-             THEN lease_until ELSE next_attempt_at END) FROM outbox \
-             WHERE status <> 'delivered' AND status <> 'dead'{skip}"
+            concat!(
+                "SELECT MIN(CASE WHEN lease_until IS NOT NULL AND lease_until > next_attempt_at \
+                 THEN lease_until ELSE next_attempt_at END) FROM outbox WHERE ",
+                claimable!(),
+                "{}"
+            ),
+            skip
         );
         let mut query = sqlx::query_scalar(&sql);
         for d in &blocked {
