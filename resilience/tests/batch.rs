@@ -908,7 +908,11 @@ async fn batches_are_bounded(backend: Backend) -> Result<()> {
         let mut c = c
             .allow(Method::POST, "/widgets")
             .allow(Method::POST, "/slow");
-        c.max_duration = Duration::from_millis(300);
+        // The first batch below runs 600 ms: longer than a second batch
+        // waits for its turn (200 ms), well inside the time limit (1 s),
+        // with room either side for a loaded CI machine (a 250 ms batch
+        // under a 300 ms limit once answered 503 there).
+        c.max_duration = Duration::from_millis(1000);
         c.max_concurrent = 1;
         c.max_wait = Duration::from_millis(200);
         c
@@ -992,7 +996,7 @@ async fn batches_are_bounded(backend: Backend) -> Result<()> {
     let started = STARTED.load(Ordering::SeqCst);
     let first = {
         let router = router.clone();
-        let b = body(vec![slow("g", 250)]);
+        let b = body(vec![slow("g", 600)]);
         tokio::spawn(async move { send(&router, b).await })
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
