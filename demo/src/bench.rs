@@ -629,11 +629,10 @@ async fn run_backend(cfg: &BenchConfig, backend: &BenchBackend) -> anyhow::Resul
         last.ceiling.runs_tx_per_s.push(r);
     }
     for m in &mut modes {
-        let runs = &m.ceiling.runs_tx_per_s;
-        m.ceiling.tx_per_s = runs.iter().sum::<f64>() / runs.len().max(1) as f64;
+        m.ceiling.tx_per_s = mean(&m.ceiling.runs_tx_per_s);
     }
     for l in &mut levels {
-        l.tx_per_s = l.runs_tx_per_s.iter().sum::<f64>() / l.runs_tx_per_s.len().max(1) as f64;
+        l.tx_per_s = mean(&l.runs_tx_per_s);
     }
     let best = levels
         .iter()
@@ -1402,6 +1401,11 @@ pub fn render(report: &BenchReport) -> String {
         let _ = writeln!(out, "- {n}");
     }
     out
+}
+
+/// The mean of a ceiling's runs (0 for none).
+fn mean(runs: &[f64]) -> f64 {
+    runs.iter().sum::<f64>() / runs.len().max(1) as f64
 }
 
 /// A mode's ceiling: the mean, then the bracketing runs.

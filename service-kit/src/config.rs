@@ -295,8 +295,9 @@ impl DeliveryArgs {
     /// The relay configuration these settings describe, for a relay over
     /// a database of `backend`.
     pub fn relay(&self, backend: resilience::store::Backend) -> RelayConfig {
+        let defaults = RelayConfig::default();
         let (batch, concurrency) = match backend {
-            resilience::store::Backend::Postgres => (512, 1024),
+            resilience::store::Backend::Postgres => (defaults.batch_size, defaults.concurrency),
             resilience::store::Backend::Sqlite => (64, 64),
         };
         RelayConfig {
@@ -310,7 +311,7 @@ impl DeliveryArgs {
             max_attempts: (self.max_attempts > 0).then_some(self.max_attempts),
             max_age: (!self.max_age.is_zero()).then_some(self.max_age),
             retention: self.outbox_retention,
-            ..RelayConfig::default()
+            ..defaults
         }
     }
 }

@@ -190,12 +190,7 @@ impl Write {
         Write {
             sql: out.into(),
             params,
-            bind: Box::new(move |mut q| {
-                for bind in binds {
-                    q = bind(q);
-                }
-                q
-            }),
+            bind: chained(binds),
             repeat: Vec::new(),
         }
     }
@@ -282,24 +277,29 @@ impl Write {
         if n == 0 {
             return None;
         }
-        let bind: BindWrite = if n == 1 {
-            binds.pop()?
-        } else {
-            Box::new(move |mut q| {
-                for bind in binds {
-                    q = bind(q);
-                }
-                q
-            })
-        };
         // Joined once: the result does not merge again.
         Some(Write {
             sql: sql.into(),
             params,
-            bind,
+            bind: chained(binds),
             repeat: Vec::new(),
         })
     }
+}
+
+/// One binder running `binds` in order (a lone binder as it is).
+fn chained(mut binds: Vec<BindWrite>) -> BindWrite {
+    if binds.len() == 1 {
+        if let Some(bind) = binds.pop() {
+            return bind;
+        }
+    }
+    Box::new(move |mut q| {
+        for bind in binds {
+            q = bind(q);
+        }
+        q
+    })
 }
 
 /// The byte ranges of `parts` in `sql`, each the first occurrence after
