@@ -96,6 +96,7 @@ impl Application {
             memory: MemoryDedupe::new(config.max_body_bytes),
             backlog: crate::backlog::Backlog::new(config.max_pending),
             admin: delivery.admin,
+            give_way: config.delivery.give_way(delivery.foreground, db.backend()),
             verifier,
             config: Arc::new(config),
         };

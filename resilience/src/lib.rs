@@ -50,6 +50,8 @@
 //! - [`batch`]: batched delivery: the requests waiting for one peer leave in
 //!   one exchange and commit in one transaction at the receiver, each with
 //!   its own answer.
+//! - [`foreground`]: background loops (the relay, a served feed) that give
+//!   way to the service's own front door during a burst, with a bounded lag.
 //! - [`trace`]: W3C `traceparent`/`tracestate`, parsed strictly.
 //! - [`signing`]: HMAC-SHA256 signatures of service-to-service requests: a
 //!   client layer that signs each attempt, a server layer that answers 401.
@@ -66,6 +68,7 @@ pub mod client;
 pub mod fault;
 #[cfg(feature = "feed")]
 pub mod feed;
+pub mod foreground;
 #[cfg(feature = "idempotency")]
 pub mod idempotency;
 #[cfg(feature = "outbox")]

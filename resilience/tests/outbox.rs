@@ -16,6 +16,7 @@ use axum::routing::post;
 use axum::Router;
 use resilience::circuit_breaker::BreakerRegistry;
 use resilience::fault::{FaultConfig, FaultHandle};
+use resilience::foreground::{Foreground, GiveWay};
 use resilience::outbox::{
     DeadLetter, DeliveryHandler, NoopHandler, Outbox, OutgoingRequest, Relay, RelayConfig,
     SentMessage, Write,
@@ -629,6 +630,89 @@ async fn lingers_after_a_partial_claim(backend: Backend) -> Result<()> {
     Ok(())
 }
 
+/// While the front door is busy, the relay claims once per `max_wait` and
+/// not in between; once the door is quiet, or once the relay is behind
+/// (its last claim held a first attempt `max_lag` old), it claims at once,
+/// busy door or not. Every message is sent once.
+async fn gives_way_to_a_busy_front_door(backend: Backend) -> Result<()> {
+    let e = env(backend).await?;
+    let (url, peer, _p) = start_peer().await?;
+    let outbox = Outbox::new(e.db.clone());
+    let foreground = Foreground::new();
+    let max_wait = Duration::from_secs(3);
+    let cfg = |max_lag| RelayConfig {
+        poll_interval: Duration::from_secs(60),
+        linger: Duration::ZERO,
+        give_way: GiveWay {
+            foreground: foreground.clone(),
+            busy_at: 2,
+            max_wait,
+            max_lag,
+        },
+        ..relay_config("relay")
+    };
+
+    // 1. A burst: two requests in flight for as long as the guards live.
+    let stop = CancellationToken::new();
+    let relay = start_relay(&outbox, cfg(Duration::from_secs(60)), &stop)?;
+    tokio::time::sleep(Duration::from_millis(200)).await; // let it go idle
+    let busy = (foreground.enter(), foreground.enter());
+    let started = tokio::time::Instant::now();
+    enqueue(&outbox, &url, 5, "during the burst").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure!(
+        peer.total() == 0,
+        "claimed while the door was busy: {} sent",
+        peer.total()
+    );
+    wait_for("the claim after the longest wait", || peer.distinct() == 5).await?;
+    ensure!(
+        started.elapsed() >= max_wait,
+        "claimed before the longest wait ran out: {:?}",
+        started.elapsed()
+    );
+
+    // 2. The door is quiet again: the next message goes at once.
+    drop(busy);
+    let quiet = tokio::time::Instant::now();
+    enqueue(&outbox, &url, 1, "after the burst").await?;
+    wait_for("the message after the burst", || peer.distinct() == 6).await?;
+    ensure!(
+        quiet.elapsed() < max_wait,
+        "waited {:?} with the door quiet",
+        quiet.elapsed()
+    );
+    stop.cancel();
+    relay.await?;
+
+    // 3. Behind: messages already older than `max_lag` when claimed, two
+    //    per claim. One wait (the relay cannot know how old its work is
+    //    before it claims), then the other four claims at once, though the
+    //    door stays busy.
+    let _busy = (foreground.enter(), foreground.enter());
+    enqueue(&outbox, &url, 10, "old").await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stop = CancellationToken::new();
+    let behind = RelayConfig {
+        batch_size: 2,
+        ..cfg(Duration::from_secs(1))
+    };
+    let relay = start_relay(&outbox, behind, &stop)?;
+    wait_for("the first old message", || peer.distinct() > 6).await?;
+    let first = tokio::time::Instant::now();
+    wait_for("the old messages", || peer.distinct() == 16).await?;
+    ensure!(
+        first.elapsed() < max_wait,
+        "waited {:?} for a busy door while behind",
+        first.elapsed()
+    );
+    ensure!(peer.total() == 16, "{} sends for 16 messages", peer.total());
+    stop.cancel();
+    relay.await?;
+    e.tdb.cleanup().await;
+    Ok(())
+}
+
 /// Shutdown lets sends in flight finish and releases every lease it holds.
 async fn graceful_shutdown_with_sends_in_flight(backend: Backend) -> Result<()> {
     let e = env(backend).await?;
@@ -933,6 +1017,7 @@ on_both_backends!(
     open_breaker_leaves_its_rows_alone,
     wakes_up_on_commit,
     lingers_after_a_partial_claim,
+    gives_way_to_a_busy_front_door,
     graceful_shutdown_with_sends_in_flight,
     purge_and_stats,
     outcomes_commit_in_batches,

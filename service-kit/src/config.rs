@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::Args;
 
 use resilience::fault::{FaultConfig, FaultHandle, InvalidFaultConfig};
+use resilience::foreground::GiveWay;
 use resilience::idempotency::{IdempotencyConfig, IdempotencyReaper};
 use resilience::outbox::RelayConfig;
 use resilience::retry::Backoff;
@@ -63,6 +64,26 @@ pub struct DeliveryArgs {
     /// RELAY_LINGER: no growth). A light stream keeps RELAY_LINGER.
     #[arg(long, env = "RELAY_MAX_LINGER", default_value = "200ms", value_parser = humantime::parse_duration)]
     pub relay_max_linger: Duration,
+
+    /// order-service: the relay gives way to `POST /orders` while this many
+    /// are in flight or more: it waits up to RELAY_GIVE_WAY_WAIT before
+    /// each claim, so a burst is written at the database's pace and
+    /// delivered just after it (0: never give way). Default: 16 on
+    /// Postgres; 0 on SQLite, whose one writer already keeps ingest at its
+    /// ceiling while delivery runs, and where waiting cost end-to-end rate.
+    #[arg(long, env = "RELAY_GIVE_WAY_AT")]
+    pub relay_give_way_at: Option<usize>,
+
+    /// The longest the relay waits for a quiet front door before it claims
+    /// anyway (one claim per this long, at least, during a burst).
+    #[arg(long, env = "RELAY_GIVE_WAY_WAIT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub relay_give_way_wait: Duration,
+
+    /// The relay stops giving way once its last claim held a first attempt
+    /// this old, until it catches up: with RELAY_GIVE_WAY_WAIT, the bound on
+    /// the delay that giving way adds to a delivery.
+    #[arg(long, env = "RELAY_GIVE_WAY_LAG", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub relay_give_way_lag: Duration,
 
     /// First retry delay ceiling (full jitter, doubling per attempt).
     #[arg(long, env = "RETRY_BASE", default_value = "100ms", value_parser = humantime::parse_duration)]
@@ -290,6 +311,25 @@ impl DeliveryArgs {
             )],
             ..resilience::batch::BatchConfig::default()
         })
+    }
+
+    /// When a background loop over a database of `backend` gives way to
+    /// the requests `foreground` counts (RELAY_GIVE_WAY_*).
+    pub fn give_way(
+        &self,
+        foreground: resilience::foreground::Foreground,
+        backend: resilience::store::Backend,
+    ) -> GiveWay {
+        let default = match backend {
+            resilience::store::Backend::Postgres => 16,
+            resilience::store::Backend::Sqlite => 0,
+        };
+        GiveWay {
+            foreground,
+            busy_at: self.relay_give_way_at.unwrap_or(default),
+            max_wait: self.relay_give_way_wait,
+            max_lag: self.relay_give_way_lag,
+        }
     }
 
     /// The relay configuration these settings describe, for a relay over

@@ -78,18 +78,39 @@ pub fn parse_feed_mode(raw: &str) -> Result<DeliveryMode, Problem> {
 /// `request_timeout` is the server's time limit on a request: the long poll
 /// ends a second before it, so a long `wait` gets its empty page rather
 /// than the limit's 503.
+///
+/// With `give_way`, a page of events is held back while the producer's
+/// front door is busy (see [`resilience::foreground`]): up to its
+/// `max_wait`, and not at all once the page's oldest event is `max_lag`
+/// old. The consumer then applies its events after the burst rather than
+/// during it; what it reads does not change.
 pub async fn page(
     log: &FeedLog,
     feed: &str,
     q: &FeedQuery,
     request_timeout: Duration,
+    give_way: Option<&resilience::foreground::GiveWay>,
 ) -> Result<Json<Page>, Problem> {
+    let start = tokio::time::Instant::now();
     let (after, limit, wait) = q
         .validate()
         .map_err(|e| Problem::bad_request(e.to_string()))?;
-    let wait = wait.min(request_timeout.saturating_sub(POLL_MARGIN));
+    let budget = request_timeout.saturating_sub(POLL_MARGIN);
+    let wait = wait.min(budget);
     match log.read_wait(feed, after, limit, wait).await {
-        Ok(p) => Ok(Json(p)),
+        Ok(p) => {
+            if let (Some(g), Some(oldest)) = (give_way, p.events.iter().map(|e| e.created_at).min())
+            {
+                let lag = Duration::from_millis(
+                    u64::try_from(now_ms().saturating_sub(oldest)).unwrap_or(0),
+                );
+                if g.may_wait(Some(lag)) && g.busy() {
+                    let deadline = (tokio::time::Instant::now() + g.max_wait).min(start + budget);
+                    g.wait_until_quiet(deadline).await;
+                }
+            }
+            Ok(Json(p))
+        }
         Err(e @ FeedError::Gone { .. }) => Err(Problem::new(e.status(), "gone").detail(format!(
             "{e}; reset the consumer's offset (it missed events it can no longer read)"
         ))),
@@ -99,6 +120,12 @@ pub async fn page(
         Err(FeedError::Db(e)) => Err(db_error(e)),
         Err(e) => Err(internal_error(e)),
     }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// How long before the server's request time limit a long poll answers.

@@ -140,6 +140,10 @@ fn describe() {
         "outbox_delivery_attempts_total",
         "Outbox sends made by the relay, by outcome (delivered, retry, dead)"
     );
+    describe_counter!(
+        "outbox_relay_gave_way_total",
+        "Claims the relay put off while POST /orders was busy (RELAY_GIVE_WAY_*)"
+    );
     describe_histogram!(
         "outbox_delivery_seconds",
         Unit::Seconds,
@@ -178,6 +182,7 @@ fn describe() {
         "idempotency_replays_total",
         "idempotency_conflicts_total",
         "idempotency_mismatches_total",
+        "outbox_relay_gave_way_total",
     ] {
         counter!(name).increment(0);
     }

@@ -165,6 +165,10 @@ pub struct Delivery {
     pub consumers: Vec<resilience::feed::FeedConsumer>,
     /// What the /admin endpoints act on.
     pub admin: crate::admin::AdminState,
+    /// The front door the relay gives way to (RELAY_GIVE_WAY_*): count the
+    /// requests that take work in with [`crate::front_door`]. Nothing
+    /// counted, nothing waits.
+    pub foreground: resilience::foreground::Foreground,
 }
 
 impl Delivery {
@@ -193,11 +197,15 @@ impl Delivery {
         };
         let breakers = BreakerRegistry::new(default_breaker(), 64);
         let outbox = resilience::outbox::Outbox::new(db.clone());
+        let foreground = resilience::foreground::Foreground::new();
         let relay = resilience::outbox::Relay::new(
             outbox.clone(),
             durable_batched(&cfg, breakers.clone(), args.send_batch())?,
             handler,
-            args.relay(db.backend()),
+            resilience::outbox::RelayConfig {
+                give_way: args.give_way(foreground.clone(), db.backend()),
+                ..args.relay(db.backend())
+            },
         );
         // The consumers long-poll: their requests may take the long-poll
         // wait plus the usual timeout. Same breakers, same faults, and
@@ -226,6 +234,7 @@ impl Delivery {
             consumers,
             outbox,
             relay,
+            foreground,
         })
     }
 }

@@ -34,6 +34,7 @@ const SERIES: &[&str] = &[
     "outbox_oldest_pending_age_seconds",
     "outbox_delivery_attempts_total",
     "outbox_delivery_seconds",
+    "outbox_relay_gave_way_total",
     "idempotency_replays_total",
     "idempotency_conflicts_total",
     "idempotency_mismatches_total",

@@ -42,6 +42,9 @@ pub struct AppState {
     pub backlog: crate::backlog::Backlog,
     /// What the /admin endpoints act on.
     pub admin: AdminState,
+    /// Counts `POST /orders` in flight; the relay and the orders feed give
+    /// way to them (RELAY_GIVE_WAY_*).
+    pub give_way: resilience::foreground::GiveWay,
     /// Checks the signature of service-to-service calls (one replay cache
     /// per process).
     pub verifier: Verifier,
@@ -143,11 +146,17 @@ pub fn router(state: AppState) -> Router {
     );
     // Group commit: orders that arrive while others are being written are
     // written together, each answered as if alone.
-    service_kit::with_group_commit(
+    let app = service_kit::with_group_commit(
         app,
         state.store.db(),
         &[(http::Method::POST, "/orders")],
         state.config.group_commit,
         max_body,
+    );
+    // The relay gives way while orders queue at the door (RELAY_GIVE_WAY_*).
+    service_kit::front_door(
+        app,
+        state.give_way.foreground.clone(),
+        &[(http::Method::POST, "/orders")],
     )
 }

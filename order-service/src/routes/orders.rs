@@ -206,6 +206,8 @@ pub(super) async fn feed(
         &feed_name(pull::RESOURCE, mode),
         &q,
         app.config.delivery.server_request_timeout,
+        // The orders feed gives way to `POST /orders`, as the relay does.
+        Some(&app.give_way),
     )
     .await
 }

@@ -13,6 +13,7 @@ use tower::{BoxError, ServiceExt};
 
 use super::{Outbox, OutboxError, OutgoingRequest};
 use crate::circuit_breaker::CircuitOpen;
+use crate::foreground::GiveWay;
 use crate::idempotency::IdempotencyKey;
 use crate::retry::{parse_retry_after, Backoff};
 use crate::store::{now_ms, Backend};
@@ -55,6 +56,12 @@ pub struct RelayConfig {
     pub max_age: Option<Duration>,
     /// Delivered rows are deleted after this long.
     pub retention: Duration,
+    /// Whether, and for how long, a claim waits while the owner's front
+    /// door is busy (see [`crate::foreground`]). Only when the next claim
+    /// happens changes: sends already claimed go on, and a relay whose last
+    /// claim held a first attempt `max_lag` old claims at full speed.
+    /// Default: never wait.
+    pub give_way: GiveWay,
 }
 
 impl Default for RelayConfig {
@@ -71,6 +78,7 @@ impl Default for RelayConfig {
             max_attempts: None,
             max_age: None,
             retention: Duration::from_secs(24 * 3600),
+            give_way: GiveWay::never(),
         }
     }
 }
@@ -253,6 +261,20 @@ struct Claimed {
     request: OutgoingRequest,
 }
 
+/// How long the oldest first attempt of a claim had waited since it was
+/// enqueued (`None`: the claim held none). Retries are left out: their wait
+/// is their backoff, not a sign that the relay is behind.
+fn first_attempt_lag(batch: &[Claimed]) -> Option<Duration> {
+    let oldest = batch
+        .iter()
+        .filter(|c| c.msg.attempts == 0)
+        .map(|c| c.msg.created_at)
+        .min()?;
+    Some(Duration::from_millis(
+        u64::try_from(now_ms().saturating_sub(oldest)).unwrap_or(0),
+    ))
+}
+
 /// Outcomes written in one transaction at most (both backends' parameter
 /// limits stay far away: one `UPDATE` binds at most this many ids).
 const SETTLE_BATCH: usize = 256;
@@ -428,6 +450,10 @@ impl Relay {
         // No claim before this instant: set after a claim that found a
         // partial batch (see `RelayConfig::linger`).
         let mut lingering: Option<tokio::time::Instant> = None;
+        // While giving way to the front door: the claim happens by then.
+        let mut giving_way: Option<tokio::time::Instant> = None;
+        // How long the oldest first attempt of the last claim had waited.
+        let mut lag: Option<Duration> = None;
         while !stop.is_cancelled() {
             let free = concurrency.saturating_sub(in_flight.len());
             let mut full = false;
@@ -436,10 +462,30 @@ impl Relay {
                 lingering = None;
             }
             if lingering.is_none() && (free >= refill || in_flight.is_empty()) {
+                // The front door is busy and delivery is not behind: wait
+                // (at most `max_wait` in all) before claiming more.
+                let give_way = &self.config.give_way;
+                if give_way.may_wait(lag) && give_way.busy() {
+                    let deadline = *giving_way.get_or_insert_with(|| {
+                        #[cfg(feature = "metrics")]
+                        metrics::counter!("outbox_relay_gave_way_total").increment(1);
+                        now + give_way.max_wait
+                    });
+                    if now < deadline {
+                        tokio::select! {
+                            () = stop.cancelled() => break,
+                            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                            () = give_way.wait_until_quiet(deadline) => {}
+                        }
+                        continue;
+                    }
+                }
+                giving_way = None;
                 let limit = self.config.batch_size.min(free as i64).max(1);
                 match drive(&mut in_flight, self.claim_up_to(limit)).await {
                     Ok(batch) => {
                         full = batch.len() as i64 >= limit;
+                        lag = first_attempt_lag(&batch);
                         if !full && !batch.is_empty() && !self.config.linger.is_zero() {
                             lingering = Some(now + self.config.linger_after(batch.len()));
                         }

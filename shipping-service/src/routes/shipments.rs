@@ -116,6 +116,7 @@ pub(super) async fn feed(
         &feed_name(crate::pull::RESOURCE, mode),
         &q,
         app.config.delivery.server_request_timeout,
+        None,
     )
     .await
 }
