@@ -96,7 +96,7 @@ impl Application {
             memory: MemoryDedupe::new(config.max_body_bytes),
             backlog: crate::backlog::Backlog::new(config.max_pending),
             admin: delivery.admin,
-            give_way: config.delivery.give_way(delivery.foreground, db.backend()),
+            give_way: delivery.give_way,
             verifier,
             config: Arc::new(config),
         };

@@ -23,41 +23,60 @@
 //! and every delivery guarantee is unchanged: only *when* a claim happens
 //! moves, never what it does.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// A waiting loop takes the front door for quiet after this long without
-/// `busy_at` requests in flight at once. Group commit answers a whole group
-/// at the same moment, so the count drops to near zero between groups for
-/// a millisecond or two; a single look would take every such gap for the
-/// end of the burst.
+/// The front door is quiet once this long has passed without `busy_at`
+/// requests in flight at once. Group commit answers a whole group at the
+/// same moment, so the count drops to near zero between groups for a
+/// millisecond or two; a single look would take every such gap for the end
+/// of the burst.
 pub const QUIET_WINDOW: Duration = Duration::from_millis(25);
 
-/// Requests in flight at a service's front door. Clones share the count.
-#[derive(Debug, Clone, Default)]
+/// How often a waiting loop looks at the front door again.
+const RECHECK: Duration = Duration::from_millis(5);
+
+/// Requests in flight at a service's front door, and the last moment they
+/// reached the busy mark. Clones share the count.
+#[derive(Debug, Clone)]
 pub struct Foreground {
     inner: Arc<Counts>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Counts {
     in_flight: AtomicUsize,
-    /// The most in flight at once since the last [`Foreground::take_peak`].
-    peak: AtomicUsize,
+    /// Busy at this many in flight at once (0: never busy).
+    busy_at: usize,
+    /// Nanoseconds after `epoch` of the last time `busy_at` were in flight
+    /// (0: never).
+    last_busy: AtomicU64,
+    epoch: Instant,
 }
 
 impl Foreground {
-    /// A gauge at zero.
-    pub fn new() -> Self {
-        Self::default()
+    /// A gauge at zero that counts as busy at `busy_at` requests in flight
+    /// at once (0: never busy).
+    pub fn new(busy_at: usize) -> Self {
+        Self {
+            inner: Arc::new(Counts {
+                in_flight: AtomicUsize::new(0),
+                busy_at,
+                last_busy: AtomicU64::new(0),
+                epoch: Instant::now(),
+            }),
+        }
     }
 
     /// Counts one request until the guard drops (hold it across the
     /// handler; a cancelled request drops it too).
     pub fn enter(&self) -> ForegroundGuard {
         let n = self.inner.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        self.inner.peak.fetch_max(n, Ordering::Relaxed);
+        if self.inner.busy_at > 0 && n >= self.inner.busy_at {
+            let t = u64::try_from(self.inner.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.inner.last_busy.fetch_max(t.max(1), Ordering::Relaxed);
+        }
         ForegroundGuard(self.clone())
     }
 
@@ -66,11 +85,27 @@ impl Foreground {
         self.inner.in_flight.load(Ordering::Relaxed)
     }
 
-    /// The most requests in flight at once since the previous call (or
-    /// now, if more), and a new window from now.
-    pub fn take_peak(&self) -> usize {
-        let now = self.in_flight();
-        self.inner.peak.swap(now, Ordering::Relaxed).max(now)
+    /// The busy mark (0: never busy).
+    pub fn busy_at(&self) -> usize {
+        self.inner.busy_at
+    }
+
+    /// Whether `busy_at` requests were in flight at once within the last
+    /// `window` (or are now).
+    pub fn busy_within(&self, window: Duration) -> bool {
+        let busy_at = self.inner.busy_at;
+        if busy_at == 0 {
+            return false;
+        }
+        if self.in_flight() >= busy_at {
+            return true;
+        }
+        let last = self.inner.last_busy.load(Ordering::Relaxed);
+        if last == 0 {
+            return false;
+        }
+        let now = u64::try_from(self.inner.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        now.saturating_sub(last) < u64::try_from(window.as_nanos()).unwrap_or(u64::MAX)
     }
 }
 
@@ -87,11 +122,8 @@ impl Drop for ForegroundGuard {
 /// When a background loop waits for the front door (see the module docs).
 #[derive(Debug, Clone)]
 pub struct GiveWay {
-    /// The front door's gauge.
+    /// The front door's gauge, with its busy mark.
     pub foreground: Foreground,
-    /// Busy while this many requests are in flight at once, or more (0:
-    /// never give way).
-    pub busy_at: usize,
     /// The longest one wait; after it, the loop does one round anyway.
     pub max_wait: Duration,
     /// A loop whose last round found work this old does not give way.
@@ -102,37 +134,38 @@ impl GiveWay {
     /// A policy that never waits.
     pub fn never() -> Self {
         Self {
-            foreground: Foreground::new(),
-            busy_at: 0,
+            foreground: Foreground::new(0),
             max_wait: Duration::ZERO,
             max_lag: Duration::ZERO,
         }
     }
 
-    /// Whether the front door has been busy since the last look (`busy_at`
-    /// requests in flight at once at some moment), and a new window from now.
+    /// Whether the front door is busy: its busy mark reached within the
+    /// last [`QUIET_WINDOW`].
     pub fn busy(&self) -> bool {
-        self.busy_at > 0 && self.foreground.take_peak() >= self.busy_at
+        self.foreground.busy_within(QUIET_WINDOW)
     }
 
     /// Whether a loop whose oldest waiting work is `lag` old may still give
     /// way (`None`: the loop does not know, e.g. its last round was empty).
     pub fn may_wait(&self, lag: Option<Duration>) -> bool {
-        self.busy_at > 0 && !self.max_wait.is_zero() && lag.is_none_or(|l| l < self.max_lag)
+        self.foreground.busy_at() > 0
+            && !self.max_wait.is_zero()
+            && lag.is_none_or(|l| l < self.max_lag)
     }
 
-    /// Waits until the front door has been quiet for a [`QUIET_WINDOW`]
-    /// (never `busy_at` in flight at once), or until `deadline`.
-    pub async fn wait_until_quiet(&self, deadline: tokio::time::Instant) {
+    /// Waits until the front door is quiet (true), or until `deadline`
+    /// (false, the door still busy).
+    pub async fn wait_until_quiet(&self, deadline: tokio::time::Instant) -> bool {
         loop {
+            if !self.busy() {
+                return true;
+            }
             let now = tokio::time::Instant::now();
             if now >= deadline {
-                return;
+                return false;
             }
-            tokio::time::sleep_until((now + QUIET_WINDOW).min(deadline)).await;
-            if !self.busy() {
-                return;
-            }
+            tokio::time::sleep_until((now + RECHECK).min(deadline)).await;
         }
     }
 }
@@ -141,9 +174,17 @@ impl GiveWay {
 mod tests {
     use super::*;
 
+    fn give_way(busy_at: usize) -> GiveWay {
+        GiveWay {
+            foreground: Foreground::new(busy_at),
+            max_wait: Duration::from_millis(100),
+            max_lag: Duration::from_secs(1),
+        }
+    }
+
     #[test]
     fn guards_count_requests_in_flight() {
-        let fg = Foreground::new();
+        let fg = Foreground::new(2);
         let a = fg.enter();
         let b = fg.clone().enter();
         assert_eq!(fg.in_flight(), 2);
@@ -154,65 +195,40 @@ mod tests {
     }
 
     #[test]
-    fn busy_at_the_threshold_and_never_when_off() {
-        let mut g = GiveWay {
-            foreground: Foreground::new(),
-            busy_at: 2,
-            max_wait: Duration::from_millis(100),
-            max_lag: Duration::from_secs(1),
-        };
+    fn busy_at_the_mark_within_the_window_and_never_when_off() {
+        let g = give_way(2);
         let a = g.foreground.enter();
-        assert!(!g.busy());
+        assert!(!g.busy(), "one of two");
         let b = g.foreground.enter();
+        assert!(g.busy(), "two at once");
         drop((a, b));
-        assert!(g.busy(), "two at once since the last look");
-        assert!(!g.busy(), "none since");
-        let _c = g.foreground.enter();
-        let _d = g.foreground.enter();
-        g.busy_at = 0;
-        assert!(!g.busy());
+        assert!(g.busy(), "two at once a moment ago");
+        std::thread::sleep(QUIET_WINDOW);
+        assert!(!g.busy(), "none for a whole window");
+
+        let off = give_way(0);
+        let _guards: Vec<_> = (0..10).map(|_| off.foreground.enter()).collect();
+        assert!(!off.busy());
+        assert!(!off.may_wait(None));
         assert!(!GiveWay::never().may_wait(None));
     }
 
     #[test]
     fn a_loop_behind_does_not_wait() {
-        let g = GiveWay {
-            foreground: Foreground::new(),
-            busy_at: 1,
-            max_wait: Duration::from_millis(100),
-            max_lag: Duration::from_secs(1),
-        };
+        let g = give_way(1);
         assert!(g.may_wait(None));
         assert!(g.may_wait(Some(Duration::from_millis(999))));
         assert!(!g.may_wait(Some(Duration::from_secs(1))));
     }
 
-    #[test]
-    fn the_peak_remembers_a_moment_of_many() {
-        let fg = Foreground::new();
-        let guards: Vec<_> = (0..5).map(|_| fg.enter()).collect();
-        drop(guards);
-        assert_eq!(fg.in_flight(), 0);
-        assert_eq!(fg.take_peak(), 5, "five at once, though none now");
-        assert_eq!(fg.take_peak(), 0, "a new window");
-        let _a = fg.enter();
-        assert_eq!(fg.take_peak(), 1);
-        assert_eq!(fg.take_peak(), 1, "one still in flight");
-    }
-
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn waits_while_busy_until_the_deadline() {
-        let g = GiveWay {
-            foreground: Foreground::new(),
-            busy_at: 2,
-            max_wait: Duration::from_millis(100),
-            max_lag: Duration::from_secs(1),
-        };
+        let g = give_way(2);
         let start = tokio::time::Instant::now();
-        g.wait_until_quiet(start + Duration::from_millis(100)).await;
-        assert_eq!(start.elapsed(), QUIET_WINDOW, "quiet: one window");
+        assert!(g.wait_until_quiet(start + Duration::from_secs(10)).await);
+        assert!(start.elapsed() < Duration::from_secs(5), "quiet: no wait");
 
-        // Two in flight at once in every window, though never for long.
+        // Two in flight at once every 10 ms, though never for long.
         let fg = g.foreground.clone();
         let churn = tokio::spawn(async move {
             loop {
@@ -222,22 +238,16 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         });
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let t = tokio::time::Instant::now();
-        g.wait_until_quiet(t + Duration::from_millis(100)).await;
-        assert_eq!(
-            t.elapsed(),
-            Duration::from_millis(100),
-            "busy: waited to the deadline"
-        );
+        let quiet = g.wait_until_quiet(t + Duration::from_millis(300)).await;
+        assert!(!quiet, "busy: waited to the deadline");
+        assert!(t.elapsed() >= Duration::from_millis(300));
 
         churn.abort();
         let _ = churn.await;
         let t = tokio::time::Instant::now();
-        g.wait_until_quiet(t + Duration::from_secs(10)).await;
-        assert!(
-            t.elapsed() <= QUIET_WINDOW * 2,
-            "returned once quiet: {:?}",
-            t.elapsed()
-        );
+        assert!(g.wait_until_quiet(t + Duration::from_secs(10)).await);
+        assert!(t.elapsed() < Duration::from_secs(5), "returned once quiet");
     }
 }

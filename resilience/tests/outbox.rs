@@ -638,14 +638,13 @@ async fn gives_way_to_a_busy_front_door(backend: Backend) -> Result<()> {
     let e = env(backend).await?;
     let (url, peer, _p) = start_peer().await?;
     let outbox = Outbox::new(e.db.clone());
-    let foreground = Foreground::new();
+    let foreground = Foreground::new(2);
     let max_wait = Duration::from_secs(3);
     let cfg = |max_lag| RelayConfig {
         poll_interval: Duration::from_secs(60),
         linger: Duration::ZERO,
         give_way: GiveWay {
             foreground: foreground.clone(),
-            busy_at: 2,
             max_wait,
             max_lag,
         },

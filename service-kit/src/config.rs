@@ -75,14 +75,16 @@ pub struct DeliveryArgs {
     pub relay_give_way_at: Option<usize>,
 
     /// The longest the relay waits for a quiet front door before it claims
-    /// anyway (one claim per this long, at least, during a burst).
+    /// anyway: during a burst, one claim of an eighth of RELAY_BATCH per
+    /// this long, enough to keep delivery moving and to see how far behind
+    /// it is.
     #[arg(long, env = "RELAY_GIVE_WAY_WAIT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub relay_give_way_wait: Duration,
 
     /// The relay stops giving way once its last claim held a first attempt
     /// this old, until it catches up: with RELAY_GIVE_WAY_WAIT, the bound on
     /// the delay that giving way adds to a delivery.
-    #[arg(long, env = "RELAY_GIVE_WAY_LAG", default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "RELAY_GIVE_WAY_LAG", default_value = "6s", value_parser = humantime::parse_duration)]
     pub relay_give_way_lag: Duration,
 
     /// First retry delay ceiling (full jitter, doubling per attempt).
@@ -314,19 +316,17 @@ impl DeliveryArgs {
     }
 
     /// When a background loop over a database of `backend` gives way to
-    /// the requests `foreground` counts (RELAY_GIVE_WAY_*).
-    pub fn give_way(
-        &self,
-        foreground: resilience::foreground::Foreground,
-        backend: resilience::store::Backend,
-    ) -> GiveWay {
+    /// the front door (RELAY_GIVE_WAY_*), with a new gauge of it: count the
+    /// front door's requests in `foreground` (see [`crate::front_door`]).
+    pub fn give_way(&self, backend: resilience::store::Backend) -> GiveWay {
         let default = match backend {
             resilience::store::Backend::Postgres => 16,
             resilience::store::Backend::Sqlite => 0,
         };
         GiveWay {
-            foreground,
-            busy_at: self.relay_give_way_at.unwrap_or(default),
+            foreground: resilience::foreground::Foreground::new(
+                self.relay_give_way_at.unwrap_or(default),
+            ),
             max_wait: self.relay_give_way_wait,
             max_lag: self.relay_give_way_lag,
         }

@@ -165,10 +165,10 @@ pub struct Delivery {
     pub consumers: Vec<resilience::feed::FeedConsumer>,
     /// What the /admin endpoints act on.
     pub admin: crate::admin::AdminState,
-    /// The front door the relay gives way to (RELAY_GIVE_WAY_*): count the
-    /// requests that take work in with [`crate::front_door`]. Nothing
-    /// counted, nothing waits.
-    pub foreground: resilience::foreground::Foreground,
+    /// How the relay gives way to the front door (RELAY_GIVE_WAY_*): count
+    /// the requests that take work in with [`crate::front_door`] in its
+    /// `foreground`. Nothing counted, nothing waits.
+    pub give_way: resilience::foreground::GiveWay,
 }
 
 impl Delivery {
@@ -197,13 +197,13 @@ impl Delivery {
         };
         let breakers = BreakerRegistry::new(default_breaker(), 64);
         let outbox = resilience::outbox::Outbox::new(db.clone());
-        let foreground = resilience::foreground::Foreground::new();
+        let give_way = args.give_way(db.backend());
         let relay = resilience::outbox::Relay::new(
             outbox.clone(),
             durable_batched(&cfg, breakers.clone(), args.send_batch())?,
             handler,
             resilience::outbox::RelayConfig {
-                give_way: args.give_way(foreground.clone(), db.backend()),
+                give_way: give_way.clone(),
                 ..args.relay(db.backend())
             },
         );
@@ -234,7 +234,7 @@ impl Delivery {
             consumers,
             outbox,
             relay,
-            foreground,
+            give_way,
         })
     }
 }

@@ -48,10 +48,9 @@ async fn gives_way_to_a_busy_front_door(backend: TestBackend) -> anyhow::Result<
     }
     tx.commit().await?;
     let all = vec![1, 2, 3];
-    let foreground = Foreground::new();
+    let foreground = Foreground::new(2);
     let give_way = |max_lag| GiveWay {
         foreground: foreground.clone(),
-        busy_at: 2,
         max_wait: MAX_WAIT,
         max_lag,
     };
@@ -77,6 +76,7 @@ async fn gives_way_to_a_busy_front_door(backend: TestBackend) -> anyhow::Result<
 
     // Events older than the lag bound: no wait, busy or not.
     tokio::time::sleep(Duration::from_millis(50)).await;
+    ensure!(patient.busy(), "the door is still busy");
     let behind = give_way(Duration::from_millis(10));
     let (t, events) = timed_page(&log, Some(&behind)).await?;
     ensure!(

@@ -261,6 +261,10 @@ struct Claimed {
     request: OutgoingRequest,
 }
 
+/// A claim made after giving way for `max_wait`, with the front door still
+/// busy, takes this fraction of `batch_size` (64 of Postgres's 512).
+const GIVE_WAY_CLAIM_DIVISOR: i64 = 8;
+
 /// How long the oldest first attempt of a claim had waited since it was
 /// enqueued (`None`: the claim held none). Retries are left out: their wait
 /// is their backoff, not a sign that the relay is behind.
@@ -465,23 +469,29 @@ impl Relay {
                 // The front door is busy and delivery is not behind: wait
                 // (at most `max_wait` in all) before claiming more.
                 let give_way = &self.config.give_way;
-                if give_way.may_wait(lag) && give_way.busy() {
+                let mut batch_size = self.config.batch_size;
+                // Already waiting, or the door is busy and delivery is not
+                // behind: wait (at most `max_wait` in all) before claiming.
+                if give_way.may_wait(lag) && (giving_way.is_some() || give_way.busy()) {
                     let deadline = *giving_way.get_or_insert_with(|| {
                         #[cfg(feature = "metrics")]
                         metrics::counter!("outbox_relay_gave_way_total").increment(1);
                         now + give_way.max_wait
                     });
-                    if now < deadline {
-                        tokio::select! {
-                            () = stop.cancelled() => break,
-                            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-                            () = give_way.wait_until_quiet(deadline) => {}
-                        }
-                        continue;
+                    let quiet = tokio::select! {
+                        () = stop.cancelled() => break,
+                        Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
+                        quiet = give_way.wait_until_quiet(deadline) => quiet,
+                    };
+                    if !quiet {
+                        // Still busy after the longest wait: a small claim,
+                        // enough to keep delivery moving and to learn how
+                        // far behind it is.
+                        batch_size = (batch_size / GIVE_WAY_CLAIM_DIVISOR).max(1);
                     }
                 }
                 giving_way = None;
-                let limit = self.config.batch_size.min(free as i64).max(1);
+                let limit = batch_size.min(free as i64).max(1);
                 match drive(&mut in_flight, self.claim_up_to(limit)).await {
                     Ok(batch) => {
                         full = batch.len() as i64 >= limit;
