@@ -102,7 +102,7 @@ pub async fn page(
             if let (Some(g), Some(oldest)) = (give_way, p.events.iter().map(|e| e.created_at).min())
             {
                 let lag = Duration::from_millis(
-                    u64::try_from(now_ms().saturating_sub(oldest)).unwrap_or(0),
+                    u64::try_from(resilience::store::now_ms().saturating_sub(oldest)).unwrap_or(0),
                 );
                 if g.may_wait(Some(lag)) && g.busy() {
                     let deadline = (tokio::time::Instant::now() + g.max_wait).min(start + budget);
@@ -120,12 +120,6 @@ pub async fn page(
         Err(FeedError::Db(e)) => Err(db_error(e)),
         Err(e) => Err(internal_error(e)),
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// How long before the server's request time limit a long poll answers.

@@ -466,8 +466,6 @@ impl Relay {
                 lingering = None;
             }
             if lingering.is_none() && (free >= refill || in_flight.is_empty()) {
-                // The front door is busy and delivery is not behind: wait
-                // (at most `max_wait` in all) before claiming more.
                 let give_way = &self.config.give_way;
                 let mut batch_size = self.config.batch_size;
                 // Already waiting, or the door is busy and delivery is not
