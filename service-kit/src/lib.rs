@@ -32,6 +32,7 @@ pub mod auth;
 pub mod config;
 mod extract;
 pub mod feeds;
+mod front_door;
 pub mod memory_dedupe;
 pub mod metrics;
 pub mod mode;
@@ -44,6 +45,7 @@ pub mod text;
 pub mod trace;
 
 pub use extract::{objects, ApiJson, ApiPath, ApiQuery};
+pub use front_door::front_door;
 pub use mode::DeliveryMode;
 pub use resilience::error_chain;
 pub use resilience::problem::{
@@ -151,35 +153,6 @@ pub async fn refuse_oversized(
     next.run(req).await
 }
 
-/// `app` with the requests to `routes` (method, exact path) counted in
-/// `foreground` while they are in flight, for background loops that give
-/// way to them ([`resilience::foreground`]). Wrap the outermost router: a
-/// route's own layers run inside group commit, where a request spends only
-/// a moment of its wait.
-pub fn front_door(
-    app: axum::Router,
-    foreground: resilience::foreground::Foreground,
-    routes: &[(http::Method, &str)],
-) -> axum::Router {
-    let routes: std::sync::Arc<[(http::Method, String)]> = routes
-        .iter()
-        .map(|(m, p)| (m.clone(), (*p).to_owned()))
-        .collect();
-    app.layer(axum::middleware::from_fn(
-        move |req: axum::extract::Request, next: axum::middleware::Next| {
-            let counted = routes
-                .iter()
-                .any(|(m, p)| req.method() == m && req.uri().path() == p);
-            let guard = counted.then(|| foreground.enter());
-            async move {
-                let res = next.run(req).await;
-                drop(guard);
-                res
-            }
-        },
-    ))
-}
-
 /// `app` behind group commit ([`resilience::batch::Coalesce`]) for the
 /// `allowed` routes: requests to them that arrive while `in_flight` groups
 /// are being written (default: 1 on SQLite, 2 on Postgres) wait, and are
@@ -235,59 +208,4 @@ pub fn with_batch(
         .layer(axum::middleware::from_fn(trace::middleware))
         .layer(axum::middleware::from_fn(metrics::track_http));
     app.merge(batch)
-}
-
-#[cfg(test)]
-mod front_door_tests {
-    use std::sync::Arc;
-
-    use axum::routing::{get, post};
-    use tower::ServiceExt;
-
-    /// Only the named routes are counted, and only while they run.
-    #[tokio::test]
-    async fn counts_the_named_routes_while_they_run() {
-        let fg = resilience::foreground::Foreground::new(1);
-        let entered = Arc::new(tokio::sync::Notify::new());
-        let release = Arc::new(tokio::sync::Notify::new());
-        let (e, r) = (entered.clone(), release.clone());
-        let app = axum::Router::new()
-            .route(
-                "/orders",
-                post(move || async move {
-                    e.notify_one();
-                    r.notified().await;
-                    "created"
-                })
-                .get(|| async { "list" }),
-            )
-            .route("/orders/x", get(|| async { "one" }));
-        let app = super::front_door(app, fg.clone(), &[(http::Method::POST, "/orders")]);
-        let request = |method: &str, path: &str| {
-            http::Request::builder()
-                .method(method)
-                .uri(path)
-                .body(axum::body::Body::empty())
-        };
-
-        let slow = tokio::spawn(app.clone().oneshot(request("POST", "/orders").unwrap()));
-        entered.notified().await;
-        assert_eq!(fg.in_flight(), 1, "POST /orders is counted while it runs");
-        for (m, p) in [
-            ("GET", "/orders"),
-            ("GET", "/orders/x"),
-            ("POST", "/orders/x"),
-        ] {
-            let _ = app.clone().oneshot(request(m, p).unwrap()).await;
-            assert_eq!(fg.in_flight(), 1, "{m} {p} is not counted");
-        }
-        release.notify_one();
-        let res = slow.await.unwrap().unwrap();
-        assert_eq!(res.status(), http::StatusCode::OK);
-        assert_eq!(fg.in_flight(), 0, "the count ends with the request");
-        assert!(
-            fg.busy_within(std::time::Duration::from_secs(60)),
-            "busy a moment ago"
-        );
-    }
 }
