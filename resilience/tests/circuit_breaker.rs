@@ -652,8 +652,16 @@ fn open_rejection_reports_exact_retry_after_and_until() {
     assert_eq!(b.snapshot().rejected, 2);
 }
 
+/// How late the kernel's timekeeping updates may come on a loaded virtual
+/// machine, beyond the two ticks of `CoarseAnchor::lag` (the coarse clock
+/// then lags more: a rejection's `retry_after` is longer, never shorter).
+/// Seen: up to 3.4 ms in 2 000 runs beside three busy loops on two cores.
+#[cfg(target_os = "linux")]
+const LATE_TICKS: Duration = Duration::from_millis(25);
+
 /// The default clock's coarse reading stays within its stated bounds of the
-/// precise clock: never ahead of it, never behind by more than its lag.
+/// precise clock: never ahead of it, never behind by more than its lag
+/// (and the kernel's late ticks).
 #[cfg(target_os = "linux")]
 #[test]
 fn coarse_anchor_brackets_the_precise_clock() {
@@ -672,7 +680,7 @@ fn coarse_anchor_brackets_the_precise_clock() {
         let before = origin.elapsed().as_nanos() as u64;
         let floor = anchor.elapsed_floor();
         assert!(
-            before <= floor + anchor.lag(),
+            before <= floor + anchor.lag() + LATE_TICKS.as_nanos() as u64,
             "floor {floor} ns + lag {} ns behind the clock's {before} ns",
             anchor.lag()
         );
@@ -683,7 +691,8 @@ fn coarse_anchor_brackets_the_precise_clock() {
 
 /// On the default clock (real time, coarse rejections): every rejection
 /// names the same exact `until`, its `retry_after` is never shorter than the
-/// true wait (nor longer by more than the coarse lag), and the first call
+/// true wait (nor longer by more than the coarse lag and late ticks), and
+/// the first call
 /// admitted comes at or after `until`, never before.
 #[cfg(target_os = "linux")]
 #[test]
@@ -722,13 +731,15 @@ fn system_clock_open_rejections_are_never_early() {
                 // The true wait at the rejection lies in [u - t1, u - t0].
                 assert!(
                     e.retry_after() >= u.saturating_duration_since(t1),
-                    "retry_after too short"
+                    "retry_after {:?} short of the wait {:?}",
+                    e.retry_after(),
+                    u.saturating_duration_since(t1)
                 );
                 // A microsecond on top: the coarse clock's reading and its
                 // anchor to `Instant` are each rounded to nanoseconds (a run
                 // under load came out 11 ns over).
                 assert!(
-                    e.retry_after() <= u.saturating_duration_since(t0) + lag + SLACK,
+                    e.retry_after() <= u.saturating_duration_since(t0) + lag + SLACK + LATE_TICKS,
                     "retry_after {:?} over the wait {:?} + lag {lag:?}",
                     e.retry_after(),
                     u.saturating_duration_since(t0)

@@ -26,8 +26,8 @@ pub trait Clock: Send + Sync + 'static {
 
 /// A coarse reading of the system's monotonic clock, tied to one instant
 /// (its *origin*): [`elapsed_floor`](Self::elapsed_floor) is never more than
-/// the time since the origin, and never less by more than
-/// [`lag`](Self::lag).
+/// the time since the origin, and, while the kernel's timekeeping updates
+/// come on time, never less by more than [`lag`](Self::lag).
 ///
 /// On Linux it reads `CLOCK_MONOTONIC_COARSE` (a few nanoseconds; the time of
 /// the kernel's last tick) where `Instant::now()` reads `CLOCK_MONOTONIC`
@@ -35,7 +35,7 @@ pub trait Clock: Send + Sync + 'static {
 /// read's own spread: 8 ms at the common 250 Hz.
 #[derive(Debug, Clone, Copy)]
 pub struct CoarseAnchor {
-    /// Coarse nanoseconds at the origin, plus one tick.
+    /// The precise clock's nanoseconds just after the origin.
     base: u64,
     lag: u64,
 }
@@ -51,17 +51,23 @@ impl CoarseAnchor {
         }
         for _ in 0..8 {
             let a = Instant::now();
-            let c0 = coarse::nanos();
+            let p0 = coarse::precise_nanos();
             let spread = u64::try_from(a.elapsed().as_nanos()).unwrap_or(u64::MAX);
             if spread <= 50_000 {
-                // The coarse clock is the precise one as of the last tick:
-                // C(t) <= P(t) <= C(t) + res. With c0 = C(t0), t0 just after a:
-                //   C(t) - c0 - res <= P(t) - P(a)            (the floor)
-                //   P(t) - P(a) <= C(t) - c0 + res + spread   (floor + lag)
+                // Both clocks count on one timeline, and the coarse one is
+                // the precise one as of the timekeeper's last update, so at
+                // any moment C(t) <= P(t). With p0 = P(t0), t0 just after a:
+                //   C(t) - p0 <= P(t) - P(a)                  (the floor)
+                // whatever `res` is and however late the last update was
+                // (a virtual CPU the host held still misses ticks). The
+                // floor lags by the coarse clock's staleness plus the
+                // spread: `2 * res + spread` covers a staleness of two
+                // ticks, and a later one only delays an admission (the
+                // precise clock decides near the end of a wait).
                 return Some((
                     a,
                     CoarseAnchor {
-                        base: c0.saturating_add(res),
+                        base: p0,
                         lag: 2 * res + spread,
                     },
                 ));
@@ -102,6 +108,11 @@ mod coarse {
     pub(super) fn nanos() -> u64 {
         nanos_of(clock_gettime(ClockId::MonotonicCoarse))
     }
+
+    /// `CLOCK_MONOTONIC`, the clock `Instant` reads.
+    pub(super) fn precise_nanos() -> u64 {
+        nanos_of(clock_gettime(ClockId::Monotonic))
+    }
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
@@ -111,6 +122,10 @@ mod coarse {
     }
 
     pub(super) fn nanos() -> u64 {
+        0
+    }
+
+    pub(super) fn precise_nanos() -> u64 {
         0
     }
 }

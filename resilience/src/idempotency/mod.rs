@@ -195,6 +195,7 @@ pub use reaper::{reap_expired, spawn_reaper, IdempotencyReaper};
 #[doc(hidden)]
 pub use record::lookup_many_sql;
 pub use scope::{Finished, SharedTx};
+#[cfg(feature = "batch")]
 pub(crate) use tx::CommitSignal;
 pub use tx::{AfterCommit, Tx, TxGuard};
 

@@ -154,6 +154,7 @@ impl SharedTx {
 
     /// How many sub-requests have handed hooks back so far (each one's are
     /// one entry of [`Finished::Done`]'s list, in this order).
+    #[cfg(feature = "batch")]
     pub(crate) fn hook_sets(&self) -> usize {
         self.lock_hooks().len()
     }
