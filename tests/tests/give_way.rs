@@ -18,23 +18,45 @@ use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 use tests::{both_backends, eventually, Stack, StackOptions, TestBackend};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(3);
 
 /// A `POST /orders` whose head has arrived and whose body never ends: a
-/// slow client, not counted at the front door.
+/// slow client, not counted at the front door. It asks `Expect:
+/// 100-continue`, and the server answers `100 Continue` only when the
+/// request, past the front door, first reads its body: so once that answer
+/// is in, the request is surely inside. Then a first byte of the body.
 async fn stuck_request(url: &str) -> anyhow::Result<tokio::net::TcpStream> {
     let addr = url.trim_start_matches("http://");
     let mut conn = tokio::net::TcpStream::connect(addr).await?;
     conn.write_all(
         format!(
             "POST /orders HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
-             content-length: 1000\r\n\r\n{{"
+             content-length: 1000\r\nexpect: 100-continue\r\n\r\n"
         )
         .as_bytes(),
     )
     .await?;
+    conn.flush().await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 256];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await?;
+            anyhow::ensure!(n > 0, "closed before 100 Continue: {answer:?}");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no 100 Continue in 10 s: {answer:?}"))??;
+    anyhow::ensure!(
+        answer.starts_with(b"HTTP/1.1 100"),
+        "not 100 Continue: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    conn.write_all(b"{").await?;
     conn.flush().await?;
     Ok(conn)
 }
@@ -155,7 +177,6 @@ async fn relay_gives_way_to_orders_in_flight() -> anyhow::Result<()> {
 
     // The request goes through: quiet again, at once again.
     held.release().await?;
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let after = time_to_accept(&stack).await?;
     ensure!(after < WAIT, "after the burst: accepted after {after:?}");
     stack.shutdown().await?;
@@ -182,7 +203,6 @@ async fn slow_clients_do_not_hold_delivery_back(backend: TestBackend) -> anyhow:
     for _ in 0..4 {
         slow.push(stuck_request(&stack.order.url).await?);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let t = time_to_accept(&stack).await?;
     ensure!(t < WAIT, "slow clients at the door: accepted after {t:?}");
     drop(slow);
