@@ -660,6 +660,11 @@ async fn after_commit_runs_once_committed(backend: Backend) -> Result<()> {
         v
     };
     let want: Vec<String> = (0..6).map(|i| format!("e{i}")).collect();
+    // The hooks run after the commit that the offset shows: await them.
+    let start = Instant::now();
+    while seen(&handler).len() < want.len() && start.elapsed() < DEADLINE {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     ensure!(
         seen(&handler) == want,
         "hooks after the first page: {:?}",
